@@ -1,0 +1,56 @@
+// swift-tools-version: 6.1
+// Fleetcast: signed, optionally encrypted software updates over UDP multicast.
+// Module map: ../shared/DESIGN.md. Pure modules import no sockets, no real clock,
+// no OS randomness; system libraries are wrapped once each.
+import PackageDescription
+
+let package = Package(
+    name: "Fleetcast",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "fleetcast", targets: ["fleetcast"]),
+        .library(name: "UpdateBundle", targets: ["UpdateBundle"]),
+        .library(name: "ErasureCoding", targets: ["ErasureCoding"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // System libraries (installed by scripts/setup).
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CISAL", pkgConfig: "libisal", providers: [.apt(["libisal-dev"])]),
+
+        // The only module that touches OpenSSL pointers.
+        .target(name: "FleetCrypto", dependencies: ["COpenSSL"]),
+        // Systematic Reed-Solomon over GF(2^8) on ISA-L.
+        .target(name: "ErasureCoding", dependencies: ["CISAL"]),
+        // Deterministic CBOR (RFC 8949 §4.2), strict decoder for untrusted input.
+        .target(name: "CBOR"),
+        // Step A: manifest, COSE_Sign1, pack / open / verify, block authentication chain.
+        .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib"]),
+
+        .executableTarget(
+            name: "fleetcast",
+            dependencies: [
+                "UpdateBundle", "FleetCrypto",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // libFuzzer entry point for the manifest and bundle parsers; built only by
+        // scripts/fuzz with -sanitize=fuzzer (a plain build gets a tiny replay main).
+        .executableTarget(name: "FuzzBundle", dependencies: ["UpdateBundle", "CBOR"]),
+
+        .testTarget(name: "FleetCryptoTests", dependencies: ["FleetCrypto"]),
+        .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"]),
+        .testTarget(name: "CBORTests", dependencies: ["CBOR"]),
+        .testTarget(
+            name: "UpdateBundleTests",
+            dependencies: ["UpdateBundle", "FleetCrypto", "CBOR"],
+            resources: [.copy("Fixtures")]
+        ),
+        .testTarget(name: "CLITests", dependencies: ["fleetcast"]),
+    ]
+)
