@@ -1,0 +1,25 @@
+/// Every bound Fleetcast puts on untrusted bundles and manifests, named once.
+/// Specs/bundle.md §9 lists them with their reasons.
+public enum BundleLimits {
+    /// The signed manifest envelope: it travels in the announce, so it stays small.
+    public static let envelopeByteCountMax = 256 * 1024
+    public static let componentCountMax = 64
+    public static let hardwareIDCountMax = 64
+    public static let recipientCountMax = 1024
+    public static let signatureCountMax = 16
+    /// Product IDs, versions, component names, install targets.
+    public static let textByteCountMax = 256
+    /// One component, and the whole payload: 64 GiB.
+    public static let payloadByteCountMax: UInt64 = 64 << 30
+    /// Symbol size bounds: ISA-L needs 16 bytes; a jumbo frame carries < 9000.
+    public static let symbolByteCountMin = 64
+    public static let symbolByteCountMax = 8960
+    /// Symbol indices are one byte: k + R <= 256.
+    public static let symbolIndexCountMax = 256
+    public static let blocksPerSegmentMax = 1024
+    /// Encryption chunk sizes allowed (plaintext bytes per AES-GCM chunk).
+    public static let encryptionChunkByteCountMin = 1024
+    public static let encryptionChunkByteCountMax = 1 << 20
+    /// Tag length of a symbol authenticator (truncated SHA-256).
+    public static let symbolTagByteCount = 16
+}

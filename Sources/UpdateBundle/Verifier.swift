@@ -1,0 +1,367 @@
+import ErasureCoding
+import FleetCrypto
+
+/// Whose signatures the device trusts, and how many it requires.
+public struct TrustPolicy: Sendable {
+    public var trustedKeys: [PublicKey]
+    /// The device's own minimum; the manifest's threshold applies too, whichever is larger.
+    public var threshold: Int
+    public init(trustedKeys: [PublicKey], threshold: Int = 1) {
+        self.trustedKeys = trustedKeys
+        self.threshold = threshold
+    }
+}
+
+/// What the device knows of itself when it judges an update.
+public struct DevicePolicy: Sendable {
+    /// Unix seconds, injected (the verifier never reads a clock).
+    public var now: UInt64
+    public var hardwareID: String?
+    /// The anti-rollback counter of the installed software; the update's must be larger.
+    public var installedSequence: UInt64?
+    public var productID: String?
+    public init(now: UInt64, hardwareID: String? = nil, installedSequence: UInt64? = nil, productID: String? = nil) {
+        self.now = now; self.hardwareID = hardwareID; self.installedSequence = installedSequence; self.productID = productID
+    }
+}
+
+/// A manifest whose signatures and policy checks passed. Only
+/// `UnverifiedBundle.verifyManifest` makes one.
+public struct VerifiedManifest: Sendable {
+    public let manifest: Manifest
+    public let manifestBytes: [UInt8]
+    /// Key IDs of the trusted keys whose signatures verified.
+    public let validSignerKeyIDs: [[UInt8]]
+}
+
+/// A bundle whose every byte was checked against a verified manifest and,
+/// if encrypted, decrypted. Only `verifyPayload` makes one: the installer
+/// takes nothing else.
+public struct VerifiedBundle: Sendable {
+    public let manifest: VerifiedManifest
+    /// Where each component was written, if an output directory was given.
+    public let componentPaths: [String: String]
+}
+
+/// Checks the manifest envelope: signatures first, then the device policy.
+public enum ManifestVerifier {
+    public static func verify(envelope: [UInt8], trust: TrustPolicy, device: DevicePolicy) throws(BundleError) -> VerifiedManifest {
+        let (manifestBytes, signatures) = try COSE.parseEnvelope(envelope)
+        // Count distinct trusted keys with a valid signature over the exact bytes.
+        var valid: [[UInt8]] = []
+        for signature in signatures {
+            for key in trust.trustedKeys where key.keyID == signature.keyID && !valid.contains(key.keyID) {
+                if signature.verify(with: key, detachedPayload: manifestBytes) { valid.append(key.keyID) }
+            }
+        }
+        guard !valid.isEmpty else {
+            throw BundleError(.signatureInvalid, "no valid signature from a trusted key (signed by \(signatures.map { $0.keyID.hexString }), trusted \(trust.trustedKeys.map { $0.keyID.hexString }))")
+        }
+        let manifest = try Manifest(decoding: manifestBytes)
+        let authorised = valid.filter { manifest.signerKeyIDs.contains($0) }
+        let required = max(trust.threshold, manifest.signatureThreshold)
+        guard authorised.count >= required else {
+            throw BundleError(.signatureInvalid, "\(authorised.count) valid signature(s) from authorised trusted keys, \(required) required")
+        }
+        guard device.now < manifest.expiresAt else {
+            throw BundleError(.expired, "manifest expired at \(manifest.expiresAt), now is \(device.now)")
+        }
+        if let product = device.productID, product != manifest.productID {
+            throw BundleError(.incompatibleHardware, "update is for product '\(manifest.productID)', device is '\(product)'")
+        }
+        if let hardware = device.hardwareID, !manifest.hardwareIDs.contains(hardware) {
+            throw BundleError(.incompatibleHardware, "hardware '\(hardware)' is not among \(manifest.hardwareIDs)")
+        }
+        if let installed = device.installedSequence, manifest.sequence <= installed {
+            throw BundleError(.rollback, "sequence \(manifest.sequence) is not newer than the installed \(installed)")
+        }
+        return VerifiedManifest(manifest: manifest, manifestBytes: manifestBytes, validSignerKeyIDs: authorised)
+    }
+}
+
+/// A bundle file opened and parsed, nothing trusted yet.
+public final class UnverifiedBundle {
+    public let path: String
+    public let header: BundleHeader
+    public let envelope: [UInt8]
+    let file: File
+
+    public init(path: String) throws(BundleError) {
+        self.path = path
+        file = try File.open(reading: path)
+        let size = try file.size
+        guard size >= UInt64(BundleHeader.byteCount) else { throw BundleError(.malformed, "\(path): \(size) bytes, shorter than a bundle header") }
+        header = try BundleHeader(parsing: try file.read(at: 0, count: BundleHeader.byteCount))
+        guard size == header.totalSize else {
+            throw BundleError(.sizeMismatch, "\(path): file is \(size) bytes, header says \(header.totalSize)")
+        }
+        envelope = try file.read(at: UInt64(BundleHeader.byteCount), count: header.envelopeLength)
+    }
+
+    /// The manifest and signature key IDs as stored, for `inspect`: NOT verified.
+    public func unverifiedContents() throws(BundleError) -> (manifest: Manifest, signerKeyIDs: [[UInt8]]) {
+        let (bytes, signatures) = try COSE.parseEnvelope(envelope)
+        return (try Manifest(decoding: bytes), signatures.map(\.keyID))
+    }
+
+    public func verifyManifest(trust: TrustPolicy, device: DevicePolicy) throws(BundleError) -> VerifiedManifest {
+        let verified = try ManifestVerifier.verify(envelope: envelope, trust: trust, device: device)
+        let m = verified.manifest
+        guard header.payloadLength == m.payload.size, header.authLength == m.authentication.size else {
+            throw BundleError(.sizeMismatch, "bundle holds \(header.payloadLength) payload and \(header.authLength) chain bytes, manifest says \(m.payload.size) and \(m.authentication.size)")
+        }
+        return verified
+    }
+
+    /// Step 2: checks every byte against the verified manifest in one pass
+    /// (payload hash, every block hash and symbol tag along the chain),
+    /// decrypts and decompresses, checks each component's size and hash, and
+    /// only then moves the components into `outputDirectory`.
+    public func verifyPayload(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil,
+                              progress: ((_ done: UInt64, _ total: UInt64) -> Void)? = nil) throws(BundleError) -> VerifiedBundle {
+        let m = verified.manifest
+        var contentKey: [UInt8]?
+        if let encryption = m.encryption {
+            contentKey = try ContentEncryption.unwrap(encryption, bundleID: m.bundleID, keys: keys)
+        }
+        let output = try ComponentWriter(components: m.components, directory: outputDirectory)
+        let inflater: ZlibStream? = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
+        var compressedSeen: UInt64 = 0
+        let afterDecryption = { (bytes: UnsafeRawBufferPointer) throws(BundleError) in
+            compressedSeen += UInt64(bytes.count)
+            if let inflater { try inflater.process(bytes, finish: false) { (b) throws(BundleError) in try output.consume(b) } }
+            else { try output.consume(bytes) }
+        }
+        let opener: ChunkOpener? = if let contentKey, let encryption = m.encryption {
+            try ChunkOpener(key: contentKey, bundleID: m.bundleID, chunkSize: encryption.chunkSize,
+                            compressedSize: m.payload.compressedSize, next: afterDecryption)
+        } else { nil }
+
+        let checker = try ChainChecker(file: file, manifest: m, authOffset: header.authOffset)
+        let geometry = checker.layout.geometry
+        var hash = SHA256()
+        var block = [UInt8](repeating: 0, count: m.transport.blockByteCount)
+        try file.seek(to: header.payloadOffset)
+        for b in 0..<geometry.blockCount {
+            let range = geometry.byteRange(ofBlock: b)
+            let n = try file.read(into: &block, count: range.count)
+            guard n == range.count else { throw BundleError(.sizeMismatch, "payload ends inside block \(b)") }
+            let result = block.withUnsafeBytes { bytes in
+                Result { () throws(BundleError) in
+                    let data = UnsafeRawBufferPointer(rebasing: bytes[0..<n])
+                    hash.update(data)
+                    try checker.check(block: b, bytes: data)
+                    if let opener { try opener.consume(data) } else { try afterDecryption(data) }
+                }
+            }
+            try result.get()
+            progress?(range.upperBound, m.payload.size)
+        }
+        guard hash.finalize() == m.payload.sha256 else { throw BundleError(.hashMismatch, "payload SHA-256 differs from the manifest") }
+        try opener?.finish()
+        guard compressedSeen == m.payload.compressedSize else {
+            throw BundleError(.sizeMismatch, "\(compressedSeen) compressed bytes, manifest says \(m.payload.compressedSize)")
+        }
+        if let inflater, !inflater.finished { throw BundleError(.decryptionFailed, "payload ends inside the zlib stream") }
+        let paths = try output.finish()
+        return VerifiedBundle(manifest: verified, componentPaths: paths)
+    }
+}
+
+/// Walks the authentication chain alongside the payload: authenticates each
+/// segment by the hash before it, then each block and every symbol tag.
+final class ChainChecker {
+    let layout: AuthChainLayout
+    private let file: File
+    private let authOffset: UInt64
+    private let profile: TransportProfile
+    private var segment: AuthSegment?
+    private var expectedHash: [UInt8]
+    private var codecs: [Int: ReedSolomonCodec] = [:]
+    private var padded: [UInt8]
+    private var repairs: [UInt8]
+
+    init(file: File, manifest m: Manifest, authOffset: UInt64) throws(BundleError) {
+        self.file = file
+        self.authOffset = authOffset
+        profile = m.transport
+        layout = AuthChainLayout(geometry: BlockGeometry(payloadSize: m.payload.size, profile: m.transport),
+                                 blocksPerSegment: m.authentication.blocksPerSegment)
+        expectedHash = m.authentication.head
+        padded = [UInt8](repeating: 0, count: profile.blockByteCount)
+        repairs = [UInt8](repeating: 0, count: max(1, profile.repairSymbolsPerBlock) * profile.symbolSize)
+    }
+
+    func check(block b: Int, bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        if segment == nil || !segment!.blocks.contains(b) {
+            let j = b / layout.blocksPerSegment
+            let raw = try file.read(at: authOffset + layout.segmentOffset(j), count: layout.segmentSize(j))
+            guard SHA256.hash(raw) == expectedHash else {
+                throw BundleError(.hashMismatch, "authentication segment \(j) does not match the chain")
+            }
+            let parsed = try AuthSegment(parsing: raw, index: j, layout: layout)
+            if j == layout.segmentCount - 1 {
+                guard parsed.nextHash.allSatisfy({ $0 == 0 }) else { throw BundleError(.malformed, "last segment links onward") }
+            }
+            expectedHash = parsed.nextHash
+            segment = parsed
+        }
+        let seg = segment!
+        let size = profile.symbolSize
+        let k = layout.geometry.sourceSymbols(inBlock: b)
+        let paddedCount = k * size
+        padded.withUnsafeMutableBytes { p in
+            p.baseAddress!.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            if paddedCount > bytes.count { (p.baseAddress! + bytes.count).initializeMemory(as: UInt8.self, repeating: 0, count: paddedCount - bytes.count) }
+        }
+        let codec: ReedSolomonCodec
+        if let c = codecs[k] { codec = c } else {
+            do { codec = try ReedSolomonCodec(sourceCount: k) } catch { throw BundleError(.malformed, "\(error)") }
+            codecs[k] = codec
+        }
+        let r = profile.repairSymbolsPerBlock
+        let ok: Bool = padded.withUnsafeBytes { p in
+            let source = UnsafeRawBufferPointer(rebasing: p[0..<paddedCount])
+            guard BlockAuthentication.blockHash(block: b, paddedSource: source)[...] == seg.blockHash(b) else { return false }
+            for i in 0..<k where BlockAuthentication.tag(block: b, symbol: i, bytes: UnsafeRawBufferPointer(rebasing: source[(i * size)..<((i + 1) * size)]))[...] != seg.tag(block: b, symbol: i) {
+                return false
+            }
+            guard r > 0 else { return true }
+            // Repair tags: a receiver must accept every repair the sender may send.
+            return repairs.withUnsafeMutableBytes { out in
+                try! codec.encode(block: source, symbolSize: size, repairIndices: k..<(k + r), into: out)
+                for n in 0..<r where BlockAuthentication.tag(block: b, symbol: k + n, bytes: UnsafeRawBufferPointer(rebasing: out[(n * size)..<((n + 1) * size)]))[...] != seg.tag(block: b, symbol: k + n) {
+                    return false
+                }
+                return true
+            }
+        }
+        guard ok else { throw BundleError(.hashMismatch, "block \(b) does not match its authentication record") }
+    }
+}
+
+/// Opens AES-256-GCM chunks in order; the manifest says how many there are.
+final class ChunkOpener {
+    private let cipher: AES256GCM
+    private let bundleID: [UInt8]
+    private let chunkSize: Int
+    private let chunkCount: UInt64
+    private let lastPlainSize: Int
+    private let next: (UnsafeRawBufferPointer) throws(BundleError) -> Void
+    private var pending: [UInt8] = []
+    private var plain: [UInt8] = []
+    private var index: UInt64 = 0
+
+    init(key: [UInt8], bundleID: [UInt8], chunkSize: Int, compressedSize: UInt64,
+         next: @escaping (UnsafeRawBufferPointer) throws(BundleError) -> Void) throws(BundleError) {
+        do { cipher = try AES256GCM(key: key) } catch { throw BundleError(.decryptionFailed, "\(error)") }
+        self.bundleID = bundleID
+        self.chunkSize = chunkSize
+        chunkCount = (compressedSize + UInt64(chunkSize) - 1) / UInt64(chunkSize)
+        lastPlainSize = Int(compressedSize - (chunkCount - 1) * UInt64(chunkSize))
+        self.next = next
+    }
+
+    private var currentSealedSize: Int { (index + 1 == chunkCount ? lastPlainSize : chunkSize) + AES256GCM.tagByteCount }
+
+    func consume(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        pending.append(contentsOf: bytes)
+        while index < chunkCount && pending.count >= currentSealedSize {
+            let count = currentSealedSize
+            let last = index + 1 == chunkCount
+            plain.removeAll(keepingCapacity: true)
+            let result = pending.withUnsafeBytes { p in
+                Result { () throws(CryptoError) in
+                    try cipher.open(UnsafeRawBufferPointer(rebasing: p[0..<count]), nonce: ContentEncryption.nonce(chunk: index),
+                                    aad: ContentEncryption.aad(bundleID: bundleID, chunk: index, last: last), into: &plain)
+                }
+            }
+            do { try result.get() } catch { throw BundleError(.decryptionFailed, "chunk \(index): \(error.reason)") }
+            pending.removeSubrange(0..<count)
+            index += 1
+            try plain.withUnsafeBytes { p in Result { () throws(BundleError) in try next(p) } }.get()
+        }
+        if index == chunkCount && !pending.isEmpty { throw BundleError(.sizeMismatch, "bytes after the last encrypted chunk") }
+    }
+
+    func finish() throws(BundleError) {
+        guard index == chunkCount, pending.isEmpty else { throw BundleError(.sizeMismatch, "payload ends inside encrypted chunk \(index)") }
+    }
+}
+
+/// Splits the decompressed stream into components, hashes each, and writes
+/// them to temporary files that are renamed into place only by `finish()`.
+final class ComponentWriter {
+    private let components: [Manifest.Component]
+    private let directory: String?
+    private var current = 0
+    private var written: UInt64 = 0
+    private var hash = SHA256()
+    private var file: File?
+    private var temporaries: [(String, String)] = []
+
+    init(components: [Manifest.Component], directory: String?) throws(BundleError) {
+        self.components = components
+        self.directory = directory
+        try openCurrent()
+    }
+
+    deinit {
+        for (temporary, _) in temporaries { _ = temporary.withCString { unlink($0) } }
+    }
+
+    private func openCurrent() throws(BundleError) {
+        while current < components.count {
+            if let directory {
+                let final = directory + "/" + components[current].name
+                let temporary = final + ".partial"
+                file = try File.create(temporary)
+                temporaries.append((temporary, final))
+            }
+            guard components[current].size == 0 else { return }
+            try closeCurrent()  // an empty component is complete at once
+        }
+    }
+
+    private func closeCurrent() throws(BundleError) {
+        let c = components[current]
+        guard hash.finalize() == c.sha256 else { throw BundleError(.hashMismatch, "component '\(c.name)' SHA-256 differs from the manifest") }
+        try file?.sync()
+        file = nil
+        current += 1
+        written = 0
+    }
+
+    func consume(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        var offset = 0
+        while offset < bytes.count {
+            guard current < components.count else {
+                throw BundleError(.sizeMismatch, "payload decompresses to more than the \(components.reduce(0) { $0 + $1.size }) bytes the manifest lists")
+            }
+            let n = Int(min(UInt64(bytes.count - offset), components[current].size - written))
+            let piece = UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
+            hash.update(piece)
+            try file?.write(piece)
+            written += UInt64(n)
+            offset += n
+            if written == components[current].size { try closeCurrent(); try openCurrent() }
+        }
+    }
+
+    func finish() throws(BundleError) -> [String: String] {
+        guard current == components.count else {
+            throw BundleError(.sizeMismatch, "payload ends inside component '\(components[current].name)'")
+        }
+        var paths: [String: String] = [:]
+        for (temporary, final) in temporaries {
+            try commitFile(from: temporary, to: final)
+            paths[String(final.split(separator: "/").last!)] = final
+        }
+        temporaries = []
+        return paths
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
