@@ -55,7 +55,12 @@ public enum ManifestVerifier {
             }
         }
         guard !valid.isEmpty else {
-            throw BundleError(.signatureInvalid, "no valid signature from a trusted key (signed by \(signatures.map { $0.keyID.hexString }), trusted \(trust.trustedKeys.map { $0.keyID.hexString }))")
+            let trustedIDs = Set(trust.trustedKeys.map(\.keyID))
+            let fromTrusted = signatures.filter { trustedIDs.contains($0.keyID) }.map { $0.keyID.hexString }
+            if !fromTrusted.isEmpty {
+                throw BundleError(.signatureInvalid, "signature by trusted key \(fromTrusted.joined(separator: ", ")) does not verify: the manifest or signature was altered")
+            }
+            throw BundleError(.signatureInvalid, "no signature from a trusted key (signed by \(signatures.map { $0.keyID.hexString }), trusted \(trust.trustedKeys.map { $0.keyID.hexString }))")
         }
         let manifest = try Manifest(decoding: manifestBytes)
         let authorised = valid.filter { manifest.signerKeyIDs.contains($0) }

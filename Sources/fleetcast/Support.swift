@@ -1,0 +1,124 @@
+import ArgumentParser
+import FleetCrypto
+import Foundation
+import Logging
+import UpdateBundle
+
+enum ProcessEnvironment {
+    static var verbose: Bool { CommandLine.arguments.contains("--verbose") || ProcessInfo.processInfo.environment["FLEETCAST_VERBOSE"] != nil }
+}
+
+let log = Logger(label: "fleetcast")
+
+/// Runs `body`, turning a BundleError into its message and exit status.
+func reportingFailures(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let error as BundleError {
+        printError("refused (\(error.code.rawValue)): \(error.reason)")
+        throw ExitCode(error.exitCode)
+    } catch let error as CryptoError {
+        printError("key error: \(error)")
+        throw ExitCode(BundleError(.invalidInput, "").exitCode)
+    }
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data("fleetcast: \(message)\n".utf8))
+}
+
+func readText(_ path: String, what: String) throws -> String {
+    guard let data = FileManager.default.contents(atPath: path) else {
+        throw BundleError(.io, "cannot read \(what) '\(path)'")
+    }
+    return String(decoding: data, as: UTF8.self)
+}
+
+func loadPrivateKey(_ path: String) throws -> PrivateKey {
+    do { return try PrivateKey(pem: try readText(path, what: "private key")) }
+    catch let e as CryptoError { throw BundleError(.invalidInput, "\(path): \(e.reason)") }
+}
+
+func loadPublicKey(_ path: String) throws -> PublicKey {
+    let text = try readText(path, what: "public key")
+    if let key = try? PublicKey(pem: text) { return key }
+    // A private key file also names its public key.
+    if let key = try? PrivateKey(pem: text) { return key.publicKey }
+    throw BundleError(.invalidInput, "\(path): not a PEM public or private key")
+}
+
+func loadGroupKey(_ path: String) throws -> GroupKey {
+    let text = try readText(path, what: "group key").trimmingCharacters(in: .whitespacesAndNewlines)
+    guard let bytes = [UInt8](hex: text) else { throw BundleError(.invalidInput, "\(path): a group key file holds 64 hex digits") }
+    return try GroupKey(bytes)
+}
+
+/// Writes a file with the given permissions, refusing to overwrite unless asked.
+func writeFile(_ path: String, _ text: String, mode: Int, force: Bool) throws {
+    if !force && FileManager.default.fileExists(atPath: path) {
+        throw BundleError(.invalidInput, "\(path) exists; use --force to overwrite")
+    }
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(mode))
+    guard fd >= 0 else { throw BundleError(.io, "cannot create \(path): \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    fchmod(fd, mode_t(mode))  // O_CREAT's mode does not apply to an existing file
+    let bytes = Array(text.utf8)
+    guard write(fd, bytes, bytes.count) == bytes.count, fsync(fd) == 0 else { throw BundleError(.io, "cannot write \(path)") }
+}
+
+func currentUnixTime() -> UInt64 { UInt64(time(nil)) }
+
+/// Parses durations such as 90s, 15m, 12h, 30d, 1y.
+func parseDuration(_ text: String) -> UInt64? {
+    guard let unit = text.last, let value = UInt64(text.dropLast()) else { return UInt64(text) }
+    let seconds: UInt64? = switch unit {
+    case "s": 1
+    case "m": 60
+    case "h": 3600
+    case "d": 86_400
+    case "y": 31_536_000
+    default: nil
+    }
+    return seconds.map { $0 * value }
+}
+
+/// A progress line on standard error, redrawn at most every 200 ms.
+final class ProgressLine {
+    private let label: String
+    private let enabled: Bool
+    private var last: UInt64 = 0
+    private let start = DispatchTime.now().uptimeNanoseconds
+
+    init(_ label: String, enabled: Bool) {
+        self.label = label
+        self.enabled = enabled
+    }
+
+    func update(_ done: UInt64, _ total: UInt64) {
+        guard enabled else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        guard now - last > 200_000_000 || done == total else { return }
+        last = now
+        let seconds = Double(now - start) / 1e9
+        let rate = seconds > 0 ? Double(done) / seconds / 1e6 : 0
+        let percent = total > 0 ? Double(done) * 100 / Double(total) : 100
+        FileHandle.standardError.write(Data(String(format: "\r%@ %5.1f%%  %@ / %@  %.1f MB/s ", label, percent, formatBytes(done), formatBytes(total), rate).utf8))
+    }
+
+    func finish() {
+        if enabled { FileHandle.standardError.write(Data("\n".utf8)) }
+    }
+}
+
+func formatBytes(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(n)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+    return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
+}
+
+func formatTime(_ unix: UInt64) -> String {
+    let formatter = ISO8601DateFormatter()
+    return formatter.string(from: Date(timeIntervalSince1970: TimeInterval(unix)))
+}

@@ -1,0 +1,113 @@
+import CBOR
+import FleetCrypto
+import Testing
+@testable import UpdateBundle
+
+/// Manifest-level rejections, each under a valid signature so that only the
+/// manifest's content is at fault.
+@Suite("Manifest fields")
+struct ManifestTests {
+    let f = Fixture()
+
+    func baseManifest() throws -> Manifest {
+        let path = try f.pack()
+        let (bytes, _) = try COSE.parseEnvelope(try UnverifiedBundle(path: path).envelope)
+        return try Manifest(decoding: bytes)
+    }
+
+    /// Signs arbitrary manifest CBOR and runs the manifest verifier on it.
+    func verify(cbor: CBOR) -> BundleError.Code? {
+        failure {
+            let envelope = try COSE.envelope(manifest: cbor.encoded(), keys: [f.signer])
+            _ = try ManifestVerifier.verify(envelope: envelope, trust: f.trust, device: f.devicePolicy)
+        }
+    }
+
+    func edit(_ m: Manifest, _ change: (inout [CBOR.Entry]) -> Void) -> CBOR {
+        var entries = m.cbor().mapValue!
+        change(&entries)
+        return .map(entries)
+    }
+
+    @Test("The encoding round-trips and is canonical")
+    func roundTrip() throws {
+        let m = try baseManifest()
+        #expect(try Manifest(decoding: m.encoded()) == m)
+        #expect(verify(cbor: m.cbor()) == nil)
+    }
+
+    @Test("Unknown critical (non-negative) keys are refused; negative extension keys are ignored")
+    func criticality() throws {
+        let m = try baseManifest()
+        #expect(verify(cbor: edit(m) { $0.append(.init(.int(99), .text("future"))) }) == .unknownCriticalField)
+        #expect(verify(cbor: edit(m) { $0.append(.init(.int(-7), .text("vendor note"))) }) == nil)
+        // Nested: an unknown key inside a component.
+        #expect(verify(cbor: edit(m) { entries in
+            let i = entries.firstIndex { $0.key == .int(8) }!
+            var component = entries[i].value.arrayValue![0].mapValue!
+            component.append(.init(.int(9), .bool(true)))
+            entries[i].value = .array([.map(component)])
+        }) == .unknownCriticalField)
+    }
+
+    @Test("Every required field, when missing, is refused", arguments: 1...15)
+    func missing(key: Int) throws {
+        let m = try baseManifest()
+        let code = verify(cbor: edit(m) { $0.removeAll { $0.key == .int(key) } })
+        #expect(code == .malformed, "without key \(key)")
+    }
+
+    @Test("Oversized, mistyped and inconsistent fields are refused")
+    func oversized() throws {
+        let m = try baseManifest()
+        func set(_ key: Int, _ value: CBOR) -> CBOR {
+            edit(m) { entries in entries[entries.firstIndex { $0.key == .int(key) }!].value = value }
+        }
+        #expect(verify(cbor: set(2, .text(String(repeating: "x", count: 257)))) == .malformed)
+        #expect(verify(cbor: set(3, .array((0...64).map { .text("hw\($0)") }))) == .malformed)
+        #expect(verify(cbor: set(3, .array([]))) == .malformed)
+        #expect(verify(cbor: set(5, .text("7"))) == .malformed)
+        #expect(verify(cbor: set(5, .int(-1))) == .malformed)
+        #expect(verify(cbor: set(7, .unsigned(m.createdAt))) == .malformed)
+        #expect(verify(cbor: set(13, .bytes([1, 2, 3]))) == .malformed)
+        #expect(verify(cbor: set(15, .int(2))) == .malformed)  // threshold above the signer count
+        var bigger = m
+        bigger.components[0].size += 1  // sizes no longer add up
+        #expect(verify(cbor: bigger.cbor()) == .malformed)
+        var profile = m
+        profile.payload.size += 1
+        #expect(verify(cbor: profile.cbor()) == .malformed)
+        var segments = m
+        segments.authentication.segmentCount += 1
+        #expect(verify(cbor: segments.cbor()) == .malformed)
+        var unsafeName = m
+        unsafeName.components[0].name = "../etc/passwd"
+        #expect(verify(cbor: unsafeName.cbor()) == .malformed)
+        #expect(verify(cbor: .array([])) == .malformed)
+        #expect(failure { _ = try COSE.parseEnvelope([UInt8](repeating: 0x40, count: BundleLimits.envelopeByteCountMax + 1)) } == .malformed)
+    }
+
+    @Test("Transport profile limits")
+    func profile() {
+        #expect(failure { _ = try TransportProfile(symbolSize: 63, sourceSymbolsPerBlock: 8, repairSymbolsPerBlock: 0) } == .malformed)
+        #expect(failure { _ = try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 200, repairSymbolsPerBlock: 57) } == .malformed)
+        #expect(failure { _ = try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 0, repairSymbolsPerBlock: 1) } == .malformed)
+        #expect(failure { _ = try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 200, repairSymbolsPerBlock: 56) } == nil)
+    }
+
+    @Test("Chain layout: offsets and sizes agree for short last blocks and segments")
+    func layout() throws {
+        let profile = try TransportProfile(symbolSize: 100, sourceSymbolsPerBlock: 10, repairSymbolsPerBlock: 5)
+        for payload in [UInt64(1), 999, 1000, 1001, 12_345, 40_000] {
+            let layout = AuthChainLayout(geometry: BlockGeometry(payloadSize: payload, profile: profile), blocksPerSegment: 3)
+            var offset: UInt64 = 0
+            for j in 0..<layout.segmentCount {
+                #expect(layout.segmentOffset(j) == offset, "payload \(payload) segment \(j)")
+                offset += UInt64(layout.segmentSize(j))
+            }
+            #expect(offset == layout.totalSize)
+            let g = layout.geometry
+            #expect((0..<g.blockCount).reduce(UInt64(0)) { $0 + UInt64(g.byteRange(ofBlock: $1).count) } == payload)
+        }
+    }
+}
