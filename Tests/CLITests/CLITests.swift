@@ -1,0 +1,144 @@
+import Foundation
+import Testing
+
+/// The built `fleetcast` binary sits next to the test bundle.
+let fleetcastBinary: String = {
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    return exe.deletingLastPathComponent().appendingPathComponent("fleetcast").path
+}()
+
+struct Run {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+}
+
+@discardableResult
+func fleetcast(_ arguments: [String], in directory: String) throws -> Run {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: fleetcastBinary)
+    process.arguments = arguments
+    process.currentDirectoryURL = URL(fileURLWithPath: directory)
+    // stdout through a pipe, stderr into a file: no two pipes to deadlock on.
+    let errPath = NSTemporaryDirectory() + "fleetcast-stderr-" + UUID().uuidString
+    FileManager.default.createFile(atPath: errPath, contents: nil)
+    defer { try? FileManager.default.removeItem(atPath: errPath) }
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle(forWritingAtPath: errPath)!
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    let errData = FileManager.default.contents(atPath: errPath) ?? Data()
+    return Run(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+               stderr: String(decoding: errData, as: UTF8.self))
+}
+
+final class Workspace {
+    let path = NSTemporaryDirectory() + "fleetcast-cli-" + UUID().uuidString
+    init() { try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    func file(_ name: String) -> String { path + "/" + name }
+}
+
+@Suite("fleetcast command line")
+struct CLITests {
+    @Test("keygen writes private keys 0600 and refuses to overwrite")
+    func keygen() throws {
+        let w = Workspace()
+        for (type, name) in [("ed25519", "vendor"), ("p256", "vendor2"), ("x25519", "device")] {
+            let r = try fleetcast(["keygen", "--type", type, "--out", name], in: w.path)
+            #expect(r.status == 0, "\(r.stderr)")
+            let attributes = try FileManager.default.attributesOfItem(atPath: w.file(name + ".key"))
+            #expect((attributes[.posixPermissions] as? Int) == 0o600)
+            #expect(try String(contentsOfFile: w.file(name + ".pub"), encoding: .utf8).hasPrefix("-----BEGIN PUBLIC KEY-----"))
+        }
+        let group = try fleetcast(["keygen", "--type", "group", "--out", "fleet"], in: w.path)
+        #expect(group.status == 0)
+        #expect((try FileManager.default.attributesOfItem(atPath: w.file("fleet.groupkey"))[.posixPermissions] as? Int) == 0o600)
+        let again = try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        #expect(again.status == 21 && again.stderr.contains("--force"), "\(again.stderr)")
+        #expect(try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor", "--force"], in: w.path).status == 0)
+    }
+
+    @Test("pack, inspect (text and JSON) and verify with extraction")
+    func packInspectVerify() throws {
+        let w = Workspace()
+        let image = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 * 7 + $0 / 1000) }
+        FileManager.default.createFile(atPath: w.file("rootfs.img"), contents: Data(image))
+        try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        try fleetcast(["keygen", "--type", "x25519", "--out", "device"], in: w.path)
+        try fleetcast(["keygen", "--type", "group", "--out", "fleet"], in: w.path)
+        let pack = try fleetcast(["pack", "-o", "update.fcb", "--product", "gw", "--hardware", "rev-a", "--version", "1.2.3",
+                                  "--sequence", "5", "--expires-in", "2d", "--component", "rootfs=rootfs.img:rootfs",
+                                  "--sign", "vendor.key", "--recipient", "device.pub", "--group-key", "fleet.groupkey", "--quiet"], in: w.path)
+        #expect(pack.status == 0, "\(pack.stderr)")
+        #expect(pack.stdout.contains("encrypted for 2 recipient(s)"))
+
+        let inspect = try fleetcast(["inspect", "update.fcb", "--trusted-key", "vendor.pub"], in: w.path)
+        #expect(inspect.status == 0)
+        #expect(inspect.stdout.contains("gw version 1.2.3, sequence 5") && inspect.stdout.contains("signatures  valid"), "\(inspect.stdout)")
+        let json = try fleetcast(["inspect", "update.fcb", "--json"], in: w.path)
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as! [String: Any]
+        #expect(object["sequence"] as? Int == 5 && object["version"] as? String == "1.2.3")
+        #expect((object["components"] as? [[String: Any]])?.first?["name"] as? String == "rootfs")
+
+        for key in [["--device-key", "device.key"], ["--group-key", "fleet.groupkey"]] {
+            let out = "out-" + key[0]
+            let verify = try fleetcast(["verify", "update.fcb", "--trusted-key", "vendor.pub", "--hardware-id", "rev-a",
+                                        "--installed-sequence", "4", "--output-dir", out, "--quiet"] + key, in: w.path)
+            #expect(verify.status == 0, "\(verify.stderr)")
+            #expect(FileManager.default.contents(atPath: w.file(out + "/rootfs")) == Data(image))
+        }
+    }
+
+    @Test("Each failure has its own exit status and message")
+    func exitCodes() throws {
+        let w = Workspace()
+        FileManager.default.createFile(atPath: w.file("a.img"), contents: Data((0..<50_000).map { UInt8(truncatingIfNeeded: $0 &* 31) }))
+        try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        try fleetcast(["keygen", "--type", "ed25519", "--out", "other"], in: w.path)
+        try fleetcast(["keygen", "--type", "x25519", "--out", "device"], in: w.path)
+        try fleetcast(["keygen", "--type", "x25519", "--out", "stranger"], in: w.path)
+        let pack = try fleetcast(["pack", "-o", "u.fcb", "--product", "gw", "--hardware", "rev-a", "--version", "1", "--sequence", "5",
+                                  "--created-at", "1000000000", "--expires-in", "1d", "--component", "a=a.img", "--sign", "vendor.key",
+                                  "--recipient", "device.pub", "--quiet"], in: w.path)
+        try #require(pack.status == 0, "\(pack.stderr)")
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: w.file("u.fcb")))
+        bytes[bytes.count / 2] ^= 0x10
+        try bytes.write(to: URL(fileURLWithPath: w.file("tampered.fcb")))
+        try Data("not a bundle at all, just text".utf8).write(to: URL(fileURLWithPath: w.file("junk.fcb")))
+
+        let base = ["--now", "1000000100", "--device-key", "device.key", "--quiet"]
+        let cases: [([String], Int32, String)] = [
+            (["verify", "u.fcb", "--trusted-key", "vendor.pub"] + base, 0, "verified"),
+            (["verify", "junk.fcb", "--trusted-key", "vendor.pub"] + base, 10, "malformed"),
+            (["verify", "u.fcb", "--trusted-key", "other.pub"] + base, 12, "signatureInvalid"),
+            (["verify", "u.fcb", "--trusted-key", "vendor.pub", "--threshold", "2"] + base, 12, "signatureInvalid"),
+            (["verify", "u.fcb", "--trusted-key", "vendor.pub", "--now", "1000086401", "--device-key", "device.key"], 13, "expired"),
+            (["verify", "u.fcb", "--trusted-key", "vendor.pub", "--hardware-id", "rev-b"] + base, 14, "incompatibleHardware"),
+            (["verify", "u.fcb", "--trusted-key", "vendor.pub", "--installed-sequence", "5"] + base, 15, "rollback"),
+            (["verify", "tampered.fcb", "--trusted-key", "vendor.pub"] + base, 17, "hashMismatch"),
+            (["verify", "u.fcb", "--trusted-key", "vendor.pub", "--now", "1000000100", "--device-key", "stranger.key"], 18, "notARecipient"),
+            (["verify", "missing.fcb", "--trusted-key", "vendor.pub"] + base, 20, "io"),
+            (["pack", "-o", "x.fcb", "--product", "gw", "--hardware", "h", "--version", "1", "--sequence", "1", "--component", "a=nope.img", "--sign", "vendor.key"], 21, "invalidInput"),
+            (["verify", "u.fcb"], 64, "--trusted-key"),
+        ]
+        for (arguments, status, text) in cases {
+            let r = try fleetcast(arguments, in: w.path)
+            #expect(r.status == status, "\(arguments): \(r.stderr)")
+            #expect((r.stdout + r.stderr).contains(text), "\(arguments): \(r.stdout) \(r.stderr)")
+        }
+    }
+
+    @Test("--help explains every subcommand")
+    func help() throws {
+        let w = Workspace()
+        let top = try fleetcast(["--help"], in: w.path)
+        #expect(top.status == 0 && top.stdout.contains("Exit status"))
+        for (command, phrase) in [("keygen", "0600"), ("pack", "NAME=PATH"), ("inspect", "verify"), ("verify", "anti-rollback"), ("demo", "tampers")] {
+            let r = try fleetcast([command, "--help"], in: w.path)
+            #expect(r.status == 0 && r.stdout.contains(phrase), "\(command): \(r.stdout)")
+        }
+    }
+}
