@@ -42,6 +42,7 @@ public struct BundleHeader: Hashable, Sendable {
         return out
     }
 
+    /// Specs/bundle.md §3 B-1.
     public init(parsing bytes: [UInt8]) throws(BundleError) {
         guard bytes.count >= Self.byteCount else { throw BundleError(.malformed, "bundle shorter than its \(Self.byteCount)-byte header") }
         guard Array(bytes[0..<4]) == Self.magic else { throw BundleError(.malformed, "not a Fleetcast bundle (bad magic)") }

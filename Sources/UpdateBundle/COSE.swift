@@ -1,7 +1,7 @@
 import CBOR
 import FleetCrypto
 
-/// COSE_Sign1 (RFC 9052 §4.2) with EdDSA (-8) or ES256 (-7), and the
+/// Specs/bundle.md §4.3. COSE_Sign1 (RFC 9052 §4.2) with EdDSA (-8) or ES256 (-7), and the
 /// envelope that carries a manifest with one or more of them.
 ///
 /// ```
@@ -73,7 +73,7 @@ public enum COSE {
                 case 1: algorithm = entry.value.intValue.flatMap(Algorithm.init(rawValue:))
                     if algorithm == nil { throw BundleError(.signatureInvalid, "COSE: unsupported algorithm \(entry.value)") }
                 case 4: keyID = entry.value.bytesValue
-                case 2: throw BundleError(.unknownCriticalField, "COSE: critical header parameters are not supported")
+                case 2: throw BundleError(.unknownCriticalField, "COSE: critical header parameters are not supported")  // B-9
                 default: continue  // other protected parameters (e.g. content type) are informative
                 }
             }

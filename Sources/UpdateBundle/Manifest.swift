@@ -242,7 +242,7 @@ extension Manifest {
         }
         try m.finish()
 
-        // Sizes implied by the profile must agree (Specs/bundle.md §5).
+        // Specs/bundle.md §4.2 B-6: sizes implied by the profile must agree.
         let expectedPayload = try PayloadLayout.transferredSize(compressedSize: payload.compressedSize, encryption: encryption)
         guard expectedPayload == payload.size else {
             throw BundleError(.malformed, "manifest: payload size \(payload.size) does not match \(payload.compressedSize) compressed bytes (expected \(expectedPayload))")
@@ -326,7 +326,7 @@ struct FieldReader {
         return out
     }
 
-    /// Refuses any non-negative key that was not read (Specs/bundle.md §4.2).
+    /// Refuses any non-negative key that was not read (Specs/bundle.md §4.2 B-5).
     func finish() throws(BundleError) {
         let unknown = fields.keys.filter { $0 >= 0 && !consumed.contains($0) }.sorted()
         guard unknown.isEmpty else {

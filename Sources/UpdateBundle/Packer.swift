@@ -150,7 +150,7 @@ public enum Packer {
             throw BundleError(.invalidInput, "signed manifest of \(envelope.count) bytes exceeds \(BundleLimits.envelopeByteCountMax) (too many recipients?)")
         }
 
-        // Assemble: header, envelope, payload, chain; then rename into place.
+        // Assemble: header, envelope, payload, chain; then rename into place (Specs/bundle.md §3 B-3).
         let temporary = outputPath + ".partial"
         let output = try File.create(temporary)
         do throws(BundleError) {

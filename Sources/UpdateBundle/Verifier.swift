@@ -47,6 +47,7 @@ public struct VerifiedBundle: Sendable {
 public enum ManifestVerifier {
     public static func verify(envelope: [UInt8], trust: TrustPolicy, device: DevicePolicy) throws(BundleError) -> VerifiedManifest {
         let (manifestBytes, signatures) = try COSE.parseEnvelope(envelope)
+        // Specs/bundle.md §4.3 B-8: signatures over the exact bytes before any field is trusted.
         // Count distinct trusted keys with a valid signature over the exact bytes.
         var valid: [[UInt8]] = []
         for signature in signatures {
@@ -68,6 +69,7 @@ public enum ManifestVerifier {
         guard authorised.count >= required else {
             throw BundleError(.signatureInvalid, "\(authorised.count) valid signature(s) from authorised trusted keys, \(required) required")
         }
+        // Specs/bundle.md §8 step 3: freeze, mix-and-match and rollback.
         guard device.now < manifest.expiresAt else {
             throw BundleError(.expired, "manifest expired at \(manifest.expiresAt), now is \(device.now)")
         }
@@ -201,6 +203,7 @@ final class ChainChecker {
         if segment == nil || !segment!.blocks.contains(b) {
             let j = b / layout.blocksPerSegment
             let raw = try file.read(at: authOffset + layout.segmentOffset(j), count: layout.segmentSize(j))
+            // Specs/bundle.md §7.3 B-13: segment j is authenticated by the hash before it.
             guard SHA256.hash(raw) == expectedHash else {
                 throw BundleError(.hashMismatch, "authentication segment \(j) does not match the chain")
             }
@@ -232,7 +235,7 @@ final class ChainChecker {
                 return false
             }
             guard r > 0 else { return true }
-            // Repair tags: a receiver must accept every repair the sender may send.
+            // Specs/bundle.md §7.3 B-15. Repair tags: a receiver must accept every repair the sender may send.
             return repairs.withUnsafeMutableBytes { out in
                 try! codec.encode(block: source, symbolSize: size, repairIndices: k..<(k + r), into: out)
                 for n in 0..<r where BlockAuthentication.tag(block: b, symbol: k + n, bytes: UnsafeRawBufferPointer(rebasing: out[(n * size)..<((n + 1) * size)]))[...] != seg.tag(block: b, symbol: k + n) {
@@ -295,7 +298,8 @@ final class ChunkOpener {
 }
 
 /// Splits the decompressed stream into components, hashes each, and writes
-/// them to temporary files that are renamed into place only by `finish()`.
+/// them to temporary files that are renamed into place only by `finish()`
+/// (Specs/bundle.md §5 B-10, B-11).
 final class ComponentWriter {
     private let components: [Manifest.Component]
     private let directory: String?
