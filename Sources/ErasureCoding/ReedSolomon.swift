@@ -55,8 +55,18 @@ public final class ReedSolomonCodec {
     @inline(__always)
     public static func coefficient(repair: Int, source: Int) -> UInt8 {
         precondition(repair < symbolIndexCountMax && source < repair)
-        return gf_inv(UInt8(repair ^ source))
+        return inverses[repair ^ source]
     }
+
+    /// 1/x in GF(2^8), from ISA-L's own arithmetic (index 0 unused).
+    static let inverses: [UInt8] = (0..<256).map { $0 == 0 ? 0 : gf_inv(UInt8($0)) }
+    /// a * b at [a << 8 | b]: 64 KiB, so building a decode matrix costs table
+    /// lookups instead of a C call per term.
+    static let products: [UInt8] = {
+        var table = [UInt8](repeating: 0, count: 65536)
+        for a in 0..<256 { for b in 0..<256 { table[a << 8 | b] = gf_mul(UInt8(a), UInt8(b)) } }
+        return table
+    }()
 
     /// Computes the repair symbols `repairIndices` of one block.
     ///
@@ -136,14 +146,26 @@ public final class ReedSolomonCodec {
             throw ErasureCodingError(.singularMatrix, "Cauchy submatrix not invertible (cannot happen for distinct indices)")
         }
         // Columns: present sources first, then the e repairs (the input order of `reconstruct`).
+        // Row l over the present sources is sum_r Cinv[l][r] * C[r][present]: accumulate
+        // whole rows of C, scaled by one table row per (l, r).
+        let p = present.count
+        var presentRows = [UInt8](repeating: 0, count: e * p)
+        for r in 0..<e { for (column, s) in present.enumerated() { presentRows[r * p + column] = Self.coefficient(repair: repairIndices[r], source: s) } }
         var matrix = [UInt8](repeating: 0, count: e * sourceCount)
-        for l in 0..<e {
-            for (column, s) in present.enumerated() {
-                var sum: UInt8 = 0
-                for r in 0..<e { sum ^= gf_mul(inverse[l * e + r], Self.coefficient(repair: repairIndices[r], source: s)) }
-                matrix[l * sourceCount + column] = sum
+        Self.products.withUnsafeBufferPointer { mul in
+            presentRows.withUnsafeBufferPointer { rows in
+                matrix.withUnsafeMutableBufferPointer { out in
+                    for l in 0..<e {
+                        let row = out.baseAddress! + l * sourceCount
+                        for r in 0..<e {
+                            let scale = mul.baseAddress! + Int(inverse[l * e + r]) << 8
+                            let source = rows.baseAddress! + r * p
+                            for column in 0..<p { row[column] ^= scale[Int(source[column])] }
+                            row[p + r] = inverse[l * e + r]
+                        }
+                    }
+                }
             }
-            for r in 0..<e { matrix[l * sourceCount + present.count + r] = inverse[l * e + r] }
         }
         let tables = Self.tables(k: sourceCount, rows: e, matrix: &matrix)
         if decodeCacheOrder.count == Self.decodeCacheEntryCountMax {
