@@ -11,6 +11,7 @@ let package = Package(
         .executable(name: "fleetcast", targets: ["fleetcast"]),
         .library(name: "UpdateBundle", targets: ["UpdateBundle"]),
         .library(name: "ErasureCoding", targets: ["ErasureCoding"]),
+        .library(name: "SeededRandom", targets: ["SeededRandom"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -28,6 +29,10 @@ let package = Package(
         .target(name: "ErasureCoding", dependencies: ["CISAL"]),
         // Deterministic CBOR (RFC 8949 §4.2), strict decoder for untrusted input.
         .target(name: "CBOR"),
+        // Seeded PRNG: all randomness in the core and the simulator comes from it.
+        .target(name: "SeededRandom"),
+        // Every datagram of Specs/protocol.md: strict parse, big-endian write.
+        .target(name: "WireFormat"),
         // Step A: manifest, COSE_Sign1, pack / open / verify, block authentication chain.
         .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib"]),
 
@@ -44,11 +49,12 @@ let package = Package(
         .executableTarget(name: "FuzzBundle", dependencies: ["UpdateBundle", "CBOR"]),
 
         .testTarget(name: "FleetCryptoTests", dependencies: ["FleetCrypto"]),
-        .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"]),
+        .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "SeededRandom"]),
+        .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SeededRandom"]),
         .testTarget(name: "CBORTests", dependencies: ["CBOR"]),
         .testTarget(
             name: "UpdateBundleTests",
-            dependencies: ["UpdateBundle", "FleetCrypto", "CBOR"],
+            dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "CLITests", dependencies: ["fleetcast"]),

@@ -10,7 +10,7 @@ let package = Package(
     targets: [
         .executableTarget(
             name: "ErasureBench",
-            dependencies: [.product(name: "ErasureCoding", package: "main")],
+            dependencies: [.product(name: "ErasureCoding", package: "main"), .product(name: "SeededRandom", package: "main")],
             swiftSettings: [.unsafeFlags(["-Ounchecked"])]
         ),
     ]

@@ -1,18 +1,8 @@
 import ErasureCoding
+import SeededRandom
 import Testing
 
-/// SplitMix64: a tiny seeded generator, so every random test replays.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+typealias SeededGenerator = SeededRandom
 
 /// Scalar reference: GF(2^8) with polynomial x^8+x^4+x^3+x^2+1 (0x11D), by
 /// shift-and-add, and the code of Specs/bundle.md §7.2 written from the spec.

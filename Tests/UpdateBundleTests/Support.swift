@@ -1,5 +1,6 @@
 import Foundation
 import FleetCrypto
+import SeededRandom
 @testable import UpdateBundle
 
 /// A scratch directory per test, removed when the value goes away.
@@ -13,18 +14,6 @@ final class TemporaryDirectory {
     func file(_ name: String) -> String { path + "/" + name }
 }
 
-/// SplitMix64, so that generated images and fault positions replay.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// Half-compressible bytes: repeated text interleaved with noise, like firmware.
 func makeImage(size: Int, seed: UInt64) -> [UInt8] {
@@ -37,6 +26,8 @@ func makeImage(size: Int, seed: UInt64) -> [UInt8] {
     }
     return Array(out.prefix(size))
 }
+
+typealias SeededGenerator = SeededRandom
 
 let now: UInt64 = 1_800_000_000
 

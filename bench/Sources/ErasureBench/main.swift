@@ -8,20 +8,11 @@
 // loss) and with one repeated pattern (cached decode tables). Throughput is
 // source bytes per second of wall time on one core, reported as MB/s (1e6).
 import ErasureCoding
+import SeededRandom
 #if canImport(Glibc)
 import Glibc
 #endif
 
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 func seconds() -> Double {
     var t = timespec()
@@ -63,7 +54,7 @@ if shapes.isEmpty { shapes = [(64, 16), (128, 32)] }
 print("| (k, m) | symbol | encode MB/s | decode, m lost, new pattern per block MB/s | decode, m lost, cached pattern MB/s | decode, 5% random loss MB/s |")
 print("|---|---|---|---|---|---|")
 for (k, m) in shapes {
-    var rng = SplitMix(state: UInt64(k * 1000 + m))
+    var rng = SeededRandom(seed: UInt64(k * 1000 + m))
     let codec = try! ReedSolomonCodec(sourceCount: k)
     let blockBytes = k * symbolSize
     let source = (0..<blockBytes).map { _ in UInt8.random(in: 0...255, using: &rng) }

@@ -1,0 +1,90 @@
+/// Why a datagram was refused (Specs/protocol.md P-1). Compared by code.
+public struct WireFormatError: Error, Hashable, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable, CaseIterable {
+        case truncated, trailingBytes, badVersion, unknownType, reservedNotZero, invalidField
+    }
+    public let code: Code
+    public let reason: String
+    public init(_ code: Code, _ reason: String) { self.code = code; self.reason = reason }
+    public static func == (a: Self, b: Self) -> Bool { a.code == b.code }
+    public func hash(into h: inout Hasher) { h.combine(code) }
+    public var description: String { "\(code.rawValue): \(reason)" }
+}
+
+/// A bounds-checked big-endian reader over untrusted bytes. Every read
+/// checks the length first; nothing here can trap on bad input.
+struct ByteReader {
+    let bytes: [UInt8]
+    private(set) var offset: Int
+
+    init(_ bytes: [UInt8], offset: Int = 0) { self.bytes = bytes; self.offset = offset }
+
+    var remaining: Int { bytes.count - offset }
+
+    mutating func need(_ n: Int, _ what: StaticString) throws(WireFormatError) {
+        guard n <= remaining else { throw WireFormatError(.truncated, "\(what): need \(n) bytes at \(offset), have \(remaining)") }
+    }
+
+    mutating func u8(_ what: StaticString) throws(WireFormatError) -> UInt8 {
+        try need(1, what)
+        defer { offset += 1 }
+        return bytes[offset]
+    }
+
+    mutating func u16(_ what: StaticString) throws(WireFormatError) -> UInt16 {
+        try need(2, what)
+        defer { offset += 2 }
+        return UInt16(bytes[offset]) << 8 | UInt16(bytes[offset + 1])
+    }
+
+    mutating func u32(_ what: StaticString) throws(WireFormatError) -> UInt32 {
+        try need(4, what)
+        var v: UInt32 = 0
+        for i in 0..<4 { v = v << 8 | UInt32(bytes[offset + i]) }
+        offset += 4
+        return v
+    }
+
+    mutating func u64(_ what: StaticString) throws(WireFormatError) -> UInt64 {
+        try need(8, what)
+        var v: UInt64 = 0
+        for i in 0..<8 { v = v << 8 | UInt64(bytes[offset + i]) }
+        offset += 8
+        return v
+    }
+
+    mutating func bytes(_ n: Int, _ what: StaticString) throws(WireFormatError) -> [UInt8] {
+        try need(n, what)
+        defer { offset += n }
+        return Array(bytes[offset..<(offset + n)])
+    }
+
+    mutating func rest() -> [UInt8] {
+        defer { offset = bytes.count }
+        return Array(bytes[offset...])
+    }
+
+    mutating func zero(_ n: Int, _ what: StaticString) throws(WireFormatError) {
+        try need(n, what)
+        for i in 0..<n where bytes[offset + i] != 0 {
+            throw WireFormatError(.reservedNotZero, "\(what) at byte \(offset + i) is not zero")
+        }
+        offset += n
+    }
+
+    func end() throws(WireFormatError) {
+        guard remaining == 0 else { throw WireFormatError(.trailingBytes, "\(remaining) bytes after the last field") }
+    }
+}
+
+/// Appends big-endian fields.
+struct ByteWriter {
+    var bytes: [UInt8] = []
+    init(capacity: Int) { bytes.reserveCapacity(capacity) }
+    mutating func u8(_ v: UInt8) { bytes.append(v) }
+    mutating func u16(_ v: UInt16) { bytes += [UInt8(v >> 8), UInt8(v & 0xFF)] }
+    mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8((v >> UInt32(s)) & 0xFF)) } }
+    mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8((v >> UInt64(s)) & 0xFF)) } }
+    mutating func zero(_ n: Int) { bytes += repeatElement(0, count: n) }
+    mutating func append(_ b: [UInt8]) { bytes += b }
+}

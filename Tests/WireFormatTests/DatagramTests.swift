@@ -1,0 +1,131 @@
+import SeededRandom
+import Testing
+import WireFormat
+
+private func hex(_ s: String) -> [UInt8] {
+    var out: [UInt8] = []
+    var chars = Array(s.filter { !$0.isWhitespace })
+    while !chars.isEmpty { out.append(UInt8(String(chars.prefix(2)), radix: 16)!); chars.removeFirst(2) }
+    return out
+}
+
+let session = SessionID(0xA1B2_C3D4)
+let receiver = ReceiverID(0x0102_0304_0506_0708)
+
+/// One of each datagram, with the golden bytes that Specs/protocol.md §3 implies,
+/// and the byte offsets of its reserved fields.
+let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int])] = [
+    ("announce", .announce(Announce(session: session, feedbackFamily: .ipv4, carousel: true, feedbackPort: 0x1F90,
+                                    feedbackAddress: [198, 18, 0, 1] + [UInt8](repeating: 0, count: 12), rateKilobytesPerSecond: 125_000,
+                                    grttMicroseconds: 10_000, groupSize: 16, interleaveWindow: 8, fragmentIndex: 1, fragmentCount: 2,
+                                    envelopeLength: 1027, fragment: [0xAA, 0xBB, 0xCC])),
+     "01010000 a1b2c3d4 04 01 1f90 c6120001 000000000000000000000000 0001e848 00002710 00000010 0008 0001 0002 0000 00000403 aabbcc",
+     [2, 3, 46, 47]),
+    ("data", .data(DataSymbol(session: session, object: .payload, block: 0x0102_0304, symbolIndex: 200, symbol: [1, 2, 3, 4])),
+     "01020000 a1b2c3d4 02 c8 0000 01020304 01020304", [2, 3, 10, 11]),
+    ("poll", .poll(Poll(session: session, round: 3, sentAtMicroseconds: 0x1122_3344_5566_7788, grttMicroseconds: 2500, groupSize: 1000)),
+     "01030000 a1b2c3d4 00000003 1122334455667788 000009c4 000003e8", [2, 3]),
+    ("close", .close(Close(session: session, reason: .idle)), "01040000 a1b2c3d4 02 000000", [2, 3, 9, 10, 11]),
+    ("register", .register(Register(session: session, receiver: receiver, installedSequence: 41, deviceID: "dev-1", version: "1.0")),
+     "01050000 a1b2c3d4 0102030405060708 0000000000000029 05 6465762d31 03 312e30", [2, 3]),
+    ("nack", .nack(Nack(session: session, receiver: receiver, round: 2, echoedSentAtMicroseconds: 99, holdMicroseconds: 1500,
+                        entries: [.init(object: .payload, block: 7, needed: 3), .init(object: .authChain, block: 0, needed: 1)])),
+     "01060000 a1b2c3d4 0102030405060708 00000002 0000000000000063 000005dc 0002 0000 02 03 0000 00000007 01 01 0000 00000000",
+     [2, 3, 34, 35, 38, 39, 46, 47]),
+    ("status", .status(Status(session: session, receiver: receiver, state: .failed, reason: .rollback, blocksDone: 5, blocksTotal: 9,
+                              bytesReceived: 123_456, nacksSent: 4)),
+     "01070000 a1b2c3d4 0102030405060708 03 03 0000 00000005 00000009 000000000001e240 00000004", [2, 3, 18, 19]),
+    ("ack", .ack(Ack(session: session, receiver: receiver, state: .complete)), "01080000 a1b2c3d4 0102030405060708 02 000000", [2, 3, 17, 18, 19]),
+]
+
+@Suite("Datagrams (Specs/protocol.md §3)")
+struct DatagramTests {
+    @Test("Golden bytes and round trip", arguments: samples.map(\.name))
+    func golden(name: String) throws {
+        let s = samples.first { $0.name == name }!
+        #expect(s.datagram.encoded() == hex(s.golden))
+        #expect(try Datagram(parsing: hex(s.golden)) == s.datagram)
+    }
+
+    @Test("Truncated at every offset is refused", arguments: samples.map(\.name))
+    func truncated(name: String) {
+        let bytes = samples.first { $0.name == name }!.datagram.encoded()
+        for length in 0..<bytes.count {
+            // DATA's symbol is "the rest": a DATA cut inside the symbol is a shorter symbol,
+            // refused by the receiver against T (P-1); the header must still be whole.
+            if name == "data" && length > DataSymbol.headerByteCount { continue }
+            #expect(throws: WireFormatError.self, "\(name) cut to \(length)") { try Datagram(parsing: Array(bytes.prefix(length))) }
+        }
+    }
+
+    @Test("Every reserved bit set is refused", arguments: samples.map(\.name))
+    func reservedBits(name: String) {
+        let s = samples.first { $0.name == name }!
+        let bytes = s.datagram.encoded()
+        for offset in s.reserved {
+            for bit in 0..<8 {
+                var b = bytes
+                b[offset] |= 1 << bit
+                #expect(throws: WireFormatError(.reservedNotZero, ""), "\(name) byte \(offset) bit \(bit)") { try Datagram(parsing: b) }
+            }
+        }
+    }
+
+    @Test("Trailing bytes, bad version, unknown type", arguments: samples.map(\.name))
+    func framing(name: String) {
+        let bytes = samples.first { $0.name == name }!.datagram.encoded()
+        if name != "data" {
+            #expect(throws: WireFormatError.self) { try Datagram(parsing: bytes + [0]) }
+        }
+        var v = bytes
+        v[0] = 2
+        #expect(throws: WireFormatError(.badVersion, "")) { try Datagram(parsing: v) }
+        var t = bytes
+        t[1] = 9
+        #expect(throws: WireFormatError(.unknownType, "")) { try Datagram(parsing: t) }
+    }
+
+    @Test("Invalid fields are refused")
+    func invalidFields() {
+        func refuses(_ golden: String, _ change: (inout [UInt8]) -> Void) {
+            var b = hex(golden)
+            change(&b)
+            #expect(throws: WireFormatError.self) { try Datagram(parsing: b) }
+        }
+        let announce = samples[0].golden, nack = samples[5].golden, status = samples[6].golden
+        refuses(announce) { $0[8] = 5 }                    // address family
+        refuses(announce) { $0[43] = 2 }                   // fragment index 2 of 2
+        refuses(announce) { $0[40] = 0; $0[41] = 0 }       // interleave window 0
+        refuses(announce) { $0[51] = 0xFF }                // envelope length vs fragment count
+        refuses(samples[1].golden) { $0[8] = 3 }           // object 3
+        refuses(nack) { $0[33] = 0 }                       // zero entries
+        refuses(nack) { $0[32] = 0; $0[33] = 129 }         // too many entries
+        refuses(nack) { $0[37] = 0 }                       // needs 0 symbols
+        refuses(status) { $0[17] = 0 }                     // failed without a reason
+        refuses(samples[4].golden) { $0[24] = 65 }         // device ID longer than 64
+    }
+
+    @Test("Random bytes never crash the parser; accepted bytes re-encode identically")
+    func randomBytes() {
+        var rng = SeededRandom(seed: 0xDA7A)
+        for _ in 0..<20_000 {
+            var b = samples[Int(rng.next() % UInt64(samples.count))].datagram.encoded()
+            for _ in 0..<(1 + Int(rng.next() % 4)) { b[Int(rng.next() % UInt64(b.count))] = UInt8(truncatingIfNeeded: rng.next()) }
+            if let d = try? Datagram(parsing: b) { #expect(d.encoded() == b, "seed 0xDA7A") }
+        }
+    }
+
+    @Test("Envelope fragmentation covers the envelope exactly")
+    func fragments() throws {
+        for length in [1, 1023, 1024, 1025, 3000] {
+            let envelope = (0..<length).map { UInt8(truncatingIfNeeded: $0) }
+            let parts = Announce.fragments(of: envelope)
+            #expect(parts.flatMap(\.bytes) == envelope)
+            for p in parts {
+                let a = Announce(session: session, rateKilobytesPerSecond: 1, grttMicroseconds: 1, groupSize: 1, interleaveWindow: 1,
+                                 fragmentIndex: p.index, fragmentCount: p.count, envelopeLength: UInt32(length), fragment: p.bytes)
+                #expect(try Datagram(parsing: Datagram.announce(a).encoded()) == .announce(a))
+            }
+        }
+    }
+}
