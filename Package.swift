@@ -33,13 +33,17 @@ let package = Package(
         .target(name: "SeededRandom"),
         // Every datagram of Specs/protocol.md: strict parse, big-endian write.
         .target(name: "WireFormat"),
+        // Steps B and 1 as sans-I/O state machines (Specs/protocol.md).
+        .target(name: "DeliveryCore", dependencies: ["WireFormat", "ErasureCoding", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
+        // Deterministic discrete-event network and storage simulator (tests, bench, `fleetcast simulate`).
+        .target(name: "DeliverySimulation", dependencies: ["DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
         // Step A: manifest, COSE_Sign1, pack / open / verify, block authentication chain.
         .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib"]),
 
         .executableTarget(
             name: "fleetcast",
             dependencies: [
-                "UpdateBundle", "FleetCrypto",
+                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -50,6 +54,7 @@ let package = Package(
 
         .testTarget(name: "FleetCryptoTests", dependencies: ["FleetCrypto"]),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "SeededRandom"]),
+        .testTarget(name: "DeliveryTests", dependencies: ["DeliveryCore", "DeliverySimulation", "WireFormat", "UpdateBundle", "SeededRandom"]),
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SeededRandom"]),
         .testTarget(name: "CBORTests", dependencies: ["CBOR"]),
         .testTarget(

@@ -1,0 +1,770 @@
+import ErasureCoding
+import FleetCrypto
+import SeededRandom
+import UpdateBundle
+import WireFormat
+
+/// How a receiver behaves; every limit has a name and a default (Specs/protocol.md §6).
+public struct ReceiverConfig: Sendable {
+    public var receiverID: ReceiverID
+    public var deviceID: String
+    public var installedVersion: String
+    public var trust: TrustPolicy
+    /// Hardware ID, installed sequence and the wall-clock time for expiry.
+    public var device: DevicePolicy
+    /// Seeds the NACK backoff.
+    public var seed: UInt64
+    public var blocksInFlightMax = 512
+    public var unauthenticatedSymbolCountMax = 1024
+    public var backoffGRTTs = 4.0
+    public var nackDatagramsPerRoundMax = 8
+    public var statusRepeatMax = 10
+    public var statusInterval = Interval.seconds(1)
+    public var inactivityTimeout = Interval.seconds(5)
+    /// Blocks verified between progress commits (and at completion).
+    public var commitBlockCount = 64
+
+    public init(receiverID: ReceiverID, deviceID: String, installedVersion: String, trust: TrustPolicy, device: DevicePolicy, seed: UInt64) {
+        self.receiverID = receiverID; self.deviceID = deviceID; self.installedVersion = installedVersion
+        self.trust = trust; self.device = device; self.seed = seed
+    }
+}
+
+/// What a receiver has made durable (Specs/protocol.md P-20).
+public struct ProgressJournal: Sendable, Equatable {
+    /// The signed manifest the blocks belong to.
+    public var envelope: [UInt8]
+    public var authBlocks: [Int]
+    public var payloadBlocks: [Int]
+    public init(envelope: [UInt8], authBlocks: [Int], payloadBlocks: [Int]) {
+        self.envelope = envelope; self.authBlocks = authBlocks; self.payloadBlocks = payloadBlocks
+    }
+}
+
+/// What a restarted receiver is given: its last journal, and the bytes of the
+/// auth-chain blocks it lists (read back from staging by the driver).
+public struct ResumeState: Sendable {
+    public var progress: ProgressJournal
+    public var authBlockBytes: [Int: [UInt8]]
+    public init(progress: ProgressJournal, authBlockBytes: [Int: [UInt8]]) { self.progress = progress; self.authBlockBytes = authBlockBytes }
+}
+
+/// What the receiver asks of its driver, in order.
+public enum ReceiverEvent: Sendable {
+    case joined(session: SessionID, manifest: Manifest)
+    /// Write these bytes (exact, unpadded) at `offset` of the object's staging file.
+    case store(object: ObjectID, block: Int, offset: UInt64, bytes: [UInt8])
+    /// Make every stored byte durable, then record this journal atomically.
+    case commit(ProgressJournal)
+    case completed
+    case failed(Status.Reason, String)
+}
+
+/// Step 1 as a sans-I/O state machine (Specs/protocol.md §5): datagrams and
+/// timeouts in, datagrams and storage events out. No clock, no socket, no disk.
+///
+/// ```
+/// listening ──ANNOUNCE verified──► receiving ──all blocks──► complete (STATUS until ACK)
+///     ▲                                │
+///     └── inactivity (not joined yet)  └── policy refused / CLOSE / timeout ──► failed
+/// ```
+public struct Receiver {
+    public let config: ReceiverConfig
+    public private(set) var counters = Counters()
+    private var rng: SeededRandom
+    private var phase: Phase = .listening
+    private var collector = EnvelopeCollector()
+    private var resume: ResumeState?
+    private var session: Session?
+    private var outgoing: [Transmit] = []
+    private var events: [ReceiverEvent] = []
+
+    enum Phase: Equatable { case listening, receiving, complete, failed }
+
+    public init(config: ReceiverConfig, resume: ResumeState? = nil) {
+        self.config = config
+        self.rng = SeededRandom(seed: config.seed)
+        self.resume = resume
+    }
+
+    // MARK: Queries
+
+    public var isComplete: Bool { phase == .complete }
+    public var isFailed: Bool { phase == .failed }
+    public var isFinished: Bool { (phase == .complete || phase == .failed) && (session?.finalAcknowledged ?? true) }
+    public var manifest: Manifest? { session?.manifest.manifest }
+    public var blocksDone: Int { session?.payload.doneCount ?? 0 }
+    public var nacksSent: Int { session?.nacksSent ?? 0 }
+    public var failure: (Status.Reason, String)? { failureInfo }
+    private var failureInfo: (Status.Reason, String)?
+
+    /// The earliest instant at which `handleTimeout` has something to do.
+    public var nextDeadline: Instant? {
+        guard let s = session else { return nil }
+        return [s.nackDue, s.statusDue, s.inactivityDeadline].compactMap { $0 }.min()
+    }
+
+    // MARK: Polling
+
+    public mutating func pollTransmit() -> Transmit? { outgoing.isEmpty ? nil : outgoing.removeFirst() }
+    public mutating func pollEvent() -> ReceiverEvent? { events.isEmpty ? nil : events.removeFirst() }
+
+    // MARK: Events in
+
+    public mutating func handleDatagram(_ bytes: [UInt8], at now: Instant) {
+        let datagram: Datagram
+        do { datagram = try Datagram(parsing: bytes) } catch {
+            counters.add("dropped.parse.\(error.code.rawValue)")
+            return
+        }
+        if let id = session?.id {
+            guard datagram.sessionID == id else {
+                counters.add("dropped.otherSession")
+                // A new session may carry the same bundle (the sender restarted): accept its announce below.
+                if case .announce(let a) = datagram, phase == .receiving { handleAnnounce(a, at: now) }
+                return
+            }
+            if phase == .receiving { session!.inactivityDeadline = now + config.inactivityTimeout }
+        }
+        if session == nil, datagram.kind == .data || datagram.kind == .poll {
+            requestAnnounce(datagram.sessionID, at: now)
+        }
+        switch datagram {
+        case .announce(let a): handleAnnounce(a, at: now)
+        case .data(let d): handleData(d, at: now)
+        case .poll(let p): handlePoll(p, at: now)
+        case .close(let c): handleClose(c, at: now)
+        case .ack(let a): handleAck(a)
+        case .register, .nack, .status: counters.add("dropped.feedbackFromPeer")
+        }
+    }
+
+    public mutating func handleTimeout(at now: Instant) {
+        guard var s = session else { return }
+        session = nil  // own it while mutating: no copy-on-write of the block buffers
+        if let due = s.nackDue, due <= now {
+            s.nackDue = nil
+            sendNacks(&s, at: now)
+        }
+        if let due = s.statusDue, due <= now { sendStatus(&s, at: now) }
+        let inactive = s.inactivityDeadline.map { $0 <= now } ?? false
+        if phase != .receiving { s.inactivityDeadline = nil }
+        session = s
+        if inactive && phase == .receiving {
+            fail(.timedOut, "no datagram from the sender for \(config.inactivityTimeout.seconds) s", at: now)
+        }
+    }
+
+    // MARK: Announce and join
+
+    /// Specs/protocol.md P-3a: traffic of a session whose announce this receiver
+    /// missed. It says hello (REGISTER) so that the sender announces again and
+    /// waits for it; at most once per `statusInterval`.
+    private mutating func requestAnnounce(_ id: SessionID, at now: Instant) {
+        if let last = lastHello, now < last + config.statusInterval { return }
+        lastHello = now
+        counters.add("hello")
+        send(.register(Register(session: id, receiver: config.receiverID, installedSequence: config.device.installedSequence ?? 0,
+                                deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
+                                version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!)))
+    }
+
+    private var lastHello: Instant?
+
+    private mutating func handleAnnounce(_ a: Announce, at now: Instant) {
+        if let s = session {
+            // Same session: refresh timing. Another session of the same bundle: switch to it (sender restart).
+            if a.session == s.id {
+                session!.grtt = Interval(microseconds: UInt64(a.grttMicroseconds))
+                session!.groupSize = Int(a.groupSize)
+                return
+            }
+            guard phase == .receiving else { return }
+        }
+        guard let envelope = collector.add(a) else { return }
+        if let told = refusedEnvelopes[SHA256.hash(envelope)], told >= config.statusRepeatMax { counters.add("dropped.announce.refusedBefore"); return }
+        if var s = session {
+            if envelope == s.envelope {
+                s.id = a.session
+                s.inactivityDeadline = now + config.inactivityTimeout
+                session = s
+                counters.add("session.switched")
+            }
+            return
+        }
+        let verified: VerifiedManifest
+        do {
+            verified = try ManifestVerifier.verify(envelope: envelope, trust: config.trust, device: config.device)
+        } catch {
+            switch error.code {
+            case .expired: refuse(.expired, error, a, envelope, at: now)
+            case .incompatibleHardware: refuse(.incompatibleHardware, error, a, envelope, at: now)
+            case .rollback: refuse(.rollback, error, a, envelope, at: now)
+            default:
+                // Forged or corrupt: keep listening for a genuine announce (Specs/protocol.md P-4).
+                counters.add("dropped.announce.\(error.code.rawValue)")
+            }
+            return
+        }
+        join(a, envelope: envelope, verified: verified, at: now)
+    }
+
+    /// Specs/protocol.md P-4: a validly signed announce the device must refuse (expired,
+    /// other hardware, rollback). It may be a replay of an old session, so the receiver
+    /// keeps listening; it tells that session's sender why, a bounded number of times.
+    private mutating func refuse(_ reason: Status.Reason, _ error: BundleError, _ a: Announce, _ envelope: [UInt8], at now: Instant) {
+        counters.add("refused.\(error.code.rawValue)")
+        lastRefusal = (reason, error.reason)
+        let key = SHA256.hash(envelope)
+        let told = refusedEnvelopes[key, default: 0]
+        guard told < config.statusRepeatMax else { return }
+        if refusedEnvelopes[key] == nil && refusedEnvelopes.count >= Self.refusedEnvelopeCountMax { refusedEnvelopes.removeAll() }
+        refusedEnvelopes[key] = told + 1
+        guard !a.carousel else { return }
+        send(.status(Status(session: a.session, receiver: config.receiverID, state: .failed, reason: reason,
+                            blocksDone: 0, blocksTotal: 0, bytesReceived: 0, nacksSent: 0)))
+    }
+
+    /// Refused envelopes remembered, so a repeated announce is not verified and answered forever.
+    static let refusedEnvelopeCountMax = 8
+    private var refusedEnvelopes: [[UInt8]: Int] = [:]
+    /// The last validly signed announce this device refused, and why.
+    public private(set) var lastRefusal: (Status.Reason, String)?
+
+    private mutating func join(_ a: Announce, envelope: [UInt8], verified: VerifiedManifest, at now: Instant) {
+        var s = Session(id: a.session, envelope: envelope, announce: a, now: now, config: config, carousel: a.carousel)
+        s.attach(verified)
+        phase = .receiving
+        events.append(.joined(session: a.session, manifest: verified.manifest))
+        counters.add("joined")
+        session = s
+        if let r = resume, r.progress.envelope == envelope {
+            // Specs/protocol.md P-20: journalled blocks are durable; do not ask for them again.
+            for (b, bytes) in r.authBlockBytes.sorted(by: { $0.key < $1.key }) where r.progress.authBlocks.contains(b) {
+                session!.markAuthBlock(b, bytes: bytes)
+            }
+            session!.advanceSegments(counters: &counters)
+            for b in r.progress.payloadBlocks where b < session!.payload.layout.blockCount && !session!.payload.done[b] {
+                session!.payload.markDone(b)
+                session!.committedPayload.insert(b)
+            }
+            session!.committedAuth = Set(r.progress.authBlocks)
+            counters.add("resumed.payloadBlocks", UInt64(r.progress.payloadBlocks.count))
+        }
+        resume = nil
+        if !s.carousel {
+            send(.register(Register(session: a.session, receiver: config.receiverID, installedSequence: config.device.installedSequence ?? 0,
+                                    deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
+                                    version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!)))
+        }
+        checkComplete(at: now)
+    }
+
+    // MARK: Data
+
+    private mutating func handleData(_ d: DataSymbol, at now: Instant) {
+        guard phase == .receiving, var s = session, s.manifest != nil else {
+            counters.add("dropped.dataNotReceiving")
+            return
+        }
+        session = nil  // take ownership while mutating (avoids a copy of the block buffers)
+        defer { session = s }
+        s.bytesReceived += UInt64(d.symbol.count + DataSymbol.headerByteCount)
+        let profile: TransportProfile = s.profile
+        guard d.symbol.count == profile.symbolSize else { counters.add("dropped.data.symbolSize"); return }
+        let layout = d.object == .payload ? s.payload.layout : s.auth.layout
+        let b = Int(d.block), i = Int(d.symbolIndex)
+        guard b < layout.blockCount else { counters.add("dropped.data.blockRange"); return }
+        guard i < layout.symbolCount(b) else { counters.add("dropped.data.symbolRange"); return }
+        s.observeFrontier(object: d.object, block: b)
+        if s.frontierAdvanced { s.frontierAdvanced = false; scheduleNack(&s, at: now) }
+
+        if d.object == .payload {
+            let segment = b / s.layout!.blocksPerSegment
+            guard let seg = s.segments[segment] else {
+                // Specs/protocol.md P-5: never decode an unauthenticated symbol; hold a bounded few.
+                if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
+                else { counters.add("dropped.data.unauthenticatedBufferFull") }
+                return
+            }
+            let tag = d.symbol.withUnsafeBytes { BlockAuthentication.tag(block: b, symbol: i, bytes: $0) }
+            guard tag[...] == seg.tag(block: b, symbol: i) else { counters.add("dropped.data.badTag"); return }
+        }
+        accept(&s, object: d.object, block: b, index: i, symbol: d.symbol, at: now)
+        // A segment may have just verified: the held symbols of its blocks can now be checked.
+        if s.segmentsAdvanced {
+            s.segmentsAdvanced = false
+            let held = s.pendingSymbols
+            s.pendingSymbols.removeAll()
+            for p in held {
+                let pb = Int(p.block), pi = Int(p.symbolIndex)
+                guard let seg = s.segments[pb / s.layout!.blocksPerSegment] else { s.pendingSymbols.append(p); continue }
+                let tag = p.symbol.withUnsafeBytes { BlockAuthentication.tag(block: pb, symbol: pi, bytes: $0) }
+                guard tag[...] == seg.tag(block: pb, symbol: pi) else { counters.add("dropped.data.badTag"); continue }
+                accept(&s, object: .payload, block: pb, index: pi, symbol: p.symbol, at: now)
+            }
+        }
+    }
+
+    private mutating func accept(_ s: inout Session, object: ObjectID, block b: Int, index i: Int, symbol: [UInt8], at now: Instant) {
+        let limit = config.blocksInFlightMax
+        let symbolSize = s.profile.symbolSize
+        // Mutate the object's state in place: a copy would copy every partial block's buffer.
+        let outcome: AcceptOutcome = object == .payload
+            ? Self.add(&s.payload!, block: b, index: i, symbol: symbol, limit: limit, symbolSize: symbolSize)
+            : Self.add(&s.auth!, block: b, index: i, symbol: symbol, limit: limit, symbolSize: symbolSize)
+        let partial: PartialBlock
+        switch outcome {
+        case .blockDone: counters.add("dropped.data.blockDone"); return
+        case .tooManyBlocks: counters.add("dropped.data.blocksInFlight"); return
+        case .duplicate: counters.add("dropped.data.duplicate"); return
+        case .held: counters.add(object == .payload ? "accepted.payload" : "accepted.auth"); return
+        case .decodable(let p):
+            counters.add(object == .payload ? "accepted.payload" : "accepted.auth")
+            partial = p
+        }
+        let state: ObjectState = object == .payload ? s.payload : s.auth
+        let padded = partial.decode(codec: s.codec(k: partial.k))
+        let range = state.layout.geometry.byteRange(ofBlock: b)
+        let exact = Array(padded.prefix(range.count))
+        if object == .payload {
+            // Specs/bundle.md B-14: a decoded block must match its hash before staging.
+            let seg = s.segments[b / s.layout!.blocksPerSegment]!
+            let hash = padded.withUnsafeBytes { BlockAuthentication.blockHash(block: b, paddedSource: $0) }
+            guard hash[...] == seg.blockHash(b) else {
+                counters.add("blockHashFailures")
+                return
+            }
+            s.payload.markDone(b)
+            counters.add("blocks.payload")
+            events.append(.store(object: .payload, block: b, offset: range.lowerBound, bytes: exact))
+            s.uncommitted += 1
+            maybeCommit(&s, force: false)
+            checkCompleteInline(&s, at: now)
+        } else {
+            counters.add("blocks.auth")
+            s.markAuthBlock(b, bytes: exact)
+            events.append(.store(object: .authChain, block: b, offset: range.lowerBound, bytes: exact))
+            s.uncommitted += 1
+            s.advanceSegments(counters: &counters)
+        }
+    }
+
+    private mutating func maybeCommit(_ s: inout Session, force: Bool) {
+        guard s.uncommitted > 0, force || s.uncommitted >= config.commitBlockCount else { return }
+        let auth = (0..<s.auth.layout.blockCount).filter { s.auth.done[$0] && s.authBlockVerified($0) }
+        let payload = (0..<s.payload.layout.blockCount).filter { s.payload.done[$0] }
+        events.append(.commit(ProgressJournal(envelope: s.envelope, authBlocks: auth, payloadBlocks: payload)))
+        s.uncommitted = 0
+    }
+
+    private mutating func checkComplete(at now: Instant) {
+        guard var s = session else { return }
+        checkCompleteInline(&s, at: now)
+        session = s
+    }
+
+    private mutating func checkCompleteInline(_ s: inout Session, at now: Instant) {
+        guard phase == .receiving, s.payload.doneCount == s.payload.layout.blockCount else { return }
+        maybeCommit(&s, force: true)
+        phase = .complete
+        events.append(.completed)
+        s.nackDue = nil
+        s.pendingSymbols.removeAll()
+        s.payload.partial.removeAll()
+        s.auth.partial.removeAll()
+        s.finalAcknowledged = s.carousel
+        s.statusDue = s.carousel ? nil : now
+        s.inactivityDeadline = nil
+    }
+
+    // MARK: Poll, close, ack
+
+    private mutating func handlePoll(_ p: Poll, at now: Instant) {
+        guard phase == .receiving, var s = session, !s.carousel else { return }
+        session = nil
+        s.grtt = Interval(microseconds: UInt64(p.grttMicroseconds))
+        s.groupSize = Int(p.groupSize)
+        if p.round > s.round {
+            s.round = p.round
+            s.nackedThisRound.removeAll()
+            s.nackDatagramsThisRound = 0
+            s.afterPoll = true
+        }
+        s.pollEcho = (p.sentAtMicroseconds, now)
+        scheduleNack(&s, at: now)
+        session = s
+    }
+
+    private mutating func handleClose(_ c: Close, at now: Instant) {
+        guard phase == .receiving else { return }
+        fail(.sessionClosed, "the sender closed the session (\(c.reason)) before every block arrived", at: now)
+    }
+
+    private mutating func handleAck(_ a: Ack) {
+        guard a.receiver == config.receiverID, var s = session else { return }
+        if (phase == .complete && a.state == .complete) || (phase == .failed && a.state == .failed) {
+            s.finalAcknowledged = true
+            s.statusDue = nil
+        }
+        session = s
+    }
+
+    private mutating func fail(_ reason: Status.Reason, _ text: String, at now: Instant) {
+        guard phase != .failed && phase != .complete else { return }
+        phase = .failed
+        failureInfo = (reason, text)
+        events.append(.failed(reason, text))
+        if var s = session {
+            session = nil
+            s.nackDue = nil
+            s.inactivityDeadline = nil
+            s.finalAcknowledged = s.carousel
+            s.statusDue = s.carousel ? nil : now
+            s.failureReason = reason
+            s.pendingSymbols.removeAll()
+            session = s
+        }
+    }
+
+    // MARK: Feedback
+
+    private mutating func scheduleNack(_ s: inout Session, at now: Instant) {
+        guard !s.carousel, phase == .receiving, s.nackDue == nil, s.manifest != nil,
+              s.nackDatagramsThisRound < config.nackDatagramsPerRoundMax, s.hasNackableBlocks else { return }
+        let maxDelay = s.grtt * config.backoffGRTTs
+        s.nackDue = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
+    }
+
+    /// Specs/protocol.md P-17..P-19: recompute needs at fire time; what repair filled is not asked for.
+    private mutating func sendNacks(_ s: inout Session, at now: Instant) {
+        guard phase == .receiving else { return }
+        var entries: [Nack.Entry] = []
+        var datagrams: [Nack] = []
+        func flush() {
+            guard !entries.isEmpty else { return }
+            let hold = s.pollEcho.map { now - $0.1 }?.microseconds ?? 0
+            datagrams.append(Nack(session: s.id, receiver: config.receiverID, round: s.round,
+                                  echoedSentAtMicroseconds: s.pollEcho?.0 ?? 0, holdMicroseconds: UInt32(min(hold, UInt64(UInt32.max))),
+                                  entries: entries))
+            entries = []
+        }
+        let budget = config.nackDatagramsPerRoundMax - s.nackDatagramsThisRound
+        outer: for object in [ObjectID.authChain, .payload] {
+            let state: ObjectState = object == .payload ? s.payload : s.auth
+            for b in 0..<state.layout.blockCount where !state.done[b] && s.isPassed(object: object, block: b) {
+                let key = BlockKey(object: object, block: b)
+                guard !s.nackedThisRound.contains(key) else { continue }
+                let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0)
+                guard needed > 0 else { continue }
+                entries.append(Nack.Entry(object: object, block: UInt32(b), needed: UInt8(min(needed, 255))))
+                s.nackedThisRound.insert(key)
+                if entries.count == Nack.entryCountMax {
+                    flush()
+                    if datagrams.count == budget { break outer }
+                }
+            }
+        }
+        flush()
+        if datagrams.isEmpty { counters.add("nack.cancelled") }
+        for n in datagrams {
+            send(.nack(n))
+            s.nacksSent += 1
+            s.nackDatagramsThisRound += 1
+            counters.add("nack.entries", UInt64(n.entries.count))
+        }
+    }
+
+    private mutating func sendStatus(_ s: inout Session, at now: Instant) {
+        let state: Status.State = switch phase {
+        case .complete: .complete
+        case .failed: .failed
+        case .listening, .receiving: .receiving
+        }
+        send(.status(Status(session: s.id, receiver: config.receiverID, state: state, reason: state == .failed ? (s.failureReason ?? .storage) : .none,
+                            blocksDone: UInt32(s.payload.doneCount), blocksTotal: UInt32(s.payload.layout.blockCount),
+                            bytesReceived: s.bytesReceived, nacksSent: UInt32(s.nacksSent))))
+        if state == .receiving {
+            s.statusDue = now + config.statusInterval
+        } else {
+            s.finalStatusCount += 1
+            s.statusDue = s.finalStatusCount < config.statusRepeatMax ? now + config.statusInterval : nil
+            if s.statusDue == nil { s.finalAcknowledged = true }  // bounded: give up waiting for the ACK
+        }
+    }
+
+    private mutating func send(_ d: Datagram) {
+        outgoing.append(Transmit(destination: .sender, bytes: d.encoded()))
+        counters.add("sent.\(d.kind)")
+    }
+}
+
+enum AcceptOutcome {
+    case blockDone, tooManyBlocks, duplicate, held
+    case decodable(PartialBlock)
+}
+
+extension Receiver {
+    /// Adds a symbol to its block's partial state, in place.
+    static func add(_ state: inout ObjectState, block b: Int, index i: Int, symbol: [UInt8], limit: Int, symbolSize: Int) -> AcceptOutcome {
+        guard !state.done[b] else { return .blockDone }
+        if state.partial[b] == nil {
+            guard state.partial.count < limit else { return .tooManyBlocks }
+            state.partial[b] = PartialBlock(k: state.layout.sourceSymbols(b), symbolCount: state.layout.symbolCount(b), symbolSize: symbolSize)
+        }
+        guard state.partial[b]!.add(index: i, symbol: symbol) else { return .duplicate }
+        guard state.partial[b]!.isDecodable else { return .held }
+        return .decodable(state.partial.removeValue(forKey: b)!)
+    }
+}
+
+struct BlockKey: Hashable {
+    var object: ObjectID
+    var block: Int
+}
+
+/// Collects ANNOUNCE fragments into an envelope (Specs/protocol.md P-3).
+struct EnvelopeCollector {
+    private var length: UInt32 = 0
+    private var count: UInt16 = 0
+    private var fragments: [UInt16: [UInt8]] = [:]
+
+    mutating func add(_ a: Announce) -> [UInt8]? {
+        guard Int(a.envelopeLength) <= BundleLimits.envelopeByteCountMax else { return nil }
+        if a.envelopeLength != length || a.fragmentCount != count {
+            length = a.envelopeLength
+            count = a.fragmentCount
+            fragments = [:]
+        }
+        fragments[a.fragmentIndex] = a.fragment
+        guard fragments.count == Int(count) else { return nil }
+        let envelope = (0..<count).flatMap { fragments[$0]! }
+        fragments = [:]
+        return envelope.count == Int(length) ? envelope : nil
+    }
+}
+
+/// The symbols held for one incomplete block (Specs/protocol.md P-14).
+struct PartialBlock {
+    let k: Int
+    let symbolSize: Int
+    var source: [UInt8]
+    var seen: [Bool]
+    var presentSources: [Bool]
+    var repairs: [(index: Int, bytes: [UInt8])] = []
+    private(set) var count = 0
+
+    init(k: Int, symbolCount: Int, symbolSize: Int) {
+        self.k = k
+        self.symbolSize = symbolSize
+        source = [UInt8](repeating: 0, count: k * symbolSize)
+        seen = [Bool](repeating: false, count: symbolCount)
+        presentSources = [Bool](repeating: false, count: k)
+    }
+
+    var isDecodable: Bool { count >= k }
+
+    /// Adds a symbol; false if it was already held.
+    mutating func add(index: Int, symbol: [UInt8]) -> Bool {
+        guard !seen[index] else { return false }
+        seen[index] = true
+        count += 1
+        if index < k {
+            presentSources[index] = true
+            source.withUnsafeMutableBytes { s in symbol.withUnsafeBytes { s.baseAddress!.advanced(by: index * symbolSize).copyMemory(from: $0.baseAddress!, byteCount: symbolSize) } }
+        } else {
+            repairs.append((index, symbol))
+        }
+        return true
+    }
+
+    /// The k padded source symbols, rebuilding the lost ones.
+    func decode(codec: ReedSolomonCodec) -> [UInt8] {
+        guard presentSources.contains(false) else { return source }
+        var block = source
+        let lost = presentSources.filter { !$0 }.count
+        let used = Array(repairs.prefix(lost))
+        var packed = [UInt8]()
+        packed.reserveCapacity(used.count * symbolSize)
+        for r in used { packed += r.bytes }
+        packed.withUnsafeBytes { p in
+            let list = used.enumerated().map { (index: $0.element.index, bytes: UnsafeRawBufferPointer(rebasing: p[($0.offset * symbolSize)..<(($0.offset + 1) * symbolSize)])) }
+            block.withUnsafeMutableBytes { b in
+                try! codec.reconstruct(block: b, symbolSize: symbolSize, presentSources: presentSources, repairs: list)
+            }
+        }
+        return block
+    }
+}
+
+/// Per-object block bitmaps and partial blocks.
+struct ObjectState {
+    let layout: ObjectLayout
+    var done: [Bool]
+    private(set) var doneCount = 0
+    var partial: [Int: PartialBlock] = [:]
+
+    init(layout: ObjectLayout) {
+        self.layout = layout
+        done = [Bool](repeating: false, count: layout.blockCount)
+    }
+
+    mutating func markDone(_ b: Int) {
+        guard !done[b] else { return }
+        done[b] = true
+        doneCount += 1
+        partial[b] = nil
+    }
+
+    mutating func clear(_ b: Int) {
+        if done[b] { done[b] = false; doneCount -= 1 }
+        partial[b] = nil
+    }
+}
+
+/// Everything a receiver knows about the session it joined.
+struct Session {
+    var id: SessionID
+    let envelope: [UInt8]
+    var carousel: Bool
+    var grtt: Interval
+    var groupSize: Int
+    let interleaveWindow: Int
+    var manifest: VerifiedManifest!
+    var layout: AuthChainLayout?
+    var profile: TransportProfile!
+    var payload: ObjectState!
+    var auth: ObjectState!
+    var codecs: [Int: ReedSolomonCodec] = [:]
+    var authBytes: [Int: [UInt8]] = [:]
+    var segments: [Int: AuthSegment] = [:]
+    var nextSegment = 0
+    var expectedSegmentHash: [UInt8] = []
+    var segmentsAdvanced = false
+    var pendingSymbols: [DataSymbol] = []
+    var committedPayload: Set<Int> = []
+    var committedAuth: Set<Int> = []
+    var uncommitted = 0
+    // Feedback state.
+    var round: UInt32 = 0
+    var afterPoll = false
+    var frontier = (object: UInt8(0), window: -1)
+    var frontierAdvanced = false
+    var nackedThisRound: Set<BlockKey> = []
+    var nackDatagramsThisRound = 0
+    var nackDue: Instant?
+    var pollEcho: (UInt64, Instant)?
+    var nacksSent = 0
+    var bytesReceived: UInt64 = 0
+    var statusDue: Instant?
+    var inactivityDeadline: Instant?
+    var finalStatusCount = 0
+    var finalAcknowledged = false
+    var failureReason: Status.Reason?
+
+    init(id: SessionID, envelope: [UInt8], announce a: Announce, now: Instant, config: ReceiverConfig, carousel: Bool) {
+        self.id = id
+        self.envelope = envelope
+        self.carousel = carousel
+        grtt = Interval(microseconds: UInt64(max(a.grttMicroseconds, 100)))
+        groupSize = Int(max(a.groupSize, 1))
+        interleaveWindow = Int(a.interleaveWindow)
+        inactivityDeadline = now + config.inactivityTimeout
+        statusDue = carousel ? nil : now + config.statusInterval
+    }
+
+    mutating func attach(_ verified: VerifiedManifest) {
+        manifest = verified
+        let m = verified.manifest
+        profile = m.transport
+        payload = ObjectState(layout: ObjectLayout(object: .payload, size: m.payload.size, profile: m.transport))
+        auth = ObjectState(layout: ObjectLayout(object: .authChain, size: m.authentication.size, profile: m.transport))
+        layout = AuthChainLayout(geometry: payload.layout.geometry, blocksPerSegment: m.authentication.blocksPerSegment)
+        expectedSegmentHash = m.authentication.head
+    }
+
+    mutating func codec(k: Int) -> ReedSolomonCodec {
+        if let c = codecs[k] { return c }
+        let c = try! ReedSolomonCodec(sourceCount: k)
+        codecs[k] = c
+        return c
+    }
+
+    mutating func markAuthBlock(_ b: Int, bytes: [UInt8]) {
+        auth.markDone(b)
+        authBytes[b] = bytes
+    }
+
+    /// Auth-chain blocks covering byte range `r` of the chain.
+    func authBlocks(covering r: Range<UInt64>) -> ClosedRange<Int> {
+        let blockBytes = UInt64(profile.blockByteCount)
+        return Int(r.lowerBound / blockBytes)...Int((r.upperBound - 1) / blockBytes)
+    }
+
+    func authBlockVerified(_ b: Int) -> Bool {
+        // A block is verified once every segment it touches is.
+        let blockBytes = UInt64(profile.blockByteCount)
+        let end = min(UInt64(b + 1) * blockBytes, manifest.manifest.authentication.size)
+        guard let layout else { return false }
+        return end <= layout.segmentOffset(nextSegment)
+    }
+
+    /// Specs/protocol.md P-16, Specs/bundle.md B-13: authenticate segments in order.
+    mutating func advanceSegments(counters: inout Counters) {
+        guard let layout else { return }
+        while nextSegment < layout.segmentCount {
+            let j = nextSegment
+            let range = layout.segmentOffset(j)..<(layout.segmentOffset(j) + UInt64(layout.segmentSize(j)))
+            let blocks = authBlocks(covering: range)
+            guard blocks.allSatisfy({ auth.done[$0] && authBytes[$0] != nil }) else { return }
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(range.count)
+            let blockBytes = UInt64(profile.blockByteCount)
+            for b in blocks {
+                let start = UInt64(b) * blockBytes
+                let data = authBytes[b]!
+                let lo = Int(max(range.lowerBound, start) - start), hi = Int(min(range.upperBound, start + UInt64(data.count)) - start)
+                bytes += data[lo..<hi]
+            }
+            guard bytes.count == range.count, SHA256.hash(bytes) == expectedSegmentHash,
+                  let segment = try? AuthSegment(parsing: bytes, index: j, layout: layout) else {
+                counters.add("segmentFailures")
+                for b in blocks { auth.clear(b); authBytes[b] = nil }
+                return
+            }
+            segments[j] = segment
+            expectedSegmentHash = segment.nextHash
+            nextSegment += 1
+            segmentsAdvanced = true
+            // Free chain bytes no later segment needs.
+            let keepFrom = nextSegment < layout.segmentCount ? layout.segmentOffset(nextSegment) / blockBytes : UInt64.max
+            for b in authBytes.keys where UInt64(b) < keepFrom { authBytes[b] = nil }
+            counters.add("segments.verified")
+        }
+    }
+
+    mutating func observeFrontier(object: ObjectID, block: Int) {
+        let position = (object.rawValue, block / interleaveWindow)
+        if position.0 > frontier.object || (position.0 == frontier.object && position.1 > frontier.window) {
+            frontier = (position.0, position.1)
+            frontierAdvanced = true
+        }
+    }
+
+    /// Has the sender moved past this block in the current pass?
+    func isPassed(object: ObjectID, block: Int) -> Bool {
+        if afterPoll { return true }
+        return (object.rawValue, block / interleaveWindow) < (frontier.object, frontier.window)
+    }
+
+    var hasNackableBlocks: Bool {
+        for object in [ObjectID.authChain, .payload] {
+            let state = object == .payload ? payload! : auth!
+            for b in 0..<state.layout.blockCount where !state.done[b] && isPassed(object: object, block: b)
+                && !nackedThisRound.contains(BlockKey(object: object, block: b)) {
+                return true
+            }
+        }
+        return false
+    }
+}

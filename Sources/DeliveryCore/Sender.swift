@@ -1,0 +1,504 @@
+import ErasureCoding
+import UpdateBundle
+import WireFormat
+
+/// Where the sender reads the bytes of the two objects. A file-backed source
+/// serves the real tool; an in-memory one serves the simulator.
+public protocol ObjectSource {
+    func read(object: ObjectID, range: Range<UInt64>) -> [UInt8]
+}
+
+/// Both objects held in memory.
+public struct InMemoryObjects: ObjectSource, Sendable {
+    public let authChain: [UInt8]
+    public let payload: [UInt8]
+    public init(authChain: [UInt8], payload: [UInt8]) { self.authChain = authChain; self.payload = payload }
+    public func read(object: ObjectID, range: Range<UInt64>) -> [UInt8] {
+        let bytes = object == .payload ? payload : authChain
+        return Array(bytes[Int(range.lowerBound)..<Int(range.upperBound)])
+    }
+}
+
+/// How a sender behaves; every limit has a name and a default (Specs/protocol.md §6).
+public struct SenderConfig: Sendable {
+    public var session: SessionID
+    /// Bytes per second on the wire (UDP payload plus 28 bytes of IPv4/UDP header).
+    public var rateBytesPerSecond: Double
+    public var burstDatagramCount = 16
+    public var repairShareMax = 0.5
+    public var proactiveRepairFraction = 0.05
+    public var interleaveWindow = 8
+    public var grttInitial = Interval.milliseconds(10)
+    public var grttMin = Interval(microseconds: 500)
+    public var grttMax = Interval.seconds(1)
+    /// Must match the receivers' backoff (they use `backoffGRTTs` x the announced GRTT).
+    public var backoffGRTTs = 4.0
+    public var nackWindowGRTTs = 2.0
+    public var idleRoundsMax = 5
+    public var announceInterval = Interval.seconds(1)
+    public var announceStartCopies = 3
+    /// The announce is also repeated after this many data datagrams.
+    public var announceEveryDataDatagrams = 256
+    /// Least time between announces sent early for receivers that missed one.
+    public var announceHoldoff = Interval.milliseconds(20)
+    public var receiverTableSizeMax = 4096
+    public var nackPerReceiverPerRoundMax = 16
+    public var closeRepeatCount = 3
+    public var carousel = false
+    /// Ends the session this long after the first transmission.
+    public var deadline: Interval?
+    /// If set, "all done" also needs this many registered receivers.
+    public var expectedReceivers: Int?
+    /// Encoded repair symbols kept per block, for blocks in the window and under repair.
+    public var blockCacheCountMax = 64
+
+    public init(session: SessionID, rateBytesPerSecond: Double) {
+        self.session = session
+        self.rateBytesPerSecond = rateBytesPerSecond
+    }
+}
+
+/// What the sender knows of one receiver (the fleet report's rows).
+public struct ReceiverRecord: Sendable {
+    public enum State: String, Sendable { case registered, receiving, complete, failed }
+    public let id: ReceiverID
+    public var deviceID: String?
+    public var versionBefore: String?
+    public var installedSequence: UInt64?
+    public var state: State = .registered
+    public var failureReason: Status.Reason?
+    public var blocksDone: UInt32 = 0
+    public var blocksTotal: UInt32 = 0
+    public var bytesReceived: UInt64 = 0
+    public var nacksReported: UInt32 = 0
+    public var nacksReceived = 0
+    public var nacksThisRound = 0
+    public var firstHeard: Instant
+    public var lastHeard: Instant
+    public var finishedAt: Instant?
+}
+
+/// Step B as a sans-I/O state machine (Specs/protocol.md §4).
+///
+/// ```
+/// first pass ──all source + proactive sent──► POLL r ─► collecting NACKs, sending repair
+///                                               ▲                 │
+///                                               └── window over ──┘ (idle round if no NACK)
+/// all registered done / idle rounds / deadline ──► CLOSE ×3 ──► finished
+/// ```
+public struct Sender {
+    public let config: SenderConfig
+    public let manifest: Manifest
+    private let envelope: [UInt8]
+    private let source: any ObjectSource
+    private let layouts: [ObjectLayout]  // [auth chain, payload]
+    public private(set) var counters = Counters()
+    public private(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
+
+    enum Phase: Equatable { case firstPass, repairRounds, carousel, closing, finished }
+    private var phase: Phase = .firstPass
+    public private(set) var round: UInt32 = 0
+    private var roundEnds: Instant?
+    private var nacksThisRound = 0
+    private var idleRounds = 0
+    private var closeReason: Close.Reason = .allDone
+    private var closesLeft = 0
+    private var startedAt: Instant?
+    private var grtt: Interval
+
+    // Rate control (Specs/protocol.md P-9).
+    private var tokens: Double
+    private var repairTokens: Double
+    private var lastRefill: Instant?
+    private let datagramWireBytes: Double
+
+    // First pass and carousel cursor.
+    private var passObject = 0
+    private var windowStart = 0
+    private var passSymbol = 0
+    private var passOffset = 0
+
+    // Repair (Specs/protocol.md P-8, P-11).
+    private var repairQueue: [BlockKey] = []
+    private var repairPending: [BlockKey: Int] = [:]
+    private var suppliedThisRound: [BlockKey: Int] = [:]
+    private var repairCursor: [BlockKey: Int] = [:]
+    private var cache: [BlockKey: EncodedBlock] = [:]
+    private var cacheOrder: [BlockKey] = []
+    private var codecs: [Int: ReedSolomonCodec] = [:]
+
+    private var control: [Transmit] = []
+    private var announceDue: Instant?
+    private var lastAnnounceAt: Instant?
+    private var nextAnnounceAtData: UInt64 = 0
+
+    public private(set) var bytesSent: [String: UInt64] = [:]
+
+    public init(config: SenderConfig, envelope: [UInt8], manifest: Manifest, source: any ObjectSource) {
+        precondition(config.rateBytesPerSecond > 0 && config.interleaveWindow >= 1)
+        self.config = config
+        self.envelope = envelope
+        self.manifest = manifest
+        self.source = source
+        layouts = [ObjectLayout(object: .authChain, size: manifest.authentication.size, profile: manifest.transport),
+                   ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
+        grtt = config.grttInitial
+        datagramWireBytes = Double(DataSymbol.headerByteCount + manifest.transport.symbolSize + 28)
+        tokens = Double(config.burstDatagramCount) * datagramWireBytes
+        repairTokens = tokens * config.repairShareMax
+    }
+
+    public var isFinished: Bool { phase == .finished }
+    public var roundWindow: Interval { grtt * (config.backoffGRTTs + config.nackWindowGRTTs) }
+    public var currentGRTT: Interval { grtt }
+    public var totalBlocks: Int { layouts[1].blockCount }
+
+    // MARK: Feedback in
+
+    public mutating func handleDatagram(_ bytes: [UInt8], at now: Instant) {
+        let datagram: Datagram
+        do { datagram = try Datagram(parsing: bytes) } catch {
+            counters.add("dropped.parse.\(error.code.rawValue)")
+            return
+        }
+        bytesSent["feedbackReceived", default: 0] += UInt64(bytes.count + 28)
+        guard datagram.sessionID == config.session else { counters.add("dropped.otherSession"); return }
+        switch datagram {
+        case .register(let r):
+            let isNew = receivers[r.receiver] == nil
+            guard var rec = record(r.receiver, at: now) else { return }
+            // Specs/protocol.md P-3a: a receiver that missed the announce gets one soon.
+            if isNew, phase != .closing, phase != .finished {
+                let soon = max(now, (lastAnnounceAt ?? now) + config.announceHoldoff)
+                if announceDue == nil || soon < announceDue! { announceDue = soon }
+            }
+            rec.deviceID = r.deviceID
+            rec.versionBefore = r.version
+            rec.installedSequence = r.installedSequence
+            receivers[r.receiver] = rec
+        case .nack(let n): handleNack(n, at: now)
+        case .status(let s): handleStatus(s, at: now)
+        case .announce, .data, .poll, .close, .ack: counters.add("dropped.fromSender")
+        }
+    }
+
+    private mutating func record(_ id: ReceiverID, at now: Instant) -> ReceiverRecord? {
+        if var r = receivers[id] {
+            r.lastHeard = now
+            return r
+        }
+        guard receivers.count < config.receiverTableSizeMax else { counters.add("dropped.receiverTableFull"); return nil }
+        counters.add("receivers.registered")
+        return ReceiverRecord(id: id, firstHeard: now, lastHeard: now)
+    }
+
+    private mutating func handleNack(_ n: Nack, at now: Instant) {
+        guard phase != .closing && phase != .finished, var rec = record(n.receiver, at: now) else { return }
+        rec.nacksReceived += 1
+        rec.nacksThisRound += 1
+        if rec.state == .registered { rec.state = .receiving }
+        receivers[n.receiver] = rec
+        guard rec.nacksThisRound <= config.nackPerReceiverPerRoundMax else { counters.add("dropped.nackRateLimited"); return }
+        counters.add("nacks")
+        nacksThisRound += 1
+        if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= now.microseconds {
+            let rtt = now.microseconds - n.echoedSentAtMicroseconds - min(UInt64(n.holdMicroseconds), now.microseconds - n.echoedSentAtMicroseconds)
+            updateGRTT(Interval(microseconds: rtt))
+        }
+        for e in n.entries {
+            let layout = layouts[e.object == .authChain ? 0 : 1]
+            let b = Int(e.block)
+            guard b < layout.blockCount else { counters.add("dropped.nackEntryRange"); continue }
+            let needed = min(Int(e.needed), layout.sourceSymbols(b))
+            let key = BlockKey(object: e.object, block: b)
+            let supplied = suppliedThisRound[key] ?? 0
+            guard needed > supplied else { counters.add("nackEntriesAlreadyServed"); continue }
+            suppliedThisRound[key] = needed
+            if repairPending[key] == nil { repairQueue.append(key) }
+            repairPending[key, default: 0] += needed - supplied
+            counters.add("repair.queued.round\(round)", UInt64(needed - supplied))
+        }
+    }
+
+    private mutating func updateGRTT(_ rtt: Interval) {
+        let clamped = min(max(rtt, config.grttMin), config.grttMax)
+        grtt = clamped > grtt ? clamped : Interval(microseconds: (grtt.microseconds * 15 + clamped.microseconds) / 16)
+    }
+
+    private mutating func handleStatus(_ s: Status, at now: Instant) {
+        guard var rec = record(s.receiver, at: now) else { return }
+        rec.blocksDone = s.blocksDone
+        rec.blocksTotal = s.blocksTotal
+        rec.bytesReceived = s.bytesReceived
+        rec.nacksReported = s.nacksSent
+        switch s.state {
+        case .receiving: if rec.state == .registered { rec.state = .receiving }
+        case .complete, .failed:
+            if rec.state != .complete && rec.state != .failed {
+                rec.state = s.state == .complete ? .complete : .failed
+                rec.failureReason = s.state == .failed ? s.reason : nil
+                rec.finishedAt = now
+                counters.add("receivers.\(rec.state.rawValue)")
+            }
+            control.append(Transmit(destination: .receiver(s.receiver), bytes: Datagram.ack(Ack(session: config.session, receiver: s.receiver, state: s.state)).encoded()))
+        }
+        receivers[s.receiver] = rec
+        checkAllDone(at: now)
+    }
+
+    private mutating func checkAllDone(at now: Instant) {
+        guard phase == .repairRounds, !receivers.isEmpty else { return }
+        if let expected = config.expectedReceivers, receivers.count < expected { return }
+        if receivers.values.allSatisfy({ $0.state == .complete || $0.state == .failed }) { startClosing(.allDone) }
+    }
+
+    private mutating func startClosing(_ reason: Close.Reason) {
+        guard phase != .closing && phase != .finished else { return }
+        phase = .closing
+        closeReason = reason
+        closesLeft = config.closeRepeatCount
+        counters.add("close.\(reason)")
+    }
+
+    // MARK: Time
+
+    public mutating func handleTimeout(at now: Instant) {
+        if startedAt == nil { startedAt = now }
+        if let d = config.deadline, let start = startedAt, now >= start + d, phase != .closing, phase != .finished {
+            startClosing(.deadline)
+        }
+        if phase == .repairRounds, let end = roundEnds, now >= end, repairQueue.isEmpty {
+            if nacksThisRound == 0 { idleRounds += 1 } else { idleRounds = 0 }
+            counters.add(nacksThisRound == 0 ? "rounds.idle" : "rounds.busy")
+            if idleRounds >= config.idleRoundsMax { startClosing(.idle); return }
+            startRound(at: now)
+        }
+    }
+
+    /// Specs/protocol.md P-10: POLL, then a NACK window.
+    private mutating func startRound(at now: Instant) {
+        round += 1
+        nacksThisRound = 0
+        suppliedThisRound.removeAll()
+        for id in receivers.keys { receivers[id]!.nacksThisRound = 0 }
+        roundEnds = now + roundWindow
+        // Receivers known only by their hello have not joined yet: announce again.
+        if receivers.values.contains(where: { $0.state == .registered }) { announceDue = now }
+        control.append(Transmit(destination: .group, bytes: Datagram.poll(Poll(
+            session: config.session, round: round, sentAtMicroseconds: max(now.microseconds, 1),
+            grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)))).encoded()))
+    }
+
+    /// When `handleTimeout` or `pollTransmit` next has work.
+    public func nextDeadline(at now: Instant) -> Instant? {
+        if phase == .finished { return nil }
+        var candidates: [Instant] = []
+        if let a = announceDue { candidates.append(a) }
+        if let d = config.deadline, let s = startedAt { candidates.append(s + d) }
+        if phase == .repairRounds, let end = roundEnds { candidates.append(end) }
+        if !control.isEmpty || hasDataReady {
+            let deficit = datagramWireBytes - tokens
+            candidates.append(deficit <= 0 ? now : now + Interval(microseconds: UInt64((deficit / config.rateBytesPerSecond * 1e6).rounded(.up))))
+        }
+        return candidates.min()
+    }
+
+    private var hasDataReady: Bool {
+        switch phase {
+        case .firstPass, .carousel, .closing: true
+        case .repairRounds: !repairQueue.isEmpty
+        case .finished: false
+        }
+    }
+
+    private mutating func refill(at now: Instant) {
+        if startedAt == nil { startedAt = now }
+        let capacity = Double(config.burstDatagramCount) * datagramWireBytes
+        if let last = lastRefill, now > last {
+            let earned = Double((now - last).microseconds) / 1e6 * config.rateBytesPerSecond
+            tokens = min(capacity, tokens + earned)
+            repairTokens = min(capacity * config.repairShareMax, repairTokens + earned * config.repairShareMax)
+        }
+        lastRefill = now
+    }
+
+    // MARK: Transmit
+
+    /// The next datagram to send now, or nil (then wait for `nextDeadline`).
+    public mutating func pollTransmit(at now: Instant) -> Transmit? {
+        refill(at: now)
+        let dataSent = (counters["sent.source"] + counters["sent.repair"])
+        if dataSent >= nextAnnounceAtData, phase != .closing, phase != .finished {
+            announceDue = now
+        }
+        if announceDue == nil || announceDue! <= now, phase != .closing, phase != .finished {
+            // The first announce goes out `announceStartCopies` times: a receiver that misses it
+            // would otherwise fetch everything late (Specs/protocol.md §3.1).
+            let copies = lastAnnounceAt == nil ? config.announceStartCopies : 1
+            nextAnnounceAtData = dataSent + UInt64(config.announceEveryDataDatagrams)
+            for _ in 0..<copies { for f in Announce.fragments(of: envelope) {
+                control.append(Transmit(destination: .group, bytes: Datagram.announce(Announce(
+                    session: config.session, carousel: config.carousel, rateKilobytesPerSecond: UInt32(min(config.rateBytesPerSecond / 1000, Double(UInt32.max))),
+                    grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)),
+                    interleaveWindow: UInt16(config.interleaveWindow), fragmentIndex: f.index, fragmentCount: f.count,
+                    envelopeLength: UInt32(envelope.count), fragment: f.bytes)).encoded()))
+            } }
+            announceDue = now + config.announceInterval
+            lastAnnounceAt = now
+            counters.add("announces")
+        }
+        if !control.isEmpty {
+            let t = control[0]
+            if t.destination == .group {
+                let cost = Double(t.bytes.count + 28)
+                guard tokens >= cost || tokens >= datagramWireBytes else { return nil }
+                tokens -= cost
+            }
+            control.removeFirst()
+            account("control", t)
+            return t
+        }
+        guard tokens >= datagramWireBytes else { return nil }
+        switch phase {
+        case .finished: return nil
+        case .closing:
+            guard closesLeft > 0 else { phase = .finished; return nil }
+            closesLeft -= 1
+            if closesLeft == 0 { phase = .finished }
+            return spend(Transmit(destination: .group, bytes: Datagram.close(Close(session: config.session, reason: closeReason)).encoded()), "control")
+        case .firstPass:
+            // Specs/protocol.md P-9: while source remains, repair takes at most its share.
+            if !repairQueue.isEmpty && repairTokens >= datagramWireBytes, let t = nextRepair() {
+                repairTokens -= datagramWireBytes
+                return spend(t, "repair")
+            }
+            if let t = nextFirstPassSymbol() { return spend(t, "source") }
+            if config.carousel {
+                phase = .carousel
+                passObject = 0; windowStart = 0; passSymbol = 0; passOffset = 0
+            } else {
+                phase = .repairRounds
+                startRound(at: now)
+            }
+            return pollTransmit(at: now)
+        case .repairRounds:
+            guard let t = nextRepair() else { return nil }
+            return spend(t, "repair")
+        case .carousel:
+            return spend(nextCarouselSymbol(), "repair")
+        }
+    }
+
+    private mutating func spend(_ t: Transmit, _ category: String) -> Transmit {
+        tokens -= Double(t.bytes.count + 28)
+        account(category, t)
+        return t
+    }
+
+    private mutating func account(_ category: String, _ t: Transmit) {
+        bytesSent[category, default: 0] += UInt64(t.bytes.count + 28)
+        counters.add("sent.\(category)")
+    }
+
+    /// Specs/protocol.md P-7: windows of W blocks, symbol by symbol across the window.
+    private mutating func nextFirstPassSymbol() -> Transmit? {
+        while passObject < 2 {
+            let layout = layouts[passObject]
+            let windowEnd = min(windowStart + config.interleaveWindow, layout.blockCount)
+            guard windowStart < layout.blockCount else { passObject += 1; windowStart = 0; passSymbol = 0; passOffset = 0; continue }
+            let widest = (windowStart..<windowEnd).map { firstPassCount(layout, $0) }.max() ?? 0
+            while passSymbol < widest {
+                while passOffset < windowEnd - windowStart {
+                    let b = windowStart + passOffset
+                    passOffset += 1
+                    guard passSymbol < firstPassCount(layout, b) else { continue }
+                    let k = layout.sourceSymbols(b)
+                    let index = passSymbol < k ? passSymbol : k + (passSymbol - k)
+                    if passSymbol >= k { repairCursor[BlockKey(object: layout.object, block: b), default: 0] += 1 }
+                    return dataTransmit(layout, block: b, index: index)
+                }
+                passOffset = 0
+                passSymbol += 1
+            }
+            windowStart = windowEnd
+            passSymbol = 0
+            passOffset = 0
+        }
+        return nil
+    }
+
+    private func firstPassCount(_ layout: ObjectLayout, _ b: Int) -> Int {
+        let k = layout.sourceSymbols(b)
+        let proactive = min(Int((Double(k) * config.proactiveRepairFraction).rounded(.up)), manifest.transport.repairSymbolsPerBlock)
+        return k + proactive
+    }
+
+    /// Specs/protocol.md §4.4: block by block, k_b fresh symbols each, pass after pass.
+    private mutating func nextCarouselSymbol() -> Transmit {
+        while true {
+            let layout = layouts[passObject]
+            if windowStart >= layout.blockCount { passObject = (passObject + 1) % 2; windowStart = 0; passSymbol = 0; continue }
+            let b = windowStart
+            if passSymbol >= layout.sourceSymbols(b) { windowStart += 1; passSymbol = 0; continue }
+            passSymbol += 1
+            return dataTransmit(layout, block: b, index: nextFreshIndex(BlockKey(object: layout.object, block: b)))
+        }
+    }
+
+    private mutating func nextRepair() -> Transmit? {
+        while let key = repairQueue.first {
+            let left = repairPending[key] ?? 0
+            if left <= 1 { repairQueue.removeFirst(); repairPending[key] = nil } else { repairPending[key] = left - 1 }
+            if left >= 1 {
+                return dataTransmit(layouts[key.object == .authChain ? 0 : 1], block: key.block, index: nextFreshIndex(key))
+            }
+        }
+        return nil
+    }
+
+    /// Specs/protocol.md P-8: k_b..k_b+R-1, then 0..k_b-1, then again.
+    private mutating func nextFreshIndex(_ key: BlockKey) -> Int {
+        let layout = layouts[key.object == .authChain ? 0 : 1]
+        let k = layout.sourceSymbols(key.block), r = manifest.transport.repairSymbolsPerBlock
+        let p = repairCursor[key, default: 0]
+        repairCursor[key] = p + 1
+        let q = p % (k + r)
+        return q < r ? k + q : q - r
+    }
+
+    private mutating func dataTransmit(_ layout: ObjectLayout, block b: Int, index: Int) -> Transmit {
+        let symbol = symbolBytes(layout, block: b, index: index)
+        return Transmit(destination: .group, bytes: Datagram.data(DataSymbol(session: config.session, object: layout.object, block: UInt32(b),
+                                                                              symbolIndex: UInt8(index), symbol: symbol)).encoded())
+    }
+
+    private mutating func symbolBytes(_ layout: ObjectLayout, block b: Int, index: Int) -> [UInt8] {
+        let key = BlockKey(object: layout.object, block: b)
+        let t = manifest.transport.symbolSize
+        let encoded: EncodedBlock
+        if let cached = cache[key] { encoded = cached } else {
+            let range = layout.geometry.byteRange(ofBlock: b)
+            let k = layout.sourceSymbols(b), r = manifest.transport.repairSymbolsPerBlock
+            var padded = source.read(object: layout.object, range: range)
+            padded += [UInt8](repeating: 0, count: k * t - padded.count)
+            var repairs = [UInt8](repeating: 0, count: r * t)
+            if r > 0 {
+                let codec = codecs[k] ?? (try! ReedSolomonCodec(sourceCount: k))
+                codecs[k] = codec
+                padded.withUnsafeBytes { p in repairs.withUnsafeMutableBytes { out in try! codec.encode(block: p, symbolSize: t, repairIndices: k..<(k + r), into: out) } }
+            }
+            encoded = EncodedBlock(k: k, source: padded, repairs: repairs)
+            if cacheOrder.count >= config.blockCacheCountMax { cache[cacheOrder.removeFirst()] = nil }
+            cache[key] = encoded
+            cacheOrder.append(key)
+        }
+        return index < encoded.k ? Array(encoded.source[(index * t)..<((index + 1) * t)])
+            : Array(encoded.repairs[((index - encoded.k) * t)..<((index - encoded.k + 1) * t)])
+    }
+}
+
+struct EncodedBlock {
+    let k: Int
+    let source: [UInt8]
+    let repairs: [UInt8]
+}

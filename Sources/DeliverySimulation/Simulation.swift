@@ -1,0 +1,401 @@
+import DeliveryCore
+import FleetCrypto
+import Foundation
+import SeededRandom
+import UpdateBundle
+import WireFormat
+
+/// A bundle built for simulation: packed once with a fixed key and seeded
+/// randomness, held in memory.
+public struct SimulationBundle: Sendable {
+    public let envelope: [UInt8]
+    public let manifest: Manifest
+    public let authChain: [UInt8]
+    public let payload: [UInt8]
+    public let trustedKey: PublicKey
+    public static let createdAt: UInt64 = 1_700_000_000
+    public static let hardwareID = "sim-board"
+
+    /// Packs `payloadBytes` of seeded bytes (stored, not compressed, so the payload has exactly that size).
+    public static func make(payloadBytes: Int, seed: UInt64, sequence: UInt64 = 10,
+                            profile: TransportProfile = .default, blocksPerSegment: Int = 64) throws -> SimulationBundle {
+        var rng = SeededRandom(seed: seed)
+        let key = try PrivateKey(raw: [UInt8](repeating: 7, count: 32), algorithm: .ed25519)
+        let dir = NSTemporaryDirectory() + "fleetcast-sim-\(getpid())-\(seed)-\(sequence)-\(payloadBytes)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let image = (0..<payloadBytes).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        FileManager.default.createFile(atPath: dir + "/image", contents: Data(image))
+        var request = PackRequest(productID: "sim", hardwareIDs: [hardwareID], version: "\(sequence).0", sequence: sequence,
+                                  createdAt: createdAt, expiresAt: createdAt + 10 * 365 * 86_400,
+                                  components: [.init(name: "image", path: dir + "/image", installTarget: "rootfs")], signingKeys: [key])
+        request.compression = .none
+        request.transport = profile
+        request.blocksPerSegment = blocksPerSegment
+        var packRNG = rng.split()
+        let manifest = try Packer.pack(request, to: dir + "/bundle", random: { n in (0..<n).map { _ in UInt8(truncatingIfNeeded: packRNG.next()) } })
+        let bundle = try UnverifiedBundle(path: dir + "/bundle")
+        let bytes = [UInt8](FileManager.default.contents(atPath: dir + "/bundle")!)
+        let payload = Array(bytes[Int(bundle.header.payloadOffset)..<Int(bundle.header.authOffset)])
+        let auth = Array(bytes[Int(bundle.header.authOffset)...])
+        return SimulationBundle(envelope: bundle.envelope, manifest: manifest, authChain: auth, payload: payload, trustedKey: key.publicKey)
+    }
+}
+
+/// One receiver's situation in a scenario.
+public struct ReceiverSpec: Sendable {
+    public var downlink: LinkModel
+    public var uplink: LinkModel
+    /// When the device starts listening.
+    public var joinAt = Interval(microseconds: 0)
+    /// Power cuts (staged but unjournalled data is lost), each followed by a restart after `restartDelay`.
+    public var powerLossAt: [Interval] = []
+    public var restartDelay = Interval.milliseconds(50)
+    public init(downlink: LinkModel = .init(), uplink: LinkModel = .init(), joinAt: Interval = .init(microseconds: 0), powerLossAt: [Interval] = []) {
+        self.downlink = downlink; self.uplink = uplink; self.joinAt = joinAt; self.powerLossAt = powerLossAt
+    }
+}
+
+/// Everything that defines a run. With the seed, it replays exactly.
+public struct Scenario: Sendable {
+    public var name: String
+    public var seed: UInt64
+    public var payloadBytes = 200_000
+    public var profile = TransportProfile.default
+    public var blocksPerSegment = 64
+    public var receivers: [ReceiverSpec]
+    public var rateBytesPerSecond = 50_000_000.0
+    public var proactiveRepairFraction = 0.05
+    public var carousel = false
+    public var deadline: Interval?
+    /// Forged DATA datagrams per second, sprayed at every receiver with the real session ID.
+    public var forgedDataPerSecond = 0.0
+    /// Replays a recorded older session (an older bundle, validly signed) at the receivers.
+    public var replayOldSession = false
+    public var timeLimit = Interval.seconds(120)
+    /// Stated bound: data wire bytes <= factor x minimum, the minimum being object bytes / (1 - worst loss).
+    public var wireFactorMax = 1.6
+    /// Stated bound: feedback bytes <= this fraction of data bytes.
+    public var feedbackFractionMax = 0.05
+
+    public init(name: String, seed: UInt64, receivers: [ReceiverSpec]) {
+        self.name = name; self.seed = seed; self.receivers = receivers
+    }
+
+    public var replayCommand: String {
+        "swift run -c release fleetcast simulate --scenario '\(name)' --seed \(seed)"
+    }
+}
+
+/// What a run produced, and which invariants it broke.
+public struct SimulationResult: Sendable, CustomStringConvertible {
+    public var scenario: String
+    public var seed: UInt64
+    public var receiverCount: Int
+    public var completed: [Bool]
+    public var completionTimes: [Interval?]
+    public var restarts = 0
+    /// Data-carrying bytes the sender multicast (source + repair), with headers.
+    public var dataWireBytes: UInt64 = 0
+    public var controlWireBytes: UInt64 = 0
+    public var feedbackWireBytes: UInt64 = 0
+    public var nackWireBytes: UInt64 = 0
+    /// Bytes of the two objects (payload and auth chain), without headers.
+    public var objectBytes: UInt64 = 0
+    public var payloadBytes: UInt64 = 0
+    public var worstLoss = 0.0
+    public var duration = Interval(microseconds: 0)
+    public var senderCounters = Counters()
+    public var receiverCounters = Counters()
+    public var violations: [String] = []
+    public var replayCommand = ""
+
+    /// The information-theoretic minimum: every object byte once per symbol header, over the worst surviving fraction.
+    public var idealWireBytes: Double {
+        Double(objectBytes) / (1 - worstLoss)
+    }
+    public var wireRatio: Double { Double(dataWireBytes) / Double(payloadBytes) }
+    public var nackRatio: Double { Double(nackWireBytes) / Double(payloadBytes) }
+
+    public var description: String {
+        let done = completed.filter { $0 }.count
+        var s = "\(scenario) seed=\(seed): \(done)/\(receiverCount) complete in \(String(format: "%.3f", duration.seconds)) s; "
+        s += "data \(dataWireBytes) B (\(String(format: "%.3f", Double(dataWireBytes) / idealWireBytes))x ideal), feedback \(feedbackWireBytes) B; restarts \(restarts)"
+        if !violations.isEmpty { s += "\n  VIOLATIONS:\n    " + violations.prefix(10).joined(separator: "\n    ") + "\n  replay: \(replayCommand)" }
+        return s
+    }
+}
+
+/// A deterministic discrete-event run of one sender and N receivers
+/// (Specs/protocol.md), on virtual time, with faults from the scenario and
+/// randomness from its seed. The production state machines run unchanged.
+public final class Simulation {
+    enum Event {
+        case senderWake
+        case deliverToReceiver(Int, [UInt8])
+        case deliverToSender(Int, [UInt8])
+        case receiverWake(Int)
+        case join(Int)
+        case powerLoss(Int)
+        case restart(Int)
+        case attack
+        case replay(Int)
+    }
+
+    /// A receiver's durable and volatile storage (Specs/protocol.md P-20).
+    struct Storage {
+        var journal: ProgressJournal?
+        var durableAuth: [Int: [UInt8]] = [:]
+        var volatileAuth: [Int: [UInt8]] = [:]
+        var storedPayloadBlocks = Set<Int>()
+    }
+
+    struct Node {
+        var spec: ReceiverSpec
+        var receiver: Receiver?
+        var down: LinkState
+        var up: LinkState
+        var storage = Storage()
+        var wake: Instant?
+        var completedAt: Instant?
+        var journalledAtRestart: Set<Int> = []
+        var incarnation = 0
+    }
+
+    public let scenario: Scenario
+    let bundle: SimulationBundle
+    let oldSession: [[UInt8]]
+    var rng: SeededRandom
+    var queue = EventQueue<Event>()
+    var now = Instant.zero
+    var sender: Sender
+    var senderWake: Instant?
+    var nodes: [Node]
+    var result: SimulationResult
+    let session: SessionID
+
+    public init(scenario: Scenario, bundle: SimulationBundle, oldSession: [[UInt8]] = []) {
+        self.scenario = scenario
+        self.bundle = bundle
+        self.oldSession = oldSession
+        rng = SeededRandom(seed: scenario.seed)
+        session = SessionID(UInt32(truncatingIfNeeded: rng.next()) | 1)
+        var config = SenderConfig(session: session, rateBytesPerSecond: scenario.rateBytesPerSecond)
+        config.proactiveRepairFraction = scenario.proactiveRepairFraction
+        config.carousel = scenario.carousel
+        config.deadline = scenario.deadline
+        config.grttInitial = Interval.milliseconds(2)
+        config.announceInterval = Interval.milliseconds(200)
+        sender = Sender(config: config, envelope: bundle.envelope, manifest: bundle.manifest,
+                        source: InMemoryObjects(authChain: bundle.authChain, payload: bundle.payload))
+        nodes = scenario.receivers.map { Node(spec: $0, down: LinkState(model: $0.downlink), up: LinkState(model: $0.uplink)) }
+        result = SimulationResult(scenario: scenario.name, seed: scenario.seed, receiverCount: scenario.receivers.count,
+                                  completed: [Bool](repeating: false, count: scenario.receivers.count),
+                                  completionTimes: [Interval?](repeating: nil, count: scenario.receivers.count))
+        result.replayCommand = scenario.replayCommand
+        result.payloadBytes = UInt64(bundle.payload.count)
+        result.objectBytes = UInt64(bundle.payload.count + bundle.authChain.count)
+        result.worstLoss = scenario.receivers.filter { !$0.downlink.isDead }.map { $0.downlink.loss.rate }.max() ?? 0
+    }
+
+    func receiverConfig(_ i: Int) -> ReceiverConfig {
+        var c = ReceiverConfig(receiverID: ReceiverID(UInt64(i + 1)), deviceID: "device-\(i)", installedVersion: "9.0",
+                               trust: TrustPolicy(trustedKeys: [bundle.trustedKey]),
+                               device: DevicePolicy(now: SimulationBundle.createdAt + 1, hardwareID: SimulationBundle.hardwareID, installedSequence: 9),
+                               seed: scenario.seed &+ UInt64(i) &* 0x9E37_79B9 &+ UInt64(nodes[i].incarnation) << 48)
+        c.commitBlockCount = 4
+        c.inactivityTimeout = Interval.seconds(3)
+        c.statusInterval = Interval.milliseconds(500)
+        return c
+    }
+
+    /// Runs to the end: the sender finished and every receiver settled, or the time limit.
+    public func run() -> SimulationResult {
+        queue.push(now, .senderWake)
+        for (i, node) in nodes.enumerated() {
+            queue.push(Instant.zero + node.spec.joinAt, .join(i))
+            for cut in node.spec.powerLossAt { queue.push(Instant.zero + cut, .powerLoss(i)) }
+        }
+        if scenario.forgedDataPerSecond > 0 { queue.push(Instant(microseconds: 1000), .attack) }
+        if scenario.replayOldSession && !oldSession.isEmpty { queue.push(Instant(microseconds: 500), .replay(0)) }
+        let limit = Instant.zero + scenario.timeLimit
+        var steps = 0
+        while let (t, event) = queue.pop() {
+            steps += 1
+            if steps % 200_000 == 0, ProcessInfo.processInfo.environment["FLEETCAST_SIM_TRACE"] != nil {
+                print("sim step \(steps) t=\(t) queue=\(queue.count) event=\(event)")
+            }
+            if t > limit { result.violations.append("time limit \(scenario.timeLimit.seconds) s reached"); break }
+            now = t
+            handle(event)
+            if sender.isFinished && nodes.allSatisfy({ $0.receiver?.isFinished ?? ($0.spec.downlink.isDead || $0.receiver == nil) }) { break }
+        }
+        finish()
+        return result
+    }
+
+    private func handle(_ event: Event) {
+        switch event {
+        case .senderWake:
+            if senderWake == now { senderWake = nil }
+            driveSender()
+        case .deliverToReceiver(let i, let bytes):
+            guard nodes[i].receiver != nil else { return }
+            nodes[i].receiver!.handleDatagram(bytes, at: now)
+            drainReceiver(i)
+        case .deliverToSender(_, let bytes):
+            sender.handleDatagram(bytes, at: now)
+            driveSender()
+        case .receiverWake(let i):
+            guard nodes[i].receiver != nil else { return }
+            if nodes[i].wake == now { nodes[i].wake = nil }
+            nodes[i].receiver!.handleTimeout(at: now)
+            drainReceiver(i)
+        case .join(let i):
+            start(i)
+        case .powerLoss(let i):
+            guard nodes[i].receiver != nil, !(nodes[i].receiver!.isComplete) else { return }
+            nodes[i].receiver = nil
+            nodes[i].storage.volatileAuth = [:]
+            result.restarts += 1
+            queue.push(now + nodes[i].spec.restartDelay, .restart(i))
+        case .restart(let i):
+            nodes[i].incarnation += 1
+            start(i)
+        case .attack:
+            // Forged DATA with the real session ID, a valid-looking header and random bytes.
+            let object: ObjectID = rng.next() % 4 == 0 ? .authChain : .payload
+            let blocks = object == .payload ? BlockGeometry(payloadSize: UInt64(bundle.payload.count), profile: scenario.profile).blockCount
+                : BlockGeometry(payloadSize: UInt64(bundle.authChain.count), profile: scenario.profile).blockCount
+            let symbol = (0..<scenario.profile.symbolSize).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            let forged = Datagram.data(DataSymbol(session: session, object: object, block: UInt32(rng.next() % UInt64(max(blocks, 1))),
+                                                  symbolIndex: UInt8(rng.next() % UInt64(scenario.profile.sourceSymbolsPerBlock)), symbol: symbol)).encoded()
+            for i in nodes.indices { deliver(forged, to: i) }
+            queue.push(now + Interval(microseconds: UInt64(1e6 / scenario.forgedDataPerSecond)), .attack)
+        case .replay(let n):
+            for i in nodes.indices { deliver(oldSession[n], to: i) }
+            if n + 1 < oldSession.count { queue.push(now + Interval(microseconds: 300), .replay(n + 1)) }
+        }
+    }
+
+    private func start(_ i: Int) {
+        let resume: ResumeState? = nodes[i].storage.journal.map { journal in
+            ResumeState(progress: journal, authBlockBytes: nodes[i].storage.durableAuth.filter { journal.authBlocks.contains($0.key) })
+        }
+        nodes[i].journalledAtRestart = Set(resume?.progress.payloadBlocks ?? [])
+        nodes[i].storage.storedPayloadBlocks = []
+        nodes[i].receiver = Receiver(config: receiverConfig(i), resume: resume)
+    }
+
+    private func deliver(_ bytes: [UInt8], to i: Int) {
+        for (delay, corrupt) in nodes[i].down.transmit(&rng) {
+            var b = bytes
+            if corrupt { b[Int(rng.next() % UInt64(b.count))] ^= UInt8(1 << (rng.next() % 8)) }
+            queue.push(now + delay, .deliverToReceiver(i, b))
+        }
+    }
+
+    private func driveSender() {
+        sender.handleTimeout(at: now)
+        var sent = 0
+        while let t = sender.pollTransmit(at: now) {
+            sent += 1
+            switch t.destination {
+            case .group:
+                for i in nodes.indices { deliver(t.bytes, to: i) }
+            case .receiver(let id):
+                let i = Int(id.rawValue) - 1
+                if nodes.indices.contains(i) { deliver(t.bytes, to: i) }
+            case .sender: break
+            }
+            if sent > 10_000 { break }  // bounded per wake; the rest on the next wake
+        }
+        if let next = sender.nextDeadline(at: now) {
+            let at = max(next, now + Interval(microseconds: 1))
+            if senderWake == nil || at < senderWake! {
+                senderWake = at
+                queue.push(at, .senderWake)
+            }
+        }
+    }
+
+    private func drainReceiver(_ i: Int) {
+        guard var r = nodes[i].receiver else { return }
+        while let t = r.pollTransmit() {
+            if case .sender = t.destination {
+                result.feedbackWireBytes += UInt64(t.bytes.count + 28)
+                if t.bytes.count > 1 && t.bytes[1] == Datagram.Kind.nack.rawValue { result.nackWireBytes += UInt64(t.bytes.count + 28) }
+                for (delay, corrupt) in nodes[i].up.transmit(&rng) {
+                    var b = t.bytes
+                    if corrupt { b[Int(rng.next() % UInt64(b.count))] ^= 0x10 }
+                    queue.push(now + delay, .deliverToSender(i, b))
+                }
+            }
+        }
+        while let e = r.pollEvent() { apply(e, node: i) }
+        nodes[i].receiver = r
+        if let next = r.nextDeadline {
+            let at = max(next, now + Interval(microseconds: 1))
+            if nodes[i].wake == nil || at < nodes[i].wake! {
+                nodes[i].wake = at
+                queue.push(at, .receiverWake(i))
+            }
+        }
+    }
+
+    /// Executes storage events and checks the invariants on everything a receiver accepts.
+    private func apply(_ e: ReceiverEvent, node i: Int) {
+        switch e {
+        case .joined(_, let manifest):
+            if manifest != bundle.manifest { result.violations.append("receiver \(i) joined a session with another manifest (sequence \(manifest.sequence))") }
+        case .store(let object, let block, let offset, let bytes):
+            let truth = object == .payload ? bundle.payload : bundle.authChain
+            let end = Int(offset) + bytes.count
+            if end > truth.count || Array(truth[Int(offset)..<end]) != bytes {
+                result.violations.append("receiver \(i) accepted wrong bytes for \(object) block \(block)")
+            }
+            if object == .payload {
+                if nodes[i].journalledAtRestart.contains(block) {
+                    result.violations.append("receiver \(i) fetched journalled block \(block) again after a restart")
+                }
+                nodes[i].storage.storedPayloadBlocks.insert(block)
+            } else {
+                nodes[i].storage.volatileAuth[block] = bytes
+            }
+        case .commit(let progress):
+            // fsync, then the atomic journal write.
+            nodes[i].storage.durableAuth.merge(nodes[i].storage.volatileAuth) { $1 }
+            nodes[i].storage.volatileAuth = [:]
+            nodes[i].storage.journal = progress
+        case .completed:
+            nodes[i].completedAt = now
+        case .failed(let reason, let text):
+            if !nodes[i].spec.downlink.isDead { result.violations.append("receiver \(i) failed: \(reason) \(text)") }
+        }
+    }
+
+    private func finish() {
+        result.duration = now - .zero
+        for (i, node) in nodes.enumerated() {
+            result.completed[i] = node.receiver?.isComplete ?? false
+            result.completionTimes[i] = node.completedAt.map { $0 - .zero }
+            if !node.spec.downlink.isDead && !result.completed[i] {
+                result.violations.append("receiver \(i) (\(node.spec.downlink)) did not complete: \(node.receiver?.blocksDone ?? 0)/\(sender.totalBlocks) blocks; \(node.receiver?.counters.description ?? "not running")")
+            }
+            if let r = node.receiver { for (k, v) in r.counters.all { result.receiverCounters.add(k, v) } }
+        }
+        result.senderCounters = sender.counters
+        result.dataWireBytes = (sender.bytesSent["source"] ?? 0) + (sender.bytesSent["repair"] ?? 0)
+        result.controlWireBytes = sender.bytesSent["control"] ?? 0
+        if !scenario.carousel && !nodes.isEmpty && result.completed.contains(true) {
+            let ratio = Double(result.dataWireBytes) / result.idealWireBytes
+            if ratio > scenario.wireFactorMax {
+                result.violations.append("data wire bytes \(String(format: "%.3f", ratio))x the minimum, bound \(scenario.wireFactorMax)")
+            }
+            let feedback = Double(result.feedbackWireBytes) / Double(max(result.dataWireBytes, 1))
+            if feedback > scenario.feedbackFractionMax {
+                result.violations.append("feedback \(String(format: "%.4f", feedback)) of data bytes, bound \(scenario.feedbackFractionMax)")
+            }
+        }
+    }
+}
