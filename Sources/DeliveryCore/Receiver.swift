@@ -128,6 +128,12 @@ public struct Receiver {
         }
         if session == nil, datagram.kind == .data || datagram.kind == .poll {
             requestAnnounce(datagram.sessionID, at: now)
+            // Specs/protocol.md P-3b: keep a bounded number of DATA datagrams seen before the
+            // announce; they are checked like any other once the manifest verifies.
+            if case .data(let d) = datagram, phase == .listening {
+                if preJoin.count < config.unauthenticatedSymbolCountMax { preJoin.append(d) } else { counters.add("dropped.data.preJoinBufferFull") }
+                return
+            }
         }
         switch datagram {
         case .announce(let a): handleAnnounce(a, at: now)
@@ -170,13 +176,14 @@ public struct Receiver {
     }
 
     private var lastHello: Instant?
+    private var preJoin: [DataSymbol] = []
 
     private mutating func handleAnnounce(_ a: Announce, at now: Instant) {
         if let s = session {
             // Same session: refresh timing. Another session of the same bundle: switch to it (sender restart).
             if a.session == s.id {
-                session!.grtt = Interval(microseconds: UInt64(a.grttMicroseconds))
-                session!.groupSize = Int(a.groupSize)
+                session!.grtt = Self.clampGRTT(a.grttMicroseconds)
+                session!.groupSize = Int(min(a.groupSize, Self.groupSizeMax))
                 return
             }
             guard phase == .receiving else { return }
@@ -225,6 +232,15 @@ public struct Receiver {
                             blocksDone: 0, blocksTotal: 0, bytesReceived: 0, nacksSent: 0)))
     }
 
+    /// Timing from unauthenticated datagrams is clamped: a corrupted GRTT must not park
+    /// the NACK timer for an hour.
+    static let grttMin = Interval(microseconds: 100)
+    static let grttMax = Interval.seconds(2)
+    static let groupSizeMax: UInt32 = 1 << 20
+    static func clampGRTT(_ microseconds: UInt32) -> Interval {
+        min(max(Interval(microseconds: UInt64(microseconds)), grttMin), grttMax)
+    }
+
     /// Refused envelopes remembered, so a repeated announce is not verified and answered forever.
     static let refusedEnvelopeCountMax = 8
     private var refusedEnvelopes: [[UInt8]: Int] = [:]
@@ -244,6 +260,7 @@ public struct Receiver {
                 session!.markAuthBlock(b, bytes: bytes)
             }
             session!.advanceSegments(counters: &counters)
+            session!.verifiedAuthBlocks.removeAll()  // already in storage
             for b in r.progress.payloadBlocks where b < session!.payload.layout.blockCount && !session!.payload.done[b] {
                 session!.payload.markDone(b)
                 session!.committedPayload.insert(b)
@@ -252,6 +269,10 @@ public struct Receiver {
             counters.add("resumed.payloadBlocks", UInt64(r.progress.payloadBlocks.count))
         }
         resume = nil
+        let early = preJoin.filter { $0.session == a.session }
+        preJoin.removeAll()
+        for d in early { handleData(d, at: now) }
+        counters.add("preJoin.replayed", UInt64(early.count))
         if !s.carousel {
             send(.register(Register(session: a.session, receiver: config.receiverID, installedSequence: config.device.installedSequence ?? 0,
                                     deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
@@ -344,10 +365,19 @@ public struct Receiver {
         } else {
             counters.add("blocks.auth")
             s.markAuthBlock(b, bytes: exact)
-            events.append(.store(object: .authChain, block: b, offset: range.lowerBound, bytes: exact))
-            s.uncommitted += 1
             s.advanceSegments(counters: &counters)
+            emitVerifiedAuthBlocks(&s)
         }
+    }
+
+    /// Auth-chain blocks go to storage only once every segment they touch is
+    /// authenticated: nothing unverified is ever staged.
+    private mutating func emitVerifiedAuthBlocks(_ s: inout Session) {
+        for (b, bytes) in s.verifiedAuthBlocks {
+            events.append(.store(object: .authChain, block: b, offset: UInt64(b) * UInt64(s.profile.blockByteCount), bytes: bytes))
+            s.uncommitted += 1
+        }
+        s.verifiedAuthBlocks.removeAll()
     }
 
     private mutating func maybeCommit(_ s: inout Session, force: Bool) {
@@ -383,9 +413,11 @@ public struct Receiver {
     private mutating func handlePoll(_ p: Poll, at now: Instant) {
         guard phase == .receiving, var s = session, !s.carousel else { return }
         session = nil
-        s.grtt = Interval(microseconds: UInt64(p.grttMicroseconds))
-        s.groupSize = Int(p.groupSize)
-        if p.round > s.round {
+        s.grtt = Self.clampGRTT(p.grttMicroseconds)
+        s.groupSize = Int(min(p.groupSize, Self.groupSizeMax))
+        // POLL is not authenticated: a corrupted or forged round number must not freeze
+        // feedback, so any change of round starts a round (Specs/protocol.md P-17).
+        if p.round != s.round {
             s.round = p.round
             s.nackedThisRound.removeAll()
             s.nackDatagramsThisRound = 0
@@ -455,7 +487,9 @@ public struct Receiver {
             for b in 0..<state.layout.blockCount where !state.done[b] && s.isPassed(object: object, block: b) {
                 let key = BlockKey(object: object, block: b)
                 guard !s.nackedThisRound.contains(key) else { continue }
-                let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0)
+                // Held symbols, and those waiting for their segment, will count once it verifies.
+                let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
+                let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
                 guard needed > 0 else { continue }
                 entries.append(Nack.Entry(object: object, block: UInt32(b), needed: UInt8(min(needed, 255))))
                 s.nackedThisRound.insert(key)
@@ -641,6 +675,9 @@ struct Session {
     var nextSegment = 0
     var expectedSegmentHash: [UInt8] = []
     var segmentsAdvanced = false
+    /// Auth blocks whose every segment verified since the last look, with their bytes.
+    var verifiedAuthBlocks: [(Int, [UInt8])] = []
+    var authBlocksEmitted = Set<Int>()
     var pendingSymbols: [DataSymbol] = []
     var committedPayload: Set<Int> = []
     var committedAuth: Set<Int> = []
@@ -666,8 +703,8 @@ struct Session {
         self.id = id
         self.envelope = envelope
         self.carousel = carousel
-        grtt = Interval(microseconds: UInt64(max(a.grttMicroseconds, 100)))
-        groupSize = Int(max(a.groupSize, 1))
+        grtt = Receiver.clampGRTT(a.grttMicroseconds)
+        groupSize = Int(max(min(a.groupSize, Receiver.groupSizeMax), 1))
         interleaveWindow = Int(a.interleaveWindow)
         inactivityDeadline = now + config.inactivityTimeout
         statusDue = carousel ? nil : now + config.statusInterval
@@ -736,7 +773,11 @@ struct Session {
             expectedSegmentHash = segment.nextHash
             nextSegment += 1
             segmentsAdvanced = true
-            // Free chain bytes no later segment needs.
+            // Blocks now wholly verified go to storage; chain bytes no later segment needs are freed.
+            let verifiedEnd = layout.segmentOffset(nextSegment)
+            for b in blocks where !authBlocksEmitted.contains(b) && min(UInt64(b + 1) * blockBytes, layout.totalSize) <= verifiedEnd {
+                if let data = authBytes[b] { verifiedAuthBlocks.append((b, data)); authBlocksEmitted.insert(b) }
+            }
             let keepFrom = nextSegment < layout.segmentCount ? layout.segmentOffset(nextSegment) / blockBytes : UInt64.max
             for b in authBytes.keys where UInt64(b) < keepFrom { authBytes[b] = nil }
             counters.add("segments.verified")
@@ -755,6 +796,13 @@ struct Session {
     func isPassed(object: ObjectID, block: Int) -> Bool {
         if afterPoll { return true }
         return (object.rawValue, block / interleaveWindow) < (frontier.object, frontier.window)
+    }
+
+    /// Distinct symbol indices of block b waiting for their segment, not already held.
+    func pendingCount(block b: Int, excluding partial: PartialBlock?) -> Int {
+        var seen = Set<UInt8>()
+        for p in pendingSymbols where Int(p.block) == b && !(partial?.seen[Int(p.symbolIndex)] ?? false) { seen.insert(p.symbolIndex) }
+        return seen.count
     }
 
     var hasNackableBlocks: Bool {

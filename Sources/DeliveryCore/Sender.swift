@@ -35,6 +35,8 @@ public struct SenderConfig: Sendable {
     public var backoffGRTTs = 4.0
     public var nackWindowGRTTs = 2.0
     public var idleRoundsMax = 5
+    /// A receiver not heard from for this long is gone; until then idle rounds do not end the session.
+    public var receiverSilenceMax = Interval.seconds(3)
     public var announceInterval = Interval.seconds(1)
     public var announceStartCopies = 3
     /// The announce is also repeated after this many data datagrams.
@@ -47,7 +49,8 @@ public struct SenderConfig: Sendable {
     public var carousel = false
     /// Ends the session this long after the first transmission.
     public var deadline: Interval?
-    /// If set, "all done" also needs this many registered receivers.
+    /// If set, "all done" also needs this many registered receivers, and idle rounds
+    /// wait up to `receiverSilenceMax` after the last new one for the rest.
     public var expectedReceivers: Int?
     /// Encoded repair symbols kept per block, for blocks in the window and under repair.
     public var blockCacheCountMax = 64
@@ -104,6 +107,7 @@ public struct Sender {
     private var closeReason: Close.Reason = .allDone
     private var closesLeft = 0
     private var startedAt: Instant?
+    private var lastNewReceiverAt: Instant?
     private var grtt: Interval
 
     // Rate control (Specs/protocol.md P-9).
@@ -189,6 +193,7 @@ public struct Sender {
         }
         guard receivers.count < config.receiverTableSizeMax else { counters.add("dropped.receiverTableFull"); return nil }
         counters.add("receivers.registered")
+        lastNewReceiverAt = now
         return ReceiverRecord(id: id, firstHeard: now, lastHeard: now)
     }
 
@@ -270,7 +275,17 @@ public struct Sender {
         if phase == .repairRounds, let end = roundEnds, now >= end, repairQueue.isEmpty {
             if nacksThisRound == 0 { idleRounds += 1 } else { idleRounds = 0 }
             counters.add(nacksThisRound == 0 ? "rounds.idle" : "rounds.busy")
-            if idleRounds >= config.idleRoundsMax { startClosing(.idle); return }
+            // Specs/protocol.md P-12: idle rounds end the session only once every receiver
+            // still missing blocks has been silent for `receiverSilenceMax` (it is gone).
+            var waitingFor = receivers.values.contains { r in
+                r.state != .complete && r.state != .failed && now < r.lastHeard + config.receiverSilenceMax
+            }
+            // Expected receivers that have not registered yet: wait for them a while too.
+            if let expected = config.expectedReceivers, receivers.count < expected,
+               now < (lastNewReceiverAt ?? startedAt ?? now) + config.receiverSilenceMax {
+                waitingFor = true
+            }
+            if idleRounds >= config.idleRoundsMax && !waitingFor { startClosing(.idle); return }
             startRound(at: now)
         }
     }
@@ -282,6 +297,7 @@ public struct Sender {
         suppliedThisRound.removeAll()
         for id in receivers.keys { receivers[id]!.nacksThisRound = 0 }
         roundEnds = now + roundWindow
+        checkAllDone(at: now)  // a STATUS may have arrived during the first pass
         // Receivers known only by their hello have not joined yet: announce again.
         if receivers.values.contains(where: { $0.state == .registered }) { announceDue = now }
         control.append(Transmit(destination: .group, bytes: Datagram.poll(Poll(

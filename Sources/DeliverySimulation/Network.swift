@@ -55,6 +55,10 @@ public struct LinkModel: Sendable, CustomStringConvertible {
 struct LinkState {
     var model: LinkModel
     var bad = false
+    /// Datagrams offered to this link and lost on it: the realized loss rate.
+    var offered: UInt64 = 0
+    var lost: UInt64 = 0
+    var realizedLoss: Double { offered == 0 ? 0 : Double(lost) / Double(offered) }
 
     /// Decides the fate of one datagram: the delays of its copies (none if lost), and whether to corrupt each.
     mutating func transmit(_ rng: inout SeededRandom) -> [(Interval, Bool)] {
@@ -67,7 +71,8 @@ struct LinkState {
             bad = bad ? rng.unit() >= leave : rng.unit() < enter
             lost = rng.unit() < (bad ? badLoss : good)
         }
-        if lost { return [] }
+        offered += 1
+        if lost { self.lost += 1; return [] }
         var copies = 1
         if model.duplicateProbability > 0 && rng.unit() < model.duplicateProbability { copies = 2 }
         return (0..<copies).map { _ in

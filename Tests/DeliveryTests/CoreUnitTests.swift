@@ -1,0 +1,96 @@
+import DeliveryCore
+import DeliverySimulation
+import FleetCrypto
+import SeededRandom
+import Testing
+import UpdateBundle
+import WireFormat
+
+func makeSender(_ bundle: SimulationBundle, rate: Double = 10_000_000, _ tweak: (inout SenderConfig) -> Void = { _ in }) -> Sender {
+    var c = SenderConfig(session: SessionID(0xBEEF), rateBytesPerSecond: rate)
+    tweak(&c)
+    return Sender(config: c, envelope: bundle.envelope, manifest: bundle.manifest, source: InMemoryObjects(authChain: bundle.authChain, payload: bundle.payload))
+}
+
+func receiverConfig(_ bundle: SimulationBundle, trusting key: PublicKey? = nil) -> ReceiverConfig {
+    ReceiverConfig(receiverID: ReceiverID(1), deviceID: "d", installedVersion: "9", trust: TrustPolicy(trustedKeys: [key ?? bundle.trustedKey]),
+                   device: DevicePolicy(now: SimulationBundle.createdAt + 1, hardwareID: SimulationBundle.hardwareID, installedSequence: 9), seed: 1)
+}
+
+@Suite("Sender and receiver units")
+struct CoreUnitTests {
+    @Test("The token bucket holds the sender to its rate (Specs/protocol.md P-9)")
+    func rate() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let rate = 2_000_000.0
+        var sender = makeSender(bundle, rate: rate)
+        var now = Instant.zero
+        var sent = 0.0
+        let burst = Double(16 * (1400 + 16 + 28))
+        while now.microseconds < 100_000 {
+            sender.handleTimeout(at: now)
+            while let t = sender.pollTransmit(at: now) { sent += Double(t.bytes.count + 28) }
+            // Never more than the rate since the start, plus one burst (and one datagram of slack).
+            #expect(sent <= rate * Double(now.microseconds) / 1e6 + burst + 1500, "at \(now): \(sent) bytes")
+            guard let next = sender.nextDeadline(at: now) else { break }
+            now = max(next, now + Interval(microseconds: 1))
+        }
+        #expect(sent >= rate * 0.09, "and it does use the rate")
+    }
+
+    @Test("A receiver drops an announce signed by an unknown key and keeps listening")
+    func forgedAnnounce() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let stranger = try PrivateKey.generate(.ed25519)
+        var receiver = Receiver(config: receiverConfig(bundle, trusting: stranger.publicKey))
+        var sender = makeSender(bundle)
+        for _ in 0..<5 { if let t = sender.pollTransmit(at: .zero) { receiver.handleDatagram(t.bytes, at: .zero) } }
+        #expect(receiver.counters["dropped.announce.signatureInvalid"] >= 1)
+        #expect(receiver.manifest == nil && !receiver.isFailed)
+        var genuine = Receiver(config: receiverConfig(bundle))
+        var sender2 = makeSender(bundle)
+        if let t = sender2.pollTransmit(at: .zero) { genuine.handleDatagram(t.bytes, at: .zero) }
+        #expect(genuine.manifest == bundle.manifest)
+    }
+
+    @Test("NACKs beyond the per-receiver limit are dropped and counted (Specs/protocol.md P-13)")
+    func nackLimit() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var sender = makeSender(bundle) { $0.nackPerReceiverPerRoundMax = 3 }
+        let nack = Datagram.nack(Nack(session: SessionID(0xBEEF), receiver: ReceiverID(9), round: 0, echoedSentAtMicroseconds: 0, holdMicroseconds: 0,
+                                      entries: [.init(object: .payload, block: 0, needed: 2)])).encoded()
+        for _ in 0..<10 { sender.handleDatagram(nack, at: .zero) }
+        #expect(sender.counters["nacks"] == 3)
+        #expect(sender.counters["dropped.nackRateLimited"] == 7)
+        // Only the largest need of the round is served: 2 repair symbols, not 6.
+        #expect(sender.counters["repair.queued.round0"] == 2)
+        var other: [UInt8] = Datagram.nack(Nack(session: SessionID(0xBEEE), receiver: ReceiverID(9), round: 0, echoedSentAtMicroseconds: 0, holdMicroseconds: 0,
+                                       entries: [.init(object: .payload, block: 0, needed: 2)])).encoded()
+        sender.handleDatagram(other, at: .zero)
+        #expect(sender.counters["dropped.otherSession"] == 1)
+        other[0] = 9
+        sender.handleDatagram(other, at: .zero)
+        #expect(sender.counters["dropped.parse.badVersion"] == 1)
+    }
+
+    @Test("STATUS complete is ACKed; the sender closes when every receiver is done")
+    func completionHandshake() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
+        var now = Instant.zero
+        while !sender.isFinished && now.microseconds < 5_000_000 {
+            sender.handleTimeout(at: now)
+            while let _ = sender.pollTransmit(at: now) {}
+            if now.microseconds == 200_000 {
+                sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(4), state: .complete, reason: .none,
+                                                             blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(), at: now)
+                let ack = sender.pollTransmit(at: now)
+                #expect(ack?.destination == .receiver(ReceiverID(4)))
+            }
+            now = now + Interval(microseconds: 100_000)
+        }
+        #expect(sender.isFinished)
+        #expect(sender.counters["close.allDone"] == 1)
+        #expect(sender.receivers[ReceiverID(4)]?.state == .complete)
+    }
+}
