@@ -298,6 +298,10 @@ public struct Receiver {
         guard b < layout.blockCount else { counters.add("dropped.data.blockRange"); return }
         guard i < layout.symbolCount(b) else { counters.add("dropped.data.symbolRange"); return }
         s.observeFrontier(object: d.object, block: b)
+        // Specs/protocol.md P-18a: the sender's promise of more repair for this block this round.
+        if d.pendingRepair > 0 || s.promised[BlockKey(object: d.object, block: b)] != nil {
+            s.promised[BlockKey(object: d.object, block: b)] = Int(d.pendingRepair)
+        }
         if s.frontierAdvanced { s.frontierAdvanced = false; scheduleNack(&s, at: now) }
 
         if d.object == .payload {
@@ -420,6 +424,7 @@ public struct Receiver {
         if p.round != s.round {
             s.round = p.round
             s.nackedThisRound.removeAll()
+            s.promised.removeAll()
             s.nackDatagramsThisRound = 0
             s.afterPoll = true
         }
@@ -465,7 +470,10 @@ public struct Receiver {
         guard !s.carousel, phase == .receiving, s.nackDue == nil, s.manifest != nil,
               s.nackDatagramsThisRound < config.nackDatagramsPerRoundMax, s.hasNackableBlocks else { return }
         let maxDelay = s.grtt * config.backoffGRTTs
-        s.nackDue = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
+        var due = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
+        // Specs/protocol.md P-19: no two NACK firings closer than `nackIntervalMin` (one GRTT).
+        if let last = s.lastNackAt, due < last + s.grtt { due = last + s.grtt }
+        s.nackDue = due
     }
 
     /// Specs/protocol.md P-17..P-19: recompute needs at fire time; what repair filled is not asked for.
@@ -491,6 +499,10 @@ public struct Receiver {
                 let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
                 let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
                 guard needed > 0 else { continue }
+                if let promised = s.promised[key], promised >= needed {
+                    counters.add("nack.coveredByPromise")
+                    continue
+                }
                 entries.append(Nack.Entry(object: object, block: UInt32(b), needed: UInt8(min(needed, 255))))
                 s.nackedThisRound.insert(key)
                 if entries.count == Nack.entryCountMax {
@@ -500,7 +512,7 @@ public struct Receiver {
             }
         }
         flush()
-        if datagrams.isEmpty { counters.add("nack.cancelled") }
+        if datagrams.isEmpty { counters.add("nack.cancelled") } else { s.lastNackAt = now }
         for n in datagrams {
             send(.nack(n))
             s.nacksSent += 1
@@ -688,8 +700,10 @@ struct Session {
     var frontier = (object: UInt8(0), window: -1)
     var frontierAdvanced = false
     var nackedThisRound: Set<BlockKey> = []
+    var promised: [BlockKey: Int] = [:]
     var nackDatagramsThisRound = 0
     var nackDue: Instant?
+    var lastNackAt: Instant?
     var pollEcho: (UInt64, Instant)?
     var nacksSent = 0
     var bytesReceived: UInt64 = 0

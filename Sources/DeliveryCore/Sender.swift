@@ -27,6 +27,9 @@ public struct SenderConfig: Sendable {
     public var burstDatagramCount = 16
     public var repairShareMax = 0.5
     public var proactiveRepairFraction = 0.05
+    /// Proactive repair for the auth chain (1.75% of the data, and every payload
+    /// symbol waits for it): up to the repair ceiling.
+    public var authProactiveRepairFraction = 1.0
     public var interleaveWindow = 8
     public var grttInitial = Interval.milliseconds(10)
     public var grttMin = Interval(microseconds: 500)
@@ -272,6 +275,7 @@ public struct Sender {
         if let d = config.deadline, let start = startedAt, now >= start + d, phase != .closing, phase != .finished {
             startClosing(.deadline)
         }
+        if phase == .repairRounds, roundEnds == nil, repairQueue.isEmpty { startRound(at: now) }
         if phase == .repairRounds, let end = roundEnds, now >= end, repairQueue.isEmpty {
             if nacksThisRound == 0 { idleRounds += 1 } else { idleRounds = 0 }
             counters.add(nacksThisRound == 0 ? "rounds.idle" : "rounds.busy")
@@ -393,8 +397,11 @@ public struct Sender {
                 phase = .carousel
                 passObject = 0; windowStart = 0; passSymbol = 0; passOffset = 0
             } else {
+                // Specs/protocol.md P-10: POLL only once the repair already asked for has gone
+                // out; receivers polled earlier would ask again for what is still queued.
                 phase = .repairRounds
-                startRound(at: now)
+                roundEnds = nil
+                if repairQueue.isEmpty { startRound(at: now) }
             }
             return pollTransmit(at: now)
         case .repairRounds:
@@ -445,7 +452,9 @@ public struct Sender {
 
     private func firstPassCount(_ layout: ObjectLayout, _ b: Int) -> Int {
         let k = layout.sourceSymbols(b)
-        let proactive = min(Int((Double(k) * config.proactiveRepairFraction).rounded(.up)), manifest.transport.repairSymbolsPerBlock)
+        // The auth chain gates every payload symbol's check: send it with far more redundancy.
+        let fraction = layout.object == .authChain ? config.authProactiveRepairFraction : config.proactiveRepairFraction
+        let proactive = min(Int((Double(k) * fraction).rounded(.up)), manifest.transport.repairSymbolsPerBlock)
         return k + proactive
     }
 
@@ -466,7 +475,8 @@ public struct Sender {
             let left = repairPending[key] ?? 0
             if left <= 1 { repairQueue.removeFirst(); repairPending[key] = nil } else { repairPending[key] = left - 1 }
             if left >= 1 {
-                return dataTransmit(layouts[key.object == .authChain ? 0 : 1], block: key.block, index: nextFreshIndex(key))
+                return dataTransmit(layouts[key.object == .authChain ? 0 : 1], block: key.block, index: nextFreshIndex(key),
+                                    pendingRepair: UInt16(min(left - 1, Int(UInt16.max))))
             }
         }
         return nil
@@ -482,10 +492,10 @@ public struct Sender {
         return q < r ? k + q : q - r
     }
 
-    private mutating func dataTransmit(_ layout: ObjectLayout, block b: Int, index: Int) -> Transmit {
+    private mutating func dataTransmit(_ layout: ObjectLayout, block b: Int, index: Int, pendingRepair: UInt16 = 0) -> Transmit {
         let symbol = symbolBytes(layout, block: b, index: index)
         return Transmit(destination: .group, bytes: Datagram.data(DataSymbol(session: config.session, object: layout.object, block: UInt32(b),
-                                                                              symbolIndex: UInt8(index), symbol: symbol)).encoded())
+                                                                              symbolIndex: UInt8(index), pendingRepair: pendingRepair, symbol: symbol)).encoded())
     }
 
     private mutating func symbolBytes(_ layout: ObjectLayout, block b: Int, index: Int) -> [UInt8] {

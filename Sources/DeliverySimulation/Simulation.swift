@@ -124,7 +124,7 @@ public struct SimulationResult: Sendable, CustomStringConvertible {
     public var description: String {
         let done = completed.filter { $0 }.count
         var s = "\(scenario) seed=\(seed): \(done)/\(receiverCount) complete in \(String(format: "%.3f", duration.seconds)) s; "
-        s += "data \(dataWireBytes) B (\(String(format: "%.3f", Double(dataWireBytes) / idealWireBytes))x ideal), feedback \(feedbackWireBytes) B; restarts \(restarts)"
+        s += "data \(dataWireBytes) B (\(String(format: "%.3f", Double(dataWireBytes) / idealWireBytes))x ideal), feedback \(feedbackWireBytes) B (NACK \(String(format: "%.4f", nackRatio)) of payload); restarts \(restarts)"
         if !violations.isEmpty { s += "\n  VIOLATIONS:\n    " + violations.prefix(10).joined(separator: "\n    ") + "\n  replay: \(replayCommand)" }
         return s
     }

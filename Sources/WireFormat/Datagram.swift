@@ -201,11 +201,15 @@ public struct DataSymbol: Equatable, Sendable {
     public var session: SessionID
     public var object: ObjectID
     public var symbolIndex: UInt8
+    /// Repair symbols the sender still has queued for this block in this round
+    /// (0 outside repair): lets receivers skip NACKs already covered (P-18a).
+    public var pendingRepair: UInt16
     public var block: UInt32
     public var symbol: [UInt8]
 
-    public init(session: SessionID, object: ObjectID, block: UInt32, symbolIndex: UInt8, symbol: [UInt8]) {
-        self.session = session; self.object = object; self.block = block; self.symbolIndex = symbolIndex; self.symbol = symbol
+    public init(session: SessionID, object: ObjectID, block: UInt32, symbolIndex: UInt8, pendingRepair: UInt16 = 0, symbol: [UInt8]) {
+        self.session = session; self.object = object; self.block = block; self.symbolIndex = symbolIndex
+        self.pendingRepair = pendingRepair; self.symbol = symbol
     }
 
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
@@ -214,7 +218,7 @@ public struct DataSymbol: Equatable, Sendable {
         guard let object = ObjectID(rawValue: o) else { throw WireFormatError(.invalidField, "object \(o)") }
         self.object = object
         symbolIndex = try r.u8("symbol index")
-        try r.zero(2, "data reserved")
+        pendingRepair = try r.u16("pending repair")
         block = try r.u32("block")
         guard r.remaining > 0 else { throw WireFormatError(.truncated, "data without a symbol") }
         symbol = r.rest()
@@ -223,7 +227,7 @@ public struct DataSymbol: Equatable, Sendable {
     func write(to w: inout ByteWriter) {
         w.u8(object.rawValue)
         w.u8(symbolIndex)
-        w.u16(0)
+        w.u16(pendingRepair)
         w.u32(block)
         w.append(symbol)
     }

@@ -35,6 +35,9 @@ struct Simulate: ParsableCommand {
     @Flag(help: "Print the benchmark table: wire and NACK bytes per payload byte against receivers and loss (bench/RESULTS.md).")
     var table = false
 
+    @Option(help: "Receiver counts for --table, comma-separated.")
+    var tableReceivers: String = "1,16,256,1000"
+
     func run() throws {
         if table { return try printTable() }
         let old = scenario == "replay" ? try ScenarioCatalog.recordedOldSession() : []
@@ -63,7 +66,7 @@ struct Simulate: ParsableCommand {
         let bundle = try SimulationBundle.make(payloadBytes: size, seed: 1)
         print("| receivers | loss | ideal 1/(1-p) | wire bytes / payload | wire / ideal | NACK bytes / payload | all feedback / payload | rounds | all complete |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for n in [1, 16, 256, 1000] {
+        for n in tableReceivers.split(separator: ",").compactMap({ Int($0) }) {
             for p in [0, 1, 5, 10, 20, 30] {
                 var s = ScenarioCatalog.scenario(named: "loss-\(p)-\(n)", seed: seed)!
                 s.payloadBytes = size
