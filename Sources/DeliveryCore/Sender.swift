@@ -84,6 +84,37 @@ public struct ReceiverRecord: Sendable {
     public var finishedAt: Instant?
 }
 
+/// How the sender sees one receiver right now (Specs/protocol.md §4.3).
+public enum FleetStanding: String, Sendable {
+    case done, failed, receiving
+    /// Behind: under half the median progress of the receivers still receiving.
+    case slow
+    /// Silent for `receiverSilenceMax` without finishing.
+    case gone
+}
+
+extension Sender {
+    /// Who is done, failed, receiving, slow or gone, at `now`.
+    public func fleet(at now: Instant) -> [(record: ReceiverRecord, standing: FleetStanding)] {
+        let active = receivers.values.filter { $0.state == .registered || $0.state == .receiving }
+        let fractions = active.map { $0.blocksTotal == 0 ? 0 : Double($0.blocksDone) / Double($0.blocksTotal) }.sorted()
+        let median = fractions.isEmpty ? 0 : fractions[fractions.count / 2]
+        return receivers.values.sorted { $0.id < $1.id }.map { r in
+            let standing: FleetStanding
+            switch r.state {
+            case .complete: standing = .done
+            case .failed: standing = .failed
+            case .registered, .receiving:
+                let fraction = r.blocksTotal == 0 ? 0 : Double(r.blocksDone) / Double(r.blocksTotal)
+                if now >= r.lastHeard + config.receiverSilenceMax { standing = .gone }
+                else if fraction < median * 0.5 { standing = .slow }
+                else { standing = .receiving }
+            }
+            return (r, standing)
+        }
+    }
+}
+
 /// Step B as a sans-I/O state machine (Specs/protocol.md §4).
 ///
 /// ```

@@ -94,3 +94,25 @@ struct CoreUnitTests {
         #expect(sender.receivers[ReceiverID(4)]?.state == .complete)
     }
 }
+
+@Suite("Fleet view")
+struct FleetTests {
+    @Test("The sender tells done, failed, receiving, slow and gone apart")
+    func standings() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var sender = makeSender(bundle) { $0.receiverSilenceMax = .seconds(3) }
+        func status(_ id: UInt64, _ state: Status.State, done: UInt32, at t: UInt64) {
+            sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(id), state: state,
+                                                         reason: state == .failed ? .rollback : .none, blocksDone: done, blocksTotal: 100,
+                                                         bytesReceived: 0, nacksSent: 0)).encoded(), at: Instant(microseconds: t))
+        }
+        status(1, .complete, done: 100, at: 1_000_000)
+        status(2, .failed, done: 0, at: 1_000_000)
+        status(3, .receiving, done: 80, at: 4_000_000)
+        status(4, .receiving, done: 70, at: 4_000_000)
+        status(5, .receiving, done: 10, at: 4_000_000)
+        status(6, .receiving, done: 75, at: 500_000)
+        let view = Dictionary(uniqueKeysWithValues: sender.fleet(at: Instant(microseconds: 4_100_000)).map { ($0.record.id.rawValue, $0.standing) })
+        #expect(view == [1: .done, 2: .failed, 3: .receiving, 4: .receiving, 5: .slow, 6: .gone])
+    }
+}
