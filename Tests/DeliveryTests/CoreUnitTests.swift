@@ -116,3 +116,71 @@ struct FleetTests {
         #expect(view == [1: .done, 2: .failed, 3: .receiving, 4: .receiving, 5: .slow, 6: .gone])
     }
 }
+
+@Suite("Hostile input")
+struct HostileInputTests {
+    static func genuineTraffic(_ bundle: SimulationBundle) -> [[UInt8]] {
+        var sender = makeSender(bundle, rate: 1e12)
+        var genuine: [[UInt8]] = []
+        var now = Instant.zero
+        while genuine.count < 400, !sender.isFinished {
+            sender.handleTimeout(at: now)
+            while let t = sender.pollTransmit(at: now), genuine.count < 400 { genuine.append(t.bytes) }
+            now = now + Interval(microseconds: 1000)
+        }
+        return genuine
+    }
+
+    /// Feeds `count` datagrams drawn from `pool`, three in four mutated; checks every stored byte.
+    static func feed(_ receiver: inout Receiver, _ pool: [[UInt8]], count: Int, seed: UInt64, bundle: SimulationBundle, start: Int = 0) -> Int {
+        var rng = SeededRandom(seed: seed)
+        var stored = 0
+        for step in start..<(start + count) {
+            var bytes = pool[Int(rng.next() % UInt64(pool.count))]
+            switch rng.next() % 4 {
+            case 0: bytes[Int(rng.next() % UInt64(bytes.count))] ^= UInt8(1 << (rng.next() % 8))          // bit flip
+            case 1: for i in 8..<min(16, bytes.count) { bytes[i] = UInt8(truncatingIfNeeded: rng.next()) } // header fields
+            case 2: bytes.removeLast(Int(rng.next() % UInt64(bytes.count)))                             // truncation
+            default: break                                                                                // genuine
+            }
+            let now = Instant(microseconds: UInt64(step) * 10)
+            receiver.handleDatagram(bytes, at: now)
+            receiver.handleTimeout(at: now)
+            while receiver.pollTransmit() != nil {}
+            while let e = receiver.pollEvent() {
+                if case .store(let object, let block, let offset, let data) = e {
+                    let truth = object == .payload ? bundle.payload : bundle.authChain
+                    #expect(Array(truth[Int(offset)..<(Int(offset) + data.count)]) == data, "seed \(seed): wrong bytes for \(object) block \(block)")
+                    stored += 1
+                }
+            }
+        }
+        return stored
+    }
+
+    @Test("Every datagram mutated at random: no crash, no wrong byte stored")
+    func safety() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let genuine = Self.genuineTraffic(bundle)
+        var receiver = Receiver(config: receiverConfig(bundle))
+        receiver.handleDatagram(genuine[0], at: .zero)  // the announce
+        #expect(receiver.manifest != nil)
+        _ = Self.feed(&receiver, genuine, count: 20_000, seed: 0x4057, bundle: bundle)
+    }
+
+    @Test("Once the auth chain is in, mutated payload traffic cannot stop the genuine symbols (per-symbol tags)")
+    func liveness() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let genuine = Self.genuineTraffic(bundle)
+        var receiver = Receiver(config: receiverConfig(bundle))
+        var i = 0
+        while receiver.counters["segments.verified"] == 0 && i < genuine.count {
+            receiver.handleDatagram(genuine[i], at: Instant(microseconds: UInt64(i)))
+            i += 1
+        }
+        #expect(receiver.counters["segments.verified"] == 1)
+        let payloadTraffic = genuine.filter { $0.count > 8 && $0[1] == Datagram.Kind.data.rawValue && $0[8] == ObjectID.payload.rawValue }
+        let stored = Self.feed(&receiver, payloadTraffic, count: 20_000, seed: 0x4058, bundle: bundle, start: 1000)
+        #expect(stored > 0 && receiver.counters["dropped.data.badTag"] > 0, "seed 0x4058: \(receiver.counters)")
+    }
+}
