@@ -21,6 +21,8 @@ public struct ReceiverConfig: Sendable {
     public var statusRepeatMax = 10
     public var statusInterval = Interval.seconds(1)
     public var inactivityTimeout = Interval.seconds(5)
+    /// A receiver moves to another session of the same bundle only after its own has been silent this long.
+    public var sessionSwitchQuiet = Interval.seconds(1)
     /// Blocks verified between progress commits (and at completion).
     public var commitBlockCount = 64
 
@@ -125,6 +127,7 @@ public struct Receiver {
                 return
             }
             if phase == .receiving { session!.inactivityDeadline = now + config.inactivityTimeout }
+            session!.lastHeard = now
         }
         if session == nil, datagram.kind == .data || datagram.kind == .poll {
             requestAnnounce(datagram.sessionID, at: now)
@@ -191,7 +194,9 @@ public struct Receiver {
         guard let envelope = collector.add(a) else { return }
         if let told = refusedEnvelopes[SHA256.hash(envelope)], told >= config.statusRepeatMax { counters.add("dropped.announce.refusedBefore"); return }
         if var s = session {
-            if envelope == s.envelope {
+            // Only once the current session has gone quiet: a replayed announce of an older
+            // session of the same bundle must not pull a live receiver away (Specs/protocol.md P-2).
+            if envelope == s.envelope, now >= s.lastHeard + config.sessionSwitchQuiet {
                 s.id = a.session
                 s.inactivityDeadline = now + config.inactivityTimeout
                 session = s
@@ -709,6 +714,7 @@ struct Session {
     var bytesReceived: UInt64 = 0
     var statusDue: Instant?
     var inactivityDeadline: Instant?
+    var lastHeard = Instant.zero
     var finalStatusCount = 0
     var finalAcknowledged = false
     var failureReason: Status.Reason?

@@ -184,3 +184,25 @@ struct HostileInputTests {
         #expect(stored > 0 && receiver.counters["dropped.data.badTag"] > 0, "seed 0x4058: \(receiver.counters)")
     }
 }
+
+@Suite("Session switching")
+struct SessionSwitchTests {
+    @Test("A replayed announce of another session of the same bundle does not pull a live receiver away")
+    func replayedSameBundle() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var live = makeSender(bundle)
+        var old = makeSender(bundle) { $0.session = SessionID(0x0DD) }
+        let liveAnnounce = live.pollTransmit(at: .zero)!.bytes
+        let oldAnnounce = old.pollTransmit(at: .zero)!.bytes
+        var receiver = Receiver(config: receiverConfig(bundle))
+        receiver.handleDatagram(liveAnnounce, at: .zero)
+        #expect(receiver.manifest != nil)
+        // The live session is talking: a replayed announce of the old session is ignored.
+        receiver.handleDatagram(liveAnnounce, at: Instant(microseconds: 100_000))
+        receiver.handleDatagram(oldAnnounce, at: Instant(microseconds: 200_000))
+        #expect(receiver.counters["session.switched"] == 0)
+        // The live sender went quiet (it restarted): the same bundle's new session is followed.
+        receiver.handleDatagram(oldAnnounce, at: Instant(microseconds: 1_300_000))
+        #expect(receiver.counters["session.switched"] == 1)
+    }
+}
