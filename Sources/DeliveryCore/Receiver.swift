@@ -307,7 +307,16 @@ public struct Receiver {
         if d.pendingRepair > 0 || s.promised[BlockKey(object: d.object, block: b)] != nil {
             s.promised[BlockKey(object: d.object, block: b)] = Int(d.pendingRepair)
         }
-        if s.frontierAdvanced { s.frontierAdvanced = false; scheduleNack(&s, at: now) }
+        if s.frontierAdvanced {
+            s.frontierAdvanced = false
+            // Specs/protocol.md P-16b: until the auth chain is in, every window of the first
+            // pass is a new chance to ask for it (a lost repair must not wait for the POLL).
+            if !s.afterPoll && s.nextSegment < (s.layout?.segmentCount ?? 0) {
+                s.nackedThisRound = s.nackedThisRound.filter { $0.object != .authChain }
+                s.nackDatagramsThisRound = 0
+            }
+            scheduleNack(&s, at: now)
+        }
 
         if d.object == .payload {
             let segment = b / s.layout!.blocksPerSegment
@@ -500,6 +509,11 @@ public struct Receiver {
             for b in 0..<state.layout.blockCount where !state.done[b] && s.isPassed(object: object, block: b) {
                 let key = BlockKey(object: object, block: b)
                 guard !s.nackedThisRound.contains(key) else { continue }
+                // Specs/protocol.md P-16b: payload the receiver could not check yet is not asked for.
+                if object == .payload && s.segments[b / s.layout!.blocksPerSegment] == nil {
+                    counters.add("nack.deferredUntilSegment")
+                    continue
+                }
                 // Held symbols, and those waiting for their segment, will count once it verifies.
                 let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
                 let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
@@ -829,7 +843,8 @@ struct Session {
         for object in [ObjectID.authChain, .payload] {
             let state = object == .payload ? payload! : auth!
             for b in 0..<state.layout.blockCount where !state.done[b] && isPassed(object: object, block: b)
-                && !nackedThisRound.contains(BlockKey(object: object, block: b)) {
+                && !nackedThisRound.contains(BlockKey(object: object, block: b))
+                && (object == .authChain || segments[b / layout!.blocksPerSegment] != nil) {
                 return true
             }
         }

@@ -250,10 +250,16 @@ public struct Sender {
             guard b < layout.blockCount else { counters.add("dropped.nackEntryRange"); continue }
             let needed = min(Int(e.needed), layout.sourceSymbols(b))
             let key = BlockKey(object: e.object, block: b)
-            let supplied = suppliedThisRound[key] ?? 0
+            var supplied = suppliedThisRound[key] ?? 0
+            // An auth-chain block asked for again after its repair went out was lost again:
+            // serve it again rather than wait for the next round (Specs/protocol.md P-16b).
+            if e.object == .authChain && repairPending[key] == nil { supplied = 0 }
             guard needed > supplied else { counters.add("nackEntriesAlreadyServed"); continue }
             suppliedThisRound[key] = needed
-            if repairPending[key] == nil { repairQueue.append(key) }
+            // The auth chain gates every payload symbol's check: its repair goes first.
+            if repairPending[key] == nil {
+                if e.object == .authChain { repairQueue.insert(key, at: 0) } else { repairQueue.append(key) }
+            }
             repairPending[key, default: 0] += needed - supplied
             counters.add("repair.queued.round\(round)", UInt64(needed - supplied))
         }

@@ -396,6 +396,10 @@ public final class Simulation {
             }
             if let r = node.receiver { for (k, v) in r.counters.all { result.receiverCounters.add(k, v) } }
         }
+        if ProcessInfo.processInfo.environment["FLEETCAST_SIM_TRACE"] != nil,
+           let last = nodes.indices.max(by: { (nodes[$0].completedAt ?? .zero) < (nodes[$1].completedAt ?? .zero) }) {
+            print("last to complete: receiver \(last) at \(nodes[last].completedAt ?? .zero): \(nodes[last].receiver?.counters.description ?? "-")")
+        }
         result.senderCounters = sender.counters
         result.dataWireBytes = (sender.bytesSent["source"] ?? 0) + (sender.bytesSent["repair"] ?? 0)
         result.controlWireBytes = sender.bytesSent["control"] ?? 0
