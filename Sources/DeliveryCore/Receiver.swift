@@ -173,9 +173,14 @@ public struct Receiver {
         if let last = lastHello, now < last + config.statusInterval { return }
         lastHello = now
         counters.add("hello")
-        send(.register(Register(session: id, receiver: config.receiverID, installedSequence: config.device.installedSequence ?? 0,
-                                deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
-                                version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!)))
+        send(registration(for: id))
+    }
+
+    /// REGISTER for a session: who this device is and what it runs (Specs/protocol.md §3.5).
+    private func registration(for id: SessionID) -> Datagram {
+        .register(Register(session: id, receiver: config.receiverID, installedSequence: config.device.installedSequence ?? 0,
+                           deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
+                           version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!))
     }
 
     private var lastHello: Instant?
@@ -268,9 +273,7 @@ public struct Receiver {
             session!.verifiedAuthBlocks.removeAll()  // already in storage
             for b in r.progress.payloadBlocks where b < session!.payload.layout.blockCount && !session!.payload.done[b] {
                 session!.payload.markDone(b)
-                session!.committedPayload.insert(b)
             }
-            session!.committedAuth = Set(r.progress.authBlocks)
             counters.add("resumed.payloadBlocks", UInt64(r.progress.payloadBlocks.count))
         }
         resume = nil
@@ -279,9 +282,7 @@ public struct Receiver {
         for d in early { handleData(d, at: now) }
         counters.add("preJoin.replayed", UInt64(early.count))
         if !s.carousel {
-            send(.register(Register(session: a.session, receiver: config.receiverID, installedSequence: config.device.installedSequence ?? 0,
-                                    deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
-                                    version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!)))
+            send(registration(for: a.session))
         }
         checkComplete(at: now)
     }
@@ -319,15 +320,13 @@ public struct Receiver {
         }
 
         if d.object == .payload {
-            let segment = b / s.layout!.blocksPerSegment
-            guard let seg = s.segments[segment] else {
+            guard let authentic = s.tagMatches(d) else {
                 // Specs/protocol.md P-5: never decode an unauthenticated symbol; hold a bounded few.
                 if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
                 else { counters.add("dropped.data.unauthenticatedBufferFull") }
                 return
             }
-            let tag = d.symbol.withUnsafeBytes { BlockAuthentication.tag(block: b, symbol: i, bytes: $0) }
-            guard tag[...] == seg.tag(block: b, symbol: i) else { counters.add("dropped.data.badTag"); return }
+            guard authentic else { counters.add("dropped.data.badTag"); return }
         }
         accept(&s, object: d.object, block: b, index: i, symbol: d.symbol, at: now)
         // A segment may have just verified: the held symbols of its blocks can now be checked.
@@ -336,11 +335,9 @@ public struct Receiver {
             let held = s.pendingSymbols
             s.pendingSymbols.removeAll()
             for p in held {
-                let pb = Int(p.block), pi = Int(p.symbolIndex)
-                guard let seg = s.segments[pb / s.layout!.blocksPerSegment] else { s.pendingSymbols.append(p); continue }
-                let tag = p.symbol.withUnsafeBytes { BlockAuthentication.tag(block: pb, symbol: pi, bytes: $0) }
-                guard tag[...] == seg.tag(block: pb, symbol: pi) else { counters.add("dropped.data.badTag"); continue }
-                accept(&s, object: .payload, block: pb, index: pi, symbol: p.symbol, at: now)
+                guard let authentic = s.tagMatches(p) else { s.pendingSymbols.append(p); continue }
+                guard authentic else { counters.add("dropped.data.badTag"); continue }
+                accept(&s, object: .payload, block: Int(p.block), index: Int(p.symbolIndex), symbol: p.symbol, at: now)
             }
         }
     }
@@ -400,7 +397,7 @@ public struct Receiver {
 
     private mutating func maybeCommit(_ s: inout Session, force: Bool) {
         guard s.uncommitted > 0, force || s.uncommitted >= config.commitBlockCount else { return }
-        let auth = (0..<s.auth.layout.blockCount).filter { s.auth.done[$0] && s.authBlockVerified($0) }
+        let auth = s.authBlocksEmitted.sorted()
         let payload = (0..<s.payload.layout.blockCount).filter { s.payload.done[$0] }
         events.append(.commit(ProgressJournal(envelope: s.envelope, authBlocks: auth, payloadBlocks: payload)))
         s.uncommitted = 0
@@ -510,7 +507,7 @@ public struct Receiver {
                 let key = BlockKey(object: object, block: b)
                 guard !s.nackedThisRound.contains(key) else { continue }
                 // Specs/protocol.md P-16b: payload the receiver could not check yet is not asked for.
-                if object == .payload && s.segments[b / s.layout!.blocksPerSegment] == nil {
+                if s.awaitsSegment(object, b) {
                     counters.add("nack.deferredUntilSegment")
                     continue
                 }
@@ -710,8 +707,6 @@ struct Session {
     var verifiedAuthBlocks: [(Int, [UInt8])] = []
     var authBlocksEmitted = Set<Int>()
     var pendingSymbols: [DataSymbol] = []
-    var committedPayload: Set<Int> = []
-    var committedAuth: Set<Int> = []
     var uncommitted = 0
     // Feedback state.
     var round: UInt32 = 0
@@ -772,12 +767,18 @@ struct Session {
         return Int(r.lowerBound / blockBytes)...Int((r.upperBound - 1) / blockBytes)
     }
 
-    func authBlockVerified(_ b: Int) -> Bool {
-        // A block is verified once every segment it touches is.
-        let blockBytes = UInt64(profile.blockByteCount)
-        let end = min(UInt64(b + 1) * blockBytes, manifest.manifest.authentication.size)
-        guard let layout else { return false }
-        return end <= layout.segmentOffset(nextSegment)
+    /// Whether a payload symbol's tag matches its authenticated record (Specs/protocol.md P-5);
+    /// nil while the segment holding that record is not authenticated yet.
+    func tagMatches(_ d: DataSymbol) -> Bool? {
+        let b = Int(d.block), i = Int(d.symbolIndex)
+        guard let segment = segments[b / layout!.blocksPerSegment] else { return nil }
+        let tag = d.symbol.withUnsafeBytes { BlockAuthentication.tag(block: b, symbol: i, bytes: $0) }
+        return tag[...] == segment.tag(block: b, symbol: i)
+    }
+
+    /// A payload block whose segment is not authenticated yet: its symbols cannot be checked (P-16b).
+    func awaitsSegment(_ object: ObjectID, _ b: Int) -> Bool {
+        object == .payload && segments[b / layout!.blocksPerSegment] == nil
     }
 
     /// Specs/protocol.md P-16, Specs/bundle.md B-13: authenticate segments in order.
@@ -843,8 +844,7 @@ struct Session {
         for object in [ObjectID.authChain, .payload] {
             let state = object == .payload ? payload! : auth!
             for b in 0..<state.layout.blockCount where !state.done[b] && isPassed(object: object, block: b)
-                && !nackedThisRound.contains(BlockKey(object: object, block: b))
-                && (object == .authChain || segments[b / layout!.blocksPerSegment] != nil) {
+                && !nackedThisRound.contains(BlockKey(object: object, block: b)) && !awaitsSegment(object, b) {
                 return true
             }
         }

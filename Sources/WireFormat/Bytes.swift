@@ -31,27 +31,19 @@ struct ByteReader {
         return bytes[offset]
     }
 
-    mutating func u16(_ what: StaticString) throws(WireFormatError) -> UInt16 {
-        try need(2, what)
-        defer { offset += 2 }
-        return UInt16(bytes[offset]) << 8 | UInt16(bytes[offset + 1])
-    }
-
-    mutating func u32(_ what: StaticString) throws(WireFormatError) -> UInt32 {
-        try need(4, what)
-        var v: UInt32 = 0
-        for i in 0..<4 { v = v << 8 | UInt32(bytes[offset + i]) }
-        offset += 4
+    /// A big-endian unsigned integer of T's width.
+    mutating func unsigned<T: FixedWidthInteger & UnsignedInteger>(_: T.Type, _ what: StaticString) throws(WireFormatError) -> T {
+        let width = T.bitWidth / 8
+        try need(width, what)
+        var v: T = 0
+        for i in 0..<width { v = v << 8 | T(bytes[offset + i]) }
+        offset += width
         return v
     }
 
-    mutating func u64(_ what: StaticString) throws(WireFormatError) -> UInt64 {
-        try need(8, what)
-        var v: UInt64 = 0
-        for i in 0..<8 { v = v << 8 | UInt64(bytes[offset + i]) }
-        offset += 8
-        return v
-    }
+    mutating func u16(_ what: StaticString) throws(WireFormatError) -> UInt16 { try unsigned(UInt16.self, what) }
+    mutating func u32(_ what: StaticString) throws(WireFormatError) -> UInt32 { try unsigned(UInt32.self, what) }
+    mutating func u64(_ what: StaticString) throws(WireFormatError) -> UInt64 { try unsigned(UInt64.self, what) }
 
     mutating func bytes(_ n: Int, _ what: StaticString) throws(WireFormatError) -> [UInt8] {
         try need(n, what)
