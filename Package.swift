@@ -37,13 +37,17 @@ let package = Package(
         .target(name: "DeliveryCore", dependencies: ["WireFormat", "ErasureCoding", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
         // Deterministic discrete-event network and storage simulator (tests, bench, `fleetcast simulate`).
         .target(name: "DeliverySimulation", dependencies: ["DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
+        // The few socket and clock system calls Swift's Glibc module does not export (sendmmsg, recvmmsg, ppoll).
+        .target(name: "CSocket"),
+        // Real UDP multicast and the real clock: drives Sender/Receiver, stages to disk (../shared/DESIGN.md decision 9).
+        .target(name: "Transport", dependencies: ["CSocket", "DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
         // Step A: manifest, COSE_Sign1, pack / open / verify, block authentication chain.
         .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib"]),
 
         .executableTarget(
             name: "fleetcast",
             dependencies: [
-                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore",
+                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "Transport", "WireFormat", "SeededRandom",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

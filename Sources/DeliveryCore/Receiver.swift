@@ -98,6 +98,8 @@ public struct Receiver {
     public var blocksDone: Int { session?.payload.doneCount ?? 0 }
     public var nacksSent: Int { session?.nacksSent ?? 0 }
     public var failure: (Status.Reason, String)? { failureInfo }
+    /// The signed envelope of the session joined (the driver lays out staging by it).
+    public var envelope: [UInt8]? { session?.envelope }
     private var failureInfo: (Status.Reason, String)?
 
     /// The earliest instant at which `handleTimeout` has something to do.
@@ -361,6 +363,7 @@ public struct Receiver {
         }
         let state: ObjectState = object == .payload ? s.payload : s.auth
         let padded = partial.decode(codec: s.codec(k: partial.k))
+        if partial.presentSources.contains(false) { counters.add(object == .payload ? "blocks.repaired" : "blocks.authRepaired") }
         let range = state.layout.geometry.byteRange(ofBlock: b)
         let exact = Array(padded.prefix(range.count))
         if object == .payload {
@@ -456,6 +459,12 @@ public struct Receiver {
             s.statusDue = nil
         }
         session = s
+    }
+
+    /// The driver gives up on the session for a reason only it can see (storage
+    /// failed, no key to decrypt): the sender hears it in the final STATUS.
+    public mutating func abort(_ reason: Status.Reason, _ text: String, at now: Instant) {
+        fail(reason, text, at: now)
     }
 
     private mutating func fail(_ reason: Status.Reason, _ text: String, at now: Instant) {

@@ -124,7 +124,14 @@ public final class UnverifiedBundle {
     /// (payload hash, every block hash and symbol tag along the chain),
     /// decrypts and decompresses, checks each component's size and hash, and
     /// only then moves the components into `outputDirectory`.
+    ///
+    /// `checkAuthChain: false` skips the chain walk and relies on the payload
+    /// hash alone, which the signed manifest binds just as firmly: a receiver
+    /// that authenticated every block on arrival (Specs/protocol.md P-9) has
+    /// already walked the chain and needs only the hash, decryption and
+    /// decompression (Specs/bundle.md §8 step 4).
     public func verifyPayload(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil,
+                              checkAuthChain: Bool = true,
                               progress: ((_ done: UInt64, _ total: UInt64) -> Void)? = nil) throws(BundleError) -> VerifiedBundle {
         let m = verified.manifest
         var contentKey: [UInt8]?
@@ -144,8 +151,8 @@ public final class UnverifiedBundle {
                             compressedSize: m.payload.compressedSize, next: afterDecryption)
         } else { nil }
 
-        let checker = try ChainChecker(file: file, manifest: m, authOffset: header.authOffset)
-        let geometry = checker.layout.geometry
+        let checker = checkAuthChain ? try ChainChecker(file: file, manifest: m, authOffset: header.authOffset) : nil
+        let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
         var hash = SHA256()
         var block = [UInt8](repeating: 0, count: m.transport.blockByteCount)
         try file.seek(to: header.payloadOffset)
@@ -157,7 +164,7 @@ public final class UnverifiedBundle {
                 Result { () throws(BundleError) in
                     let data = UnsafeRawBufferPointer(rebasing: bytes[0..<n])
                     hash.update(data)
-                    try checker.check(block: b, bytes: data)
+                    try checker?.check(block: b, bytes: data)
                     if let opener { try opener.consume(data) } else { try afterDecryption(data) }
                 }
             }
@@ -374,3 +381,13 @@ final class ComponentWriter {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+extension VerifiedManifest {
+    /// Checks, before any payload arrives, that `keys` can unwrap the content
+    /// key (Specs/bundle.md §6.2): a device that is not a recipient learns it
+    /// at once instead of after the whole download. Plain bundles pass.
+    public func checkRecipient(keys: DecryptionKeys) throws(BundleError) {
+        guard let encryption = manifest.encryption else { return }
+        _ = try ContentEncryption.unwrap(encryption, bundleID: manifest.bundleID, keys: keys)
+    }
+}

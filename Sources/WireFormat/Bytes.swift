@@ -13,26 +13,26 @@ public struct WireFormatError: Error, Hashable, CustomStringConvertible, Sendabl
 
 /// A bounds-checked big-endian reader over untrusted bytes. Every read
 /// checks the length first; nothing here can trap on bad input.
-struct ByteReader {
-    let bytes: [UInt8]
-    private(set) var offset: Int
+public struct ByteReader {
+    public let bytes: [UInt8]
+    public private(set) var offset: Int
 
-    init(_ bytes: [UInt8], offset: Int = 0) { self.bytes = bytes; self.offset = offset }
+    public init(_ bytes: [UInt8], offset: Int = 0) { self.bytes = bytes; self.offset = offset }
 
-    var remaining: Int { bytes.count - offset }
+    public var remaining: Int { bytes.count - offset }
 
-    mutating func need(_ n: Int, _ what: StaticString) throws(WireFormatError) {
+    public mutating func need(_ n: Int, _ what: StaticString) throws(WireFormatError) {
         guard n <= remaining else { throw WireFormatError(.truncated, "\(what): need \(n) bytes at \(offset), have \(remaining)") }
     }
 
-    mutating func u8(_ what: StaticString) throws(WireFormatError) -> UInt8 {
+    public mutating func u8(_ what: StaticString) throws(WireFormatError) -> UInt8 {
         try need(1, what)
         defer { offset += 1 }
         return bytes[offset]
     }
 
     /// A big-endian unsigned integer of T's width.
-    mutating func unsigned<T: FixedWidthInteger & UnsignedInteger>(_: T.Type, _ what: StaticString) throws(WireFormatError) -> T {
+    public mutating func unsigned<T: FixedWidthInteger & UnsignedInteger>(_: T.Type, _ what: StaticString) throws(WireFormatError) -> T {
         let width = T.bitWidth / 8
         try need(width, what)
         var v: T = 0
@@ -41,22 +41,22 @@ struct ByteReader {
         return v
     }
 
-    mutating func u16(_ what: StaticString) throws(WireFormatError) -> UInt16 { try unsigned(UInt16.self, what) }
-    mutating func u32(_ what: StaticString) throws(WireFormatError) -> UInt32 { try unsigned(UInt32.self, what) }
-    mutating func u64(_ what: StaticString) throws(WireFormatError) -> UInt64 { try unsigned(UInt64.self, what) }
+    public mutating func u16(_ what: StaticString) throws(WireFormatError) -> UInt16 { try unsigned(UInt16.self, what) }
+    public mutating func u32(_ what: StaticString) throws(WireFormatError) -> UInt32 { try unsigned(UInt32.self, what) }
+    public mutating func u64(_ what: StaticString) throws(WireFormatError) -> UInt64 { try unsigned(UInt64.self, what) }
 
-    mutating func bytes(_ n: Int, _ what: StaticString) throws(WireFormatError) -> [UInt8] {
+    public mutating func bytes(_ n: Int, _ what: StaticString) throws(WireFormatError) -> [UInt8] {
         try need(n, what)
         defer { offset += n }
         return Array(bytes[offset..<(offset + n)])
     }
 
-    mutating func rest() -> [UInt8] {
+    public mutating func rest() -> [UInt8] {
         defer { offset = bytes.count }
         return Array(bytes[offset...])
     }
 
-    mutating func zero(_ n: Int, _ what: StaticString) throws(WireFormatError) {
+    public mutating func zero(_ n: Int, _ what: StaticString) throws(WireFormatError) {
         try need(n, what)
         for i in 0..<n where bytes[offset + i] != 0 {
             throw WireFormatError(.reservedNotZero, "\(what) at byte \(offset + i) is not zero")
@@ -64,19 +64,20 @@ struct ByteReader {
         offset += n
     }
 
-    func end() throws(WireFormatError) {
+    public func end() throws(WireFormatError) {
         guard remaining == 0 else { throw WireFormatError(.trailingBytes, "\(remaining) bytes after the last field") }
     }
 }
 
 /// Appends big-endian fields.
-struct ByteWriter {
-    var bytes: [UInt8] = []
-    init(capacity: Int) { bytes.reserveCapacity(capacity) }
-    mutating func u8(_ v: UInt8) { bytes.append(v) }
-    mutating func u16(_ v: UInt16) { bytes += [UInt8(v >> 8), UInt8(v & 0xFF)] }
-    mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8((v >> UInt32(s)) & 0xFF)) } }
-    mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8((v >> UInt64(s)) & 0xFF)) } }
-    mutating func zero(_ n: Int) { bytes += repeatElement(0, count: n) }
-    mutating func append(_ b: [UInt8]) { bytes += b }
+public struct ByteWriter {
+    public var bytes: [UInt8] = []
+    public init() {}
+    public init(capacity: Int) { bytes.reserveCapacity(capacity) }
+    public mutating func u8(_ v: UInt8) { bytes.append(v) }
+    public mutating func u16(_ v: UInt16) { bytes += [UInt8(v >> 8), UInt8(v & 0xFF)] }
+    public mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8((v >> UInt32(s)) & 0xFF)) } }
+    public mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8((v >> UInt64(s)) & 0xFF)) } }
+    public mutating func zero(_ n: Int) { bytes += repeatElement(0, count: n) }
+    public mutating func append(_ b: [UInt8]) { bytes += b }
 }

@@ -122,3 +122,31 @@ func formatTime(_ unix: UInt64) -> String {
     let formatter = ISO8601DateFormatter()
     return formatter.string(from: Date(timeIntervalSince1970: TimeInterval(unix)))
 }
+
+/// What a device trusts and is: the options `verify` and `receive` share.
+struct DeviceOptions: ParsableArguments {
+    @Option(name: .customLong("trusted-key"), help: "Trusted signing public key (PEM); repeatable.")
+    var trustedKeys: [String]
+
+    @Option(help: "Signatures required (the manifest's own threshold applies too).")
+    var threshold: Int = 1
+
+    @Option(name: .customLong("device-key"), help: "This device's decryption private key (PEM); repeatable.")
+    var deviceKeys: [String] = []
+
+    @Option(name: .customLong("group-key"), help: "Group key file; repeatable.")
+    var groupKeys: [String] = []
+
+    @Option(help: "This device's hardware ID: the manifest must list it.")
+    var hardwareID: String?
+
+    @Option(help: "This device's product ID: the manifest must name it.")
+    var product: String?
+
+    @Option(help: "Installed anti-rollback sequence: the update's must be larger.")
+    var installedSequence: UInt64?
+
+    func trust() throws -> TrustPolicy { TrustPolicy(trustedKeys: try trustedKeys.map(loadPublicKey), threshold: threshold) }
+    func policy(now: UInt64) -> DevicePolicy { DevicePolicy(now: now, hardwareID: hardwareID, installedSequence: installedSequence, productID: product) }
+    func keys() throws -> DecryptionKeys { DecryptionKeys(deviceKeys: try deviceKeys.map(loadPrivateKey), groupKeys: try groupKeys.map(loadGroupKey)) }
+}

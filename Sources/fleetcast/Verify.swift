@@ -19,26 +19,7 @@ struct Verify: ParsableCommand {
     @Argument(help: "Bundle file.")
     var bundle: String
 
-    @Option(name: .customLong("trusted-key"), help: "Trusted signing public key (PEM); repeatable.")
-    var trustedKeys: [String]
-
-    @Option(help: "Signatures required (the manifest's own threshold applies too).")
-    var threshold: Int = 1
-
-    @Option(name: .customLong("device-key"), help: "This device's decryption private key (PEM); repeatable.")
-    var deviceKeys: [String] = []
-
-    @Option(name: .customLong("group-key"), help: "Group key file; repeatable.")
-    var groupKeys: [String] = []
-
-    @Option(help: "This device's hardware ID: the manifest must list it.")
-    var hardwareID: String?
-
-    @Option(help: "This device's product ID: the manifest must name it.")
-    var product: String?
-
-    @Option(help: "Installed anti-rollback sequence: the update's must be larger.")
-    var installedSequence: UInt64?
+    @OptionGroup var device: DeviceOptions
 
     @Option(help: "Verification time as Unix seconds (default: now).")
     var now: UInt64?
@@ -52,15 +33,13 @@ struct Verify: ParsableCommand {
     func run() throws {
         try reportingFailures {
             let opened = try UnverifiedBundle(path: bundle)
-            let trust = TrustPolicy(trustedKeys: try trustedKeys.map(loadPublicKey), threshold: threshold)
-            let device = DevicePolicy(now: now ?? currentUnixTime(), hardwareID: hardwareID, installedSequence: installedSequence, productID: product)
-            let verified = try opened.verifyManifest(trust: trust, device: device)
+            let verified = try opened.verifyManifest(trust: try device.trust(), device: device.policy(now: now ?? currentUnixTime()))
             let m = verified.manifest
             log.debug("manifest verified", metadata: ["signers": "\(verified.validSignerKeyIDs.map(\.hexString))"])
             if let outputDir {
                 try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true)
             }
-            let keys = DecryptionKeys(deviceKeys: try deviceKeys.map(loadPrivateKey), groupKeys: try groupKeys.map(loadGroupKey))
+            let keys = try device.keys()
             let progress = ProgressLine("verifying", enabled: !quiet)
             let result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, progress: progress.update)
             progress.finish()

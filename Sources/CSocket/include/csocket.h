@@ -1,0 +1,53 @@
+// The UDP system calls Fleetcast's Transport needs, in one small C layer:
+// batched send and receive (sendmmsg/recvmmsg are GNU extensions the Swift
+// Glibc module does not export), multicast membership by interface index,
+// and the monotonic clock. Every function returns -errno on failure.
+#ifndef FLEETCAST_CSOCKET_H
+#define FLEETCAST_CSOCKET_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+typedef struct fc_addr {
+    struct sockaddr_storage storage;
+    socklen_t length;
+} fc_addr;
+
+/// Parses a numeric IPv4 or IPv6 address ("239.192.0.42", "ff15::42").
+int fc_addr_parse(const char *host, uint16_t port, fc_addr *out);
+/// Writes "a.b.c.d:port" or "[v6]:port" into `text` (at least 64 bytes).
+void fc_addr_format(const fc_addr *addr, char *text, int capacity);
+int fc_addr_family(const fc_addr *addr);
+uint16_t fc_addr_port(const fc_addr *addr);
+int fc_addr_is_multicast(const fc_addr *addr);
+/// The unspecified address of a family, with a port.
+void fc_addr_any(int family, uint16_t port, fc_addr *out);
+
+/// A non-blocking, close-on-exec UDP socket.
+int fc_udp_open(int family);
+int fc_set_reuse(int fd);
+/// Asks for `receive`/`send` bytes of buffer; reports what the kernel granted.
+int fc_set_buffers(int fd, int receive, int send, int *receive_actual, int *send_actual);
+int fc_bind(int fd, const fc_addr *addr);
+int fc_local_address(int fd, fc_addr *out);
+/// Joins `group` on the interface with index `ifindex` (0: the kernel's choice).
+int fc_join_group(int fd, const fc_addr *group, unsigned ifindex);
+/// Outgoing multicast: interface, TTL / hop limit, and whether copies loop back to this host.
+int fc_multicast_out(int fd, int family, unsigned ifindex, int ttl, int loop);
+
+/// Receives up to `count` datagrams without blocking into `count` slots of
+/// `slot_bytes` each; `lengths[i]` is the datagram's size, or -1 if it was
+/// truncated. Returns the number received (0 when none is waiting).
+int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths);
+/// Sends `count` datagrams (one system call per up to 64). Returns how many the
+/// kernel took; fewer than `count` means its buffer is full (EAGAIN).
+int fc_send_batch(int fd, uint8_t *const *datagrams, const int *lengths, const fc_addr *destinations, int count);
+/// Waits until one of `fds` is readable or `timeout_ns` passes (< 0: no limit).
+/// Returns a bit mask of the readable descriptors' positions.
+int fc_wait_readable(const int *fds, int count, int64_t timeout_ns);
+/// CLOCK_MONOTONIC in microseconds.
+uint64_t fc_monotonic_microseconds(void);
+/// Process CPU time (user + system) in microseconds.
+uint64_t fc_process_cpu_microseconds(void);
+
+#endif

@@ -1,0 +1,215 @@
+import DeliveryCore
+import SeededRandom
+import UpdateBundle
+import WireFormat
+
+/// Where a receiver listens (Specs/protocol.md §2).
+public struct ReceiverEndpoint: Sendable {
+    /// Group and port the sender multicasts to.
+    public var group: SocketAddress
+    public var interface: NetworkInterface?
+    /// Large enough to ride out a scheduling hiccup at full rate.
+    public var receiveBufferBytes = TransportLimits.socketBufferByteCountDefault
+    public init(group: SocketAddress, interface: NetworkInterface?) { self.group = group; self.interface = interface }
+}
+
+/// A snapshot for the progress line.
+public struct ReceiverProgress: Sendable {
+    public var elapsed: Interval
+    public var joined: Bool
+    public var blocksDone: Int
+    public var blocksTotal: Int
+    public var payloadBytes: UInt64
+    public var bytesReceived: UInt64
+    public var blocksRepaired: UInt64
+    public var nacksSent: Int
+    /// Datagrams refused, by reason (the core's counter names, without the "dropped." prefix).
+    public var rejected: [(String, UInt64)]
+    public var cpuSeconds: Double
+}
+
+/// How a receive ended.
+public enum ReceiveOutcome: Sendable {
+    /// Every block verified and durable: the bundle file at `bundlePath` awaits step 2.
+    case completed(bundlePath: String)
+    case failed(Status.Reason, String)
+    /// No session joined within the time allowed.
+    case timedOut
+    case stopped
+}
+
+/// Drives the sans-I/O `Receiver` on real sockets and a staging directory:
+/// multicast in on the group socket, feedback out (and ACKs in) on a unicast
+/// socket of its own, storage events to `StagingArea`.
+public final class ReceiverDriver {
+    public private(set) var receiver: Receiver
+    public let staging: StagingArea
+    public let groupSocket: UDPSocket
+    public let feedbackSocket: UDPSocket
+    public let grantedReceiveBuffer: Int
+    /// Feedback goes here: the announce's source address, or the address it names.
+    public private(set) var senderAddress: SocketAddress?
+    private let endpoint: ReceiverEndpoint
+    private let keys: DecryptionKeys
+    /// Test and demo aid: drop this share of incoming DATA at random, to make repair visible.
+    private let simulatedLoss: Double
+    private var lossRandom: SeededRandom
+    private var incoming = ReceiveBatch()
+    private let outgoing = SendBatch(capacity: 16)
+    private var stored: UInt64 = 0
+    private var received: UInt64 = 0
+    private var manifest: Manifest?
+    private var startedAt = MonotonicClock.now()
+    private let cpuAtStart = MonotonicClock.processCPUSeconds()
+    public private(set) var resumedBlocks = 0
+    /// Why a journal found at start was not used, if it was not.
+    public private(set) var resumeNote: String?
+
+    public init(config: ReceiverConfig, endpoint: ReceiverEndpoint, staging: StagingArea, keys: DecryptionKeys,
+                simulatedLoss: Double = 0, seed: UInt64 = 1) throws(TransportError) {
+        guard endpoint.group.isMulticast else { throw TransportError(.invalidAddress, "\(endpoint.group) is not a multicast group") }
+        self.endpoint = endpoint
+        self.staging = staging
+        self.keys = keys
+        self.simulatedLoss = simulatedLoss
+        lossRandom = SeededRandom(seed: seed ^ 0x5EED)
+        // Specs/protocol.md P-20: resume from the journal when it names a bundle this device still accepts.
+        var resume: ResumeState?
+        let (journal, note) = staging.loadJournal()
+        resumeNote = note
+        if let journal {
+            do {
+                let verified = try ManifestVerifier.verify(envelope: journal.envelope, trust: config.trust, device: config.device)
+                resume = staging.resumeState(journal: journal, manifest: verified.manifest)
+                if resume == nil { resumeNote = "staging file does not match the journal; starting afresh" }
+                resumedBlocks = resume?.progress.payloadBlocks.count ?? 0
+            } catch { resumeNote = "journal's bundle is no longer acceptable (\(error.reason)); starting afresh" }
+        }
+        receiver = Receiver(config: config, resume: resume)
+
+        groupSocket = try UDPSocket(family: endpoint.group.family)
+        try groupSocket.allowAddressReuse()
+        grantedReceiveBuffer = try groupSocket.setBuffers(receive: endpoint.receiveBufferBytes, send: 0).receive
+        // Bound to the group address, so only this group's datagrams arrive.
+        try groupSocket.bind(endpoint.group)
+        try groupSocket.join(group: endpoint.group, on: endpoint.interface)
+        feedbackSocket = try UDPSocket(family: endpoint.group.family)
+        try feedbackSocket.bind(.any(endpoint.group.family, port: 0))
+    }
+
+    /// Runs until the receiver is finished (complete or failed, final status
+    /// acknowledged), `joinTimeout` passes without a session, or `shouldStop`.
+    public func run(joinTimeout: Interval? = nil, progressInterval: Interval = .milliseconds(250),
+                    progress: (ReceiverProgress) -> Void = { _ in }, shouldStop: () -> Bool = { false }) throws(TransportError) -> ReceiveOutcome {
+        startedAt = MonotonicClock.now()
+        var nextProgress = startedAt
+        let giveUpAt = joinTimeout.map { startedAt + $0 }
+        while !receiver.isFinished {
+            if shouldStop() { return .stopped }
+            let now = MonotonicClock.now()
+            if manifest == nil, let giveUpAt, now >= giveUpAt { return .timedOut }
+            var wake = [receiver.nextDeadline, nextProgress, giveUpAt].compactMap { $0 }.min()!
+            if wake < now { wake = now }
+            let ready = waitReadable([groupSocket, feedbackSocket], until: wake)
+            for i in ready { try drain(i == 0 ? groupSocket : feedbackSocket) }
+            let after = MonotonicClock.now()
+            if let d = receiver.nextDeadline, after >= d {
+                receiver.handleTimeout(at: after)
+                try process(source: nil)
+            }
+            try flushFeedback()
+            if after >= nextProgress {
+                progress(snapshot(at: after))
+                nextProgress = after + progressInterval
+            }
+        }
+        progress(snapshot(at: MonotonicClock.now()))
+        if receiver.isComplete { return .completed(bundlePath: try staging.finish()) }
+        let (reason, text) = receiver.failure ?? (.sessionClosed, "session ended")
+        return .failed(reason, text)
+    }
+
+    private func drain(_ socket: UDPSocket) throws(TransportError) {
+        // Bounded per wake: timers and feedback get their turn under a flood.
+        for _ in 0..<8 {
+            guard try socket.receive(into: &incoming) > 0 else { return }
+            let now = MonotonicClock.now()
+            for i in 0..<incoming.count {
+                guard let bytes = incoming.datagram(i) else { continue }
+                received += UInt64(bytes.count)
+                if simulatedLoss > 0, bytes.count > 1, bytes[1] == Datagram.Kind.data.rawValue, lossRandom.unit() < simulatedLoss { continue }
+                receiver.handleDatagram(bytes, at: now)
+                try process(source: incoming.source(i), datagram: bytes)
+            }
+            try flushFeedback()
+            if incoming.count < incoming.capacity { return }
+        }
+    }
+
+    /// Executes the core's storage events and queues its feedback.
+    private func process(source: SocketAddress?, datagram: [UInt8]? = nil) throws(TransportError) {
+        while let e = receiver.pollEvent() {
+            switch e {
+            case .joined(_, let m):
+                if let source, let datagram { senderAddress = feedbackAddress(announce: datagram, source: source) }
+                manifest = m
+                do {
+                    try staging.prepare(envelope: receiver.envelope!, manifest: m)
+                    let verified = try ManifestVerifier.verify(envelope: receiver.envelope!, trust: receiver.config.trust, device: receiver.config.device)
+                    try verified.checkRecipient(keys: keys)
+                } catch let error as TransportError {
+                    receiver.abort(.storage, error.reason, at: MonotonicClock.now())
+                } catch let error as BundleError {
+                    receiver.abort(error.code == .notARecipient ? .notARecipient : .storage, error.reason, at: MonotonicClock.now())
+                } catch {
+                    receiver.abort(.storage, "\(error)", at: MonotonicClock.now())
+                }
+            case .store(let object, _, let offset, let bytes):
+                do { try staging.store(object, offset: offset, bytes: bytes) } catch {
+                    receiver.abort(.storage, error.reason, at: MonotonicClock.now())
+                }
+                if object == .payload { stored += UInt64(bytes.count) }
+            case .commit(let journal):
+                do { try staging.commit(journal) } catch { receiver.abort(.storage, error.reason, at: MonotonicClock.now()) }
+            case .completed, .failed:
+                break  // read from the receiver's state when the loop ends
+            }
+        }
+        while let t = receiver.pollTransmit() {
+            guard case .sender = t.destination, let to = senderAddress else { continue }
+            if outgoing.isFull { try flushFeedback() }
+            outgoing.append(t.bytes, to: to)
+        }
+    }
+
+    private func flushFeedback() throws(TransportError) {
+        guard outgoing.count > 0 else { return }
+        // Feedback is best effort: what the kernel will not take now is dropped (the core repeats what matters).
+        _ = try? feedbackSocket.send(outgoing)
+        outgoing.removeFirst(outgoing.count)
+    }
+
+    /// Specs/protocol.md §3.1: address family 0 means "reply to the announce's source".
+    private func feedbackAddress(announce bytes: [UInt8], source: SocketAddress) -> SocketAddress {
+        guard case .announce(let a)? = try? Datagram(parsing: bytes) else { return source }
+        switch a.feedbackFamily {
+        case .sourceAddress: return source
+        case .ipv4:
+            let host = a.feedbackAddress.prefix(4).map(String.init).joined(separator: ".")
+            return (try? SocketAddress(host: host, port: a.feedbackPort)) ?? source
+        case .ipv6:
+            let host = stride(from: 0, to: 16, by: 2).map { String(UInt16(a.feedbackAddress[$0]) << 8 | UInt16(a.feedbackAddress[$0 + 1]), radix: 16) }.joined(separator: ":")
+            return (try? SocketAddress(host: host, port: a.feedbackPort)) ?? source
+        }
+    }
+
+    public func snapshot(at now: Instant) -> ReceiverProgress {
+        let total = manifest.map { BlockGeometry(payloadSize: $0.payload.size, profile: $0.transport).blockCount } ?? 0
+        let rejected = receiver.counters.all.filter { $0.0.hasPrefix("dropped.") && $0.0 != "dropped.data.duplicate" && $0.0 != "dropped.data.blockDone" }
+            .map { (String($0.0.dropFirst("dropped.".count)), $0.1) }
+        return ReceiverProgress(elapsed: now - startedAt, joined: manifest != nil, blocksDone: receiver.blocksDone, blocksTotal: total,
+                                payloadBytes: manifest?.payload.size ?? 0, bytesReceived: received,
+                                blocksRepaired: receiver.counters["blocks.repaired"], nacksSent: receiver.nacksSent,
+                                rejected: rejected, cpuSeconds: MonotonicClock.processCPUSeconds() - cpuAtStart)
+    }
+}

@@ -1,0 +1,156 @@
+import DeliveryCore
+import WireFormat
+
+/// Where and how the sender's socket sends (Specs/protocol.md §2).
+public struct SenderEndpoint: Sendable {
+    public var group: SocketAddress
+    public var interface: NetworkInterface?
+    /// The sender's own address and port: receivers send feedback here (announce address family 0).
+    public var bindAddress: SocketAddress
+    public var ttl = 1
+    /// Deliver copies to receivers on this host too (needed on loopback and in one-host demos).
+    public var multicastLoopback = true
+    public var sendBufferBytes = 1 << 20
+    public var receiveBufferBytes = 4 << 20
+
+    public init(group: SocketAddress, interface: NetworkInterface?, bindAddress: SocketAddress) {
+        self.group = group; self.interface = interface; self.bindAddress = bindAddress
+    }
+}
+
+/// A snapshot for the progress line and the final report.
+public struct SenderProgress: Sendable {
+    public var elapsed: Interval
+    public var round: UInt32
+    public var dataBytesSent: UInt64
+    public var controlBytesSent: UInt64
+    public var feedbackBytesReceived: UInt64
+    public var datagramsSent: UInt64
+    public var sendStalls: UInt64
+    public var registered: Int
+    public var done: Int
+    public var failed: Int
+    public var cpuSeconds: Double
+}
+
+/// Drives the sans-I/O `Sender` over one UDP socket: multicast out, unicast
+/// feedback in, on the real monotonic clock (../shared/DESIGN.md decision 9).
+/// All protocol decisions stay in the core; this loop only moves bytes and time.
+public final class SenderDriver {
+    public private(set) var sender: Sender
+    public let endpoint: SenderEndpoint
+    public let socket: UDPSocket
+    public let grantedBuffers: (receive: Int, send: Int)
+    private let objects: FileObjects?
+    /// Where each receiver's feedback came from, for unicast replies (ACK).
+    private var receiverAddresses: [ReceiverID: SocketAddress] = [:]
+    /// Named limit: the address table is bounded like the core's receiver table.
+    public static let addressTableCountMax = 4096
+    private let batch = SendBatch()
+    private var incoming = ReceiveBatch()
+    private var stats = (datagrams: UInt64(0), stalls: UInt64(0))
+    private let startedAt: Instant
+    private let cpuAtStart: Double
+
+    public init(sender: Sender, objects: FileObjects?, endpoint: SenderEndpoint) throws(TransportError) {
+        self.sender = sender
+        self.objects = objects
+        self.endpoint = endpoint
+        guard endpoint.group.isMulticast else { throw TransportError(.invalidAddress, "\(endpoint.group) is not a multicast group") }
+        guard endpoint.group.family == endpoint.bindAddress.family else {
+            throw TransportError(.invalidAddress, "group \(endpoint.group) and bind address \(endpoint.bindAddress) are of different families")
+        }
+        socket = try UDPSocket(family: endpoint.group.family)
+        grantedBuffers = try socket.setBuffers(receive: endpoint.receiveBufferBytes, send: endpoint.sendBufferBytes)
+        try socket.setMulticastOutput(interface: endpoint.interface, ttl: endpoint.ttl, loopback: endpoint.multicastLoopback)
+        try socket.bind(endpoint.bindAddress)
+        startedAt = MonotonicClock.now()
+        cpuAtStart = MonotonicClock.processCPUSeconds()
+    }
+
+    public var localAddress: SocketAddress? { try? socket.localAddress() }
+
+    /// Runs until the session is finished, `shouldStop` says so, or an error.
+    /// Calls `progress` at most every `progressInterval`.
+    public func run(progressInterval: Interval = .milliseconds(250), progress: (SenderProgress) -> Void = { _ in },
+                    shouldStop: () -> Bool = { false }) throws(TransportError) {
+        var nextProgress = MonotonicClock.now()
+        while !sender.isFinished {
+            if shouldStop() { break }
+            var now = MonotonicClock.now()
+            sender.handleTimeout(at: now)
+            // Fill and send one batch; what the kernel refuses waits in the batch.
+            while !batch.isFull, let t = sender.pollTransmit(at: now) {
+                guard let to = destination(t.destination) else { continue }
+                batch.append(t.bytes, to: to)
+            }
+            if let failure = objects?.failure { throw failure }
+            if batch.count > 0 {
+                let n = try socket.send(batch)
+                stats.datagrams += UInt64(n)
+                if n < batch.count { stats.stalls += 1 }
+                batch.removeFirst(n)
+            }
+            try receiveFeedback()
+            now = MonotonicClock.now()
+            if now >= nextProgress {
+                progress(snapshot(at: now))
+                nextProgress = now + progressInterval
+            }
+            if batch.isFull || (batch.count == 0 && sender.nextDeadline(at: now).map({ $0 <= now }) ?? false) { continue }
+            // Sleep until the core has work, feedback arrives, or (when the kernel's
+            // buffer was full) a short back-off passes.
+            var wake = sender.nextDeadline(at: now) ?? (now + .milliseconds(100))
+            if batch.count > 0 { wake = min(wake, now + Interval(microseconds: 200)) }
+            _ = waitReadable([socket], until: min(wake, nextProgress))
+        }
+        progress(snapshot(at: MonotonicClock.now()))
+    }
+
+    private func destination(_ d: Destination) -> SocketAddress? {
+        switch d {
+        case .group: return endpoint.group
+        case .receiver(let id): return receiverAddresses[id]
+        case .sender: return nil  // never produced by the sender core
+        }
+    }
+
+    private func receiveFeedback() throws(TransportError) {
+        // Bounded per wake so feedback floods cannot starve sending.
+        for _ in 0..<4 {
+            guard try socket.receive(into: &incoming) > 0 else { return }
+            let now = MonotonicClock.now()
+            for i in 0..<incoming.count {
+                guard let bytes = incoming.datagram(i) else { continue }
+                noteSource(of: bytes, from: incoming.source(i))
+                sender.handleDatagram(bytes, at: now)
+            }
+        }
+    }
+
+    /// Learns the address of a receiver from its feedback (parsed again by the core).
+    private func noteSource(of bytes: [UInt8], from source: SocketAddress) {
+        guard let d = try? Datagram(parsing: bytes) else { return }
+        let id: ReceiverID
+        switch d {
+        case .register(let r): id = r.receiver
+        case .nack(let n): id = n.receiver
+        case .status(let s): id = s.receiver
+        case .announce, .data, .poll, .close, .ack: return
+        }
+        if receiverAddresses[id] == nil && receiverAddresses.count >= Self.addressTableCountMax { return }
+        receiverAddresses[id] = source
+    }
+
+    public func snapshot(at now: Instant) -> SenderProgress {
+        let fleet = sender.fleet(at: now)
+        let sent = sender.bytesSent
+        let data = (sent["source"] ?? 0) + (sent["repair"] ?? 0)
+        let total = sent.filter { $0.key != "feedbackReceived" }.values.reduce(0, +)
+        return SenderProgress(elapsed: now - startedAt, round: sender.round, dataBytesSent: data, controlBytesSent: total - data,
+                              feedbackBytesReceived: sent["feedbackReceived"] ?? 0, datagramsSent: stats.datagrams, sendStalls: stats.stalls,
+                              registered: fleet.count, done: fleet.filter { $0.standing == .done }.count,
+                              failed: fleet.filter { $0.standing == .failed }.count,
+                              cpuSeconds: MonotonicClock.processCPUSeconds() - cpuAtStart)
+    }
+}

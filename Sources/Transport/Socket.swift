@@ -1,0 +1,263 @@
+import CSocket
+import DeliveryCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A failure of the operating system's network or file interfaces, with the
+/// call that failed and why (compared by code, as every error in Fleetcast).
+public struct TransportError: Error, CustomStringConvertible, Equatable {
+    public enum Code: String, Sendable {
+        case invalidAddress, noSuchInterface, socket, storage, journal
+    }
+    public let code: Code
+    public let reason: String
+    public init(_ code: Code, _ reason: String) { self.code = code; self.reason = reason }
+    public var description: String { reason }
+    public static func == (a: Self, b: Self) -> Bool { a.code == b.code }
+
+    static func system(_ code: Code, _ what: String, _ negativeErrno: Int32) -> TransportError {
+        TransportError(code, "\(what): \(String(cString: strerror(-negativeErrno)))")
+    }
+}
+
+/// An IPv4 or IPv6 socket address (numeric; Fleetcast resolves no names).
+public struct SocketAddress: Hashable, Sendable, CustomStringConvertible {
+    public enum Family: Sendable { case ipv4, ipv6 }
+    var raw: fc_addr
+
+    init(raw: fc_addr) { self.raw = raw }
+
+    public init(host: String, port: UInt16) throws(TransportError) {
+        var a = fc_addr()
+        guard fc_addr_parse(host, port, &a) == 0 else {
+            throw TransportError(.invalidAddress, "'\(host)' is not a numeric IPv4 or IPv6 address")
+        }
+        raw = a
+    }
+
+    /// The unspecified address of a family (bind to every local address).
+    public static func any(_ family: Family, port: UInt16) -> SocketAddress {
+        var a = fc_addr()
+        fc_addr_any(family == .ipv6 ? AF_INET6 : AF_INET, port, &a)
+        return SocketAddress(raw: a)
+    }
+
+    public var family: Family { fc_addr_family(withUnsafePointer(to: raw) { $0 }) == AF_INET6 ? .ipv6 : .ipv4 }
+    var systemFamily: Int32 { family == .ipv6 ? AF_INET6 : AF_INET }
+    public var port: UInt16 { withUnsafePointer(to: raw) { fc_addr_port($0) } }
+    public var isMulticast: Bool { withUnsafePointer(to: raw) { fc_addr_is_multicast($0) != 0 } }
+
+    public var description: String {
+        var text = [CChar](repeating: 0, count: 80)
+        withUnsafePointer(to: raw) { fc_addr_format($0, &text, Int32(text.count)) }
+        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// The meaningful bytes (the length prefix of the sockaddr), for equality and hashing.
+    private var significantBytes: [UInt8] {
+        withUnsafeBytes(of: raw.storage) { Array($0.prefix(Int(raw.length))) }
+    }
+    public static func == (a: Self, b: Self) -> Bool { a.raw.length == b.raw.length && a.significantBytes == b.significantBytes }
+    public func hash(into h: inout Hasher) { h.combine(significantBytes) }
+}
+
+/// A network interface by name, resolved to the index the kernel uses.
+public struct NetworkInterface: Sendable, CustomStringConvertible {
+    public let name: String
+    public let index: UInt32
+    public init(name: String) throws(TransportError) {
+        let i = if_nametoindex(name)
+        guard i != 0 else { throw TransportError(.noSuchInterface, "no network interface named '\(name)'") }
+        self.name = name
+        index = i
+    }
+    public var description: String { name }
+}
+
+/// Limits of the socket layer, each named (Specs/protocol.md §6).
+public enum TransportLimits {
+    /// The largest datagram a receive slot holds: a data datagram at the
+    /// largest symbol size (8,960 bytes) plus headers; anything longer is
+    /// truncated and counted as such.
+    public static let datagramByteCountMax = 9216
+    /// Datagrams per sendmmsg/recvmmsg call.
+    public static let batchCountMax = 64
+    /// Socket buffer asked for by default: a few hundred milliseconds at 1 Gbit/s.
+    public static let socketBufferByteCountDefault = 16 << 20
+}
+
+/// A non-blocking UDP socket with batched send and receive. The only place
+/// where Fleetcast touches the network (../shared/DESIGN.md, decision 9).
+public final class UDPSocket {
+    public let fd: Int32
+    public let family: SocketAddress.Family
+
+    public init(family: SocketAddress.Family) throws(TransportError) {
+        let fd = fc_udp_open(family == .ipv6 ? AF_INET6 : AF_INET)
+        guard fd >= 0 else { throw .system(.socket, "socket()", fd) }
+        self.fd = fd
+        self.family = family
+    }
+
+    deinit { close(fd) }
+
+    public func allowAddressReuse() throws(TransportError) {
+        let rc = fc_set_reuse(fd)
+        guard rc == 0 else { throw .system(.socket, "SO_REUSEADDR", rc) }
+    }
+
+    public func bind(_ address: SocketAddress) throws(TransportError) {
+        let rc = withUnsafePointer(to: address.raw) { fc_bind(fd, $0) }
+        guard rc == 0 else { throw .system(.socket, "bind \(address)", rc) }
+    }
+
+    public func localAddress() throws(TransportError) -> SocketAddress {
+        var a = fc_addr()
+        let rc = fc_local_address(fd, &a)
+        guard rc == 0 else { throw .system(.socket, "getsockname", rc) }
+        return SocketAddress(raw: a)
+    }
+
+    public func join(group: SocketAddress, on interface: NetworkInterface?) throws(TransportError) {
+        let rc = withUnsafePointer(to: group.raw) { fc_join_group(fd, $0, interface?.index ?? 0) }
+        guard rc == 0 else { throw .system(.socket, "join \(group) on \(interface?.name ?? "default interface")", rc) }
+    }
+
+    /// Outgoing multicast: the interface, the TTL (hop limit) and whether this host's own sockets get a copy.
+    public func setMulticastOutput(interface: NetworkInterface?, ttl: Int, loopback: Bool) throws(TransportError) {
+        let rc = fc_multicast_out(fd, family == .ipv6 ? AF_INET6 : AF_INET, interface?.index ?? 0, Int32(ttl), loopback ? 1 : 0)
+        guard rc == 0 else { throw .system(.socket, "multicast output options", rc) }
+    }
+
+    /// Asks for large buffers and returns what the kernel granted.
+    public func setBuffers(receive: Int, send: Int) throws(TransportError) -> (receive: Int, send: Int) {
+        var r: Int32 = 0, s: Int32 = 0
+        let rc = fc_set_buffers(fd, Int32(receive), Int32(send), &r, &s)
+        guard rc == 0 else { throw .system(.socket, "socket buffers", rc) }
+        return (Int(r), Int(s))
+    }
+
+    /// Sends the batch's datagrams; returns how many the kernel took
+    /// (fewer means its buffer is full: wait for writability or time).
+    public func send(_ batch: SendBatch, from start: Int = 0) throws(TransportError) -> Int {
+        guard start < batch.count else { return 0 }
+        let rc = batch.pointers.withUnsafeBufferPointer { p in
+            batch.lengths.withUnsafeBufferPointer { l in
+                batch.destinations.withUnsafeBufferPointer { d in
+                    fc_send_batch(fd, p.baseAddress! + start, l.baseAddress! + start, d.baseAddress! + start, Int32(batch.count - start))
+                }
+            }
+        }
+        guard rc >= 0 else { throw .system(.socket, "sendmmsg", rc) }
+        return Int(rc)
+    }
+
+    /// Receives what is waiting, up to the batch's capacity, without blocking.
+    public func receive(into batch: inout ReceiveBatch) throws(TransportError) -> Int {
+        let capacity = batch.capacity
+        let rc = batch.buffer.withUnsafeMutableBytes { buffer in
+            batch.sources.withUnsafeMutableBufferPointer { s in
+                batch.lengths.withUnsafeMutableBufferPointer { l in
+                    fc_recv_batch(fd, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), Int32(TransportLimits.datagramByteCountMax),
+                                  Int32(capacity), s.baseAddress!, l.baseAddress!)
+                }
+            }
+        }
+        guard rc >= 0 else { throw .system(.socket, "recvmmsg", rc) }
+        batch.count = Int(rc)
+        return Int(rc)
+    }
+}
+
+/// Datagrams waiting to be sent in one system call, copied into slots that are reused.
+public final class SendBatch {
+    public let capacity: Int
+    private let storage: UnsafeMutableRawPointer
+    fileprivate var pointers: [UnsafeMutablePointer<UInt8>?]
+    fileprivate var lengths: [Int32]
+    fileprivate var destinations: [fc_addr]
+    public private(set) var count = 0
+    public private(set) var byteCount = 0
+
+    public init(capacity: Int = TransportLimits.batchCountMax) {
+        self.capacity = capacity
+        let storage = UnsafeMutableRawPointer.allocate(byteCount: capacity * TransportLimits.datagramByteCountMax, alignment: 64)
+        self.storage = storage
+        pointers = (0..<capacity).map { storage.advanced(by: $0 * TransportLimits.datagramByteCountMax).assumingMemoryBound(to: UInt8.self) }
+        lengths = [Int32](repeating: 0, count: capacity)
+        destinations = [fc_addr](repeating: fc_addr(), count: capacity)
+    }
+    deinit { storage.deallocate() }
+
+    public var isFull: Bool { count == capacity }
+
+    public func append(_ bytes: [UInt8], to destination: SocketAddress) {
+        precondition(count < capacity && bytes.count <= TransportLimits.datagramByteCountMax)
+        bytes.withUnsafeBytes { pointers[count]!.update(from: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), count: bytes.count) }
+        lengths[count] = Int32(bytes.count)
+        destinations[count] = destination.raw
+        count += 1
+        byteCount += bytes.count
+    }
+
+    /// Drops the first `n` datagrams (they were sent), keeping the rest in order.
+    public func removeFirst(_ n: Int) {
+        guard n > 0 else { return }
+        for i in n..<count {
+            pointers[i - n]!.update(from: pointers[i]!, count: Int(lengths[i]))
+            lengths[i - n] = lengths[i]
+            destinations[i - n] = destinations[i]
+        }
+        count -= n
+        byteCount = (0..<count).reduce(0) { $0 + Int(lengths[$1]) }
+    }
+}
+
+/// Reusable slots for one recvmmsg call.
+public struct ReceiveBatch {
+    public let capacity: Int
+    fileprivate var buffer: [UInt8]
+    fileprivate var sources: [fc_addr]
+    fileprivate var lengths: [Int32]
+    public fileprivate(set) var count = 0
+
+    public init(capacity: Int = TransportLimits.batchCountMax) {
+        self.capacity = capacity
+        buffer = [UInt8](repeating: 0, count: capacity * TransportLimits.datagramByteCountMax)
+        sources = [fc_addr](repeating: fc_addr(), count: capacity)
+        lengths = [Int32](repeating: 0, count: capacity)
+    }
+
+    /// The i-th datagram, or nil if it was longer than a slot (truncated).
+    public func datagram(_ i: Int) -> [UInt8]? {
+        precondition(i < count)
+        let n = Int(lengths[i])
+        guard n >= 0 else { return nil }
+        let start = i * TransportLimits.datagramByteCountMax
+        return Array(buffer[start..<start + n])
+    }
+
+    public func source(_ i: Int) -> SocketAddress { SocketAddress(raw: sources[i]) }
+}
+
+/// The driver's clock: CLOCK_MONOTONIC as an `Instant`.
+public enum MonotonicClock {
+    public static func now() -> Instant { Instant(microseconds: fc_monotonic_microseconds()) }
+    /// User plus system CPU time this process has used.
+    public static func processCPUSeconds() -> Double { Double(fc_process_cpu_microseconds()) / 1e6 }
+}
+
+/// Waits until a socket is readable or the deadline passes.
+/// Returns the indices of the readable sockets.
+public func waitReadable(_ sockets: [UDPSocket], until deadline: Instant?) -> [Int] {
+    let fds = sockets.map(\.fd)
+    var timeout: Int64 = -1
+    if let deadline {
+        let now = MonotonicClock.now()
+        timeout = deadline > now ? Int64((deadline - now).microseconds) * 1000 : 0
+    }
+    let mask = fds.withUnsafeBufferPointer { fc_wait_readable($0.baseAddress!, Int32(fds.count), timeout) }
+    guard mask > 0 else { return [] }
+    return sockets.indices.filter { mask & (1 << $0) != 0 }
+}

@@ -1,0 +1,217 @@
+import DeliveryCore
+import FleetCrypto
+import UpdateBundle
+import WireFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A receiver's durable state in one directory (Specs/protocol.md §8):
+///
+/// - `bundle.partial`: the bundle file as it will be (header, envelope,
+///   payload, auth chain at the offsets of Specs/bundle.md §3), filled block
+///   by block as blocks verify; sparse until then.
+/// - `journal`: the last progress journal, replaced atomically
+///   (write `journal.tmp`, fsync, rename, fsync the directory).
+/// - `bundle`: the complete bundle, renamed from `bundle.partial` at the end.
+///
+/// Blocks are made durable (fdatasync) before the journal that lists them,
+/// so after a crash every listed block is on disk (P-20).
+public final class StagingArea {
+    public let directory: String
+    public var partialPath: String { directory + "/bundle.partial" }
+    public var journalPath: String { directory + "/journal" }
+    public var bundlePath: String { directory + "/bundle" }
+    private var fd: Int32 = -1
+    public private(set) var header: BundleHeader?
+    /// Named limit: a journal file larger than this is refused as corrupt
+    /// (the envelope's limit plus two bitmaps for the largest payload).
+    public static let journalByteCountMax = BundleLimits.envelopeByteCountMax + 4 << 20
+
+    public init(directory: String) throws(TransportError) {
+        self.directory = directory
+        if mkdir(directory, 0o700) != 0 && errno != EEXIST { throw .system(.storage, "create \(directory)", -errno) }
+    }
+
+    deinit { if fd >= 0 { close(fd) } }
+
+    // MARK: Journal
+
+    /// The journal, or nil with the reason it cannot be used.
+    public func loadJournal() -> (ProgressJournal?, String?) {
+        guard let bytes = readWhole(journalPath, limit: Self.journalByteCountMax) else { return (nil, nil) }
+        do { return (try JournalCodec.decode(bytes), nil) } catch { return (nil, "journal unusable: \(error.reason)") }
+    }
+
+    /// Resume state for the core: the journal plus the auth-chain blocks it lists, read back.
+    /// Nil (start afresh) if the partial file does not match the journal's envelope.
+    public func resumeState(journal: ProgressJournal, manifest: Manifest) -> ResumeState? {
+        let expected = BundleHeader(envelopeLength: journal.envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
+        guard (try? open(for: expected, envelope: journal.envelope, create: false)) != nil else { return nil }
+        let auth = BlockGeometry(payloadSize: manifest.authentication.size, profile: manifest.transport)
+        var blocks: [Int: [UInt8]] = [:]
+        for b in journal.authBlocks where b < auth.blockCount {
+            let range = auth.byteRange(ofBlock: b)
+            guard let bytes = try? read(at: expected.authOffset + range.lowerBound, count: range.count) else { return nil }
+            blocks[b] = bytes
+        }
+        return ResumeState(progress: journal, authBlockBytes: blocks)
+    }
+
+    public func commit(_ journal: ProgressJournal) throws(TransportError) {
+        guard fd >= 0 else { throw TransportError(.journal, "commit before the staging file was prepared") }
+        guard fdatasync(fd) == 0 else { throw .system(.storage, "fdatasync \(partialPath)", -errno) }
+        try writeAtomically(JournalCodec.encode(journal), to: journalPath)
+    }
+
+    // MARK: Bundle file
+
+    /// Opens the staging file for a session's envelope: reuses a partial file
+    /// whose header and envelope match, otherwise starts a new one.
+    public func prepare(envelope: [UInt8], manifest: Manifest) throws(TransportError) {
+        let h = BundleHeader(envelopeLength: envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
+        if header == h, fd >= 0 { return }
+        if (try? open(for: h, envelope: envelope, create: false)) != nil { return }
+        unlink(journalPath)
+        try open(for: h, envelope: envelope, create: true)
+    }
+
+    private func open(for h: BundleHeader, envelope: [UInt8], create: Bool) throws(TransportError) {
+        if fd >= 0 { close(fd); fd = -1; header = nil }
+        let flags = create ? (O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC) : (O_RDWR | O_CLOEXEC)
+        let f = Glibc.open(partialPath, flags, 0o600)
+        guard f >= 0 else { throw .system(.storage, "open \(partialPath)", -errno) }
+        fd = f
+        let prefix = h.encoded() + envelope
+        if create {
+            guard ftruncate(f, off_t(h.totalSize)) == 0 else { throw .system(.storage, "allocate \(partialPath)", -errno) }
+            try write(prefix, at: 0)
+        } else {
+            var st = stat()
+            guard fstat(f, &st) == 0, UInt64(st.st_size) == h.totalSize, (try? read(at: 0, count: prefix.count)) == prefix else {
+                close(f); fd = -1
+                throw TransportError(.storage, "\(partialPath) belongs to another bundle")
+            }
+        }
+        header = h
+    }
+
+    /// Writes a verified block (Specs/protocol.md P-20: only verified bytes reach staging).
+    public func store(_ object: ObjectID, offset: UInt64, bytes: [UInt8]) throws(TransportError) {
+        guard let h = header else { throw TransportError(.storage, "store before the staging file was prepared") }
+        let base = object == .payload ? h.payloadOffset : h.authOffset
+        let limit = object == .payload ? h.payloadLength : h.authLength
+        guard offset + UInt64(bytes.count) <= limit else { throw TransportError(.storage, "block beyond the end of the \(object)") }
+        try write(bytes, at: base + offset)
+    }
+
+    /// Makes the complete file durable and renames it to `bundle`.
+    public func finish() throws(TransportError) -> String {
+        guard fd >= 0 else { throw TransportError(.storage, "nothing staged") }
+        guard fsync(fd) == 0 else { throw .system(.storage, "fsync \(partialPath)", -errno) }
+        close(fd); fd = -1; header = nil
+        guard rename(partialPath, bundlePath) == 0 else { throw .system(.storage, "rename to \(bundlePath)", -errno) }
+        syncDirectory()
+        unlink(journalPath)
+        syncDirectory()
+        return bundlePath
+    }
+
+    // MARK: I/O helpers
+
+    private func write(_ bytes: [UInt8], at offset: UInt64) throws(TransportError) {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, $0.count - done, off_t(offset) + off_t(done)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw .system(.storage, "write \(partialPath)", n < 0 ? -errno : -EIO) }
+            done += n
+        }
+    }
+
+    private func read(at offset: UInt64, count: Int) throws(TransportError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw .system(.storage, "read \(partialPath)", n < 0 ? -errno : -EIO) }
+            done += n
+        }
+        return out
+    }
+
+    private func writeAtomically(_ bytes: [UInt8], to path: String) throws(TransportError) {
+        let temporary = path + ".tmp"
+        let f = Glibc.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard f >= 0 else { throw .system(.journal, "create \(temporary)", -errno) }
+        defer { close(f) }
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(f, $0.baseAddress! + done, $0.count - done) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw .system(.journal, "write \(temporary)", -errno) }
+            done += n
+        }
+        guard fsync(f) == 0 else { throw .system(.journal, "fsync \(temporary)", -errno) }
+        guard rename(temporary, path) == 0 else { throw .system(.journal, "rename \(temporary)", -errno) }
+        syncDirectory()
+    }
+
+    private func syncDirectory() {
+        let d = Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if d >= 0 { fsync(d); close(d) }
+    }
+
+    private func readWhole(_ path: String, limit: Int) -> [UInt8]? {
+        let f = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard f >= 0 else { return nil }
+        defer { close(f) }
+        var st = stat()
+        guard fstat(f, &st) == 0, st.st_size <= limit else { return nil }
+        var out = [UInt8](repeating: 0, count: Int(st.st_size))
+        let n = out.withUnsafeMutableBytes { Glibc.read(f, $0.baseAddress!, $0.count) }
+        return n == out.count ? out : nil
+    }
+}
+
+/// The journal's bytes (Specs/protocol.md §8.2): magic "FCJ1", the envelope,
+/// two block bitmaps (auth chain, payload), and a SHA-256 of all before it.
+public enum JournalCodec {
+    static let magic: [UInt8] = Array("FCJ1".utf8)
+
+    public static func encode(_ j: ProgressJournal) -> [UInt8] {
+        var w = ByteWriter()
+        w.append(magic)
+        w.u32(UInt32(j.envelope.count))
+        w.append(j.envelope)
+        for list in [j.authBlocks, j.payloadBlocks] {
+            let count = (list.max() ?? -1) + 1
+            var bitmap = [UInt8](repeating: 0, count: (count + 7) / 8)
+            for b in list { bitmap[b / 8] |= 1 << (b % 8) }
+            w.u32(UInt32(count))
+            w.append(bitmap)
+        }
+        let body = w.bytes
+        return body + SHA256.hash(body)
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws(WireFormatError) -> ProgressJournal {
+        guard bytes.count >= 4 + 4 + 8 + 32 else { throw WireFormatError(.truncated, "journal of \(bytes.count) bytes") }
+        let body = Array(bytes.dropLast(32))
+        guard SHA256.hash(body) == Array(bytes.suffix(32)) else { throw WireFormatError(.invalidField, "journal checksum differs (torn or corrupted)") }
+        var r = ByteReader(body)
+        guard try r.bytes(4, "journal magic") == magic else { throw WireFormatError(.invalidField, "not a Fleetcast journal") }
+        let envelopeLength = Int(try r.u32("envelope length"))
+        guard envelopeLength <= BundleLimits.envelopeByteCountMax else { throw WireFormatError(.invalidField, "journal envelope of \(envelopeLength) bytes") }
+        let envelope = try r.bytes(envelopeLength, "envelope")
+        var lists: [[Int]] = []
+        for _ in 0..<2 {
+            let count = Int(try r.u32("block count"))
+            let bitmap = try r.bytes((count + 7) / 8, "block bitmap")
+            lists.append((0..<count).filter { bitmap[$0 / 8] & (1 << ($0 % 8)) != 0 })
+        }
+        try r.end()
+        return ProgressJournal(envelope: envelope, authBlocks: lists[0], payloadBlocks: lists[1])
+    }
+}

@@ -1,0 +1,49 @@
+import ArgumentParser
+import DeliveryCore
+import Foundation
+import Transport
+
+/// Options shared by `send` and `receive`: where the session lives on the network.
+struct NetworkOptions: ParsableArguments {
+    @Option(help: "Multicast group (IPv4 or IPv6; administratively scoped 239.0.0.0/8 or ff15::/16 on a LAN).")
+    var group: String = "239.192.0.42"
+
+    @Option(help: "UDP port of the group.")
+    var port: UInt16 = 4711
+
+    @Option(help: "Network interface for multicast (e.g. eth1, lo). Default: the kernel's route for the group; name one on multi-homed hosts.")
+    var interface: String?
+
+    func groupAddress() throws -> SocketAddress { try SocketAddress(host: group, port: port) }
+    func networkInterface() throws -> NetworkInterface? { try interface.map { try NetworkInterface(name: $0) } }
+}
+
+/// Exit statuses of `send` and `receive` beyond the verification codes 10-21.
+enum NetworkExit {
+    /// No session was heard within --timeout.
+    static let timedOut: Int32 = 30
+    /// The session ended (closed, went silent) before this receiver completed.
+    static let sessionEnded: Int32 = 31
+    /// Not every receiver completed (send).
+    static let incompleteFleet: Int32 = 32
+    /// Socket or interface trouble.
+    static let network: Int32 = 33
+}
+
+/// Parses a rate in bits per second: "900M", "1G", "250k", "100000000".
+func parseBitRate(_ text: String) -> Double? {
+    let multipliers: [Character: Double] = ["k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9]
+    if let last = text.last, let m = multipliers[last], let v = Double(text.dropLast()), v > 0 { return v * m }
+    return Double(text).flatMap { $0 > 0 ? $0 : nil }
+}
+
+func reportingTransportFailures(_ body: () throws -> Void) throws {
+    do { try reportingFailures(body) } catch let error as TransportError {
+        printError("network: \(error.reason)")
+        throw ExitCode(error.code == .storage || error.code == .journal ? 20 : NetworkExit.network)
+    }
+}
+
+func formatRate(_ bytes: UInt64, _ seconds: Double) -> String {
+    seconds > 0 ? String(format: "%.1f MB/s", Double(bytes) / seconds / 1e6) : "-"
+}

@@ -1,0 +1,146 @@
+import ArgumentParser
+import DeliveryCore
+import FleetCrypto
+import Foundation
+import Transport
+import UpdateBundle
+import WireFormat
+
+struct Receive: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Receive a bundle from a multicast session, verify it, and keep it (steps 1 and 2).",
+        discussion: """
+        Joins the group and waits for an announce whose manifest verifies against the trusted
+        keys and this device's policy (hardware, anti-rollback, expiry); anything else is
+        refused before a byte is stored. Every arriving symbol is checked against the signed
+        authentication chain; missing symbols are NACKed by unicast. Verified blocks go to
+        --staging-dir with a journal, so a killed receiver resumes where it stopped. On
+        completion the whole payload is hashed against the manifest, decrypted and
+        decompressed (step 2); the verified bundle is kept (--bundle-out) and the components
+        written (--output-dir).
+
+        Exit status: 0 verified; 13 expired; 14 incompatible hardware; 15 rollback; 17 hash
+        mismatch; 18 not a recipient; 19 decryption failed; 20 storage; 30 no session within
+        --timeout; 31 the session ended before this device completed; 33 network error.
+
+        Example:
+          fleetcast receive --interface eth1 --trusted-key vendor.pub --hardware-id board-7 \\
+              --installed-sequence 41 --device-key device.key --output-dir /var/lib/update
+        """
+    )
+
+    @OptionGroup var network: NetworkOptions
+
+    @OptionGroup var deviceOptions: DeviceOptions
+
+    @Option(help: "Installed version, reported to the sender.")
+    var installedVersion: String = "unknown"
+
+    @Option(help: "This device's ID in the sender's fleet report (default: the host name).")
+    var deviceID: String?
+
+    @Option(help: "Directory for staged blocks and the resume journal.")
+    var stagingDir: String = "fleetcast-staging"
+
+    @Option(help: "Where to leave the verified bundle (default: <staging-dir>/bundle).")
+    var bundleOut: String?
+
+    @Option(help: "Directory to write the verified, decrypted components into.")
+    var outputDir: String?
+
+    @Option(help: "Seconds to wait for a session before giving up (0: wait forever).")
+    var timeout: Double = 0
+
+    @Option(help: "Drop this percentage of incoming data datagrams at random, to see repair work (tests, demos).")
+    var simulateLoss: Double = 0
+
+    @Flag(help: "No progress line.")
+    var quiet = false
+
+    func validate() throws {
+        guard (0..<100).contains(simulateLoss) else { throw ValidationError("--simulate-loss is a percentage below 100") }
+        guard timeout >= 0 else { throw ValidationError("--timeout must not be negative") }
+    }
+
+    func run() throws {
+        try reportingTransportFailures {
+            installInterruptHandlers()
+            let trust = try deviceOptions.trust()
+            let device = deviceOptions.policy(now: currentUnixTime())
+            let keys = try deviceOptions.keys()
+            let name = deviceID ?? ProcessInfo.processInfo.hostName
+            let seed = UInt64(fromBytes: try SecureRandom.bytes(8))
+            var config = ReceiverConfig(receiverID: ReceiverID(UInt64(fromBytes: SHA256.hash(Array(name.utf8)))), deviceID: String(name.prefix(Register.textByteCountMax)),
+                                        installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
+            config.inactivityTimeout = .seconds(10)
+            let staging = try StagingArea(directory: stagingDir)
+            let endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
+            let driver = try ReceiverDriver(config: config, endpoint: endpoint, staging: staging, keys: keys,
+                                            simulatedLoss: simulateLoss / 100, seed: seed)
+            if driver.grantedReceiveBuffer < endpoint.receiveBufferBytes / 2 {
+                printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedReceiveBuffer))) receive buffer (asked \(formatBytes(UInt64(endpoint.receiveBufferBytes)))); bursts may overflow it: raise net.core.rmem_max")
+            }
+            if let note = driver.resumeNote { printError(note) }
+            if driver.resumedBlocks > 0 { FileHandle.standardError.write(Data("resuming: \(driver.resumedBlocks) block(s) already verified in \(stagingDir)\n".utf8)) }
+            FileHandle.standardError.write(Data("\(name): listening on \(endpoint.group)\(endpoint.interface.map { " on \($0)" } ?? "")\n".utf8))
+
+            let status = StatusLine(enabled: !quiet)
+            let outcome = try driver.run(joinTimeout: timeout > 0 ? .seconds(timeout) : nil, progress: { p in
+                guard p.joined else { status.show("waiting for a session (\(Int(p.elapsed.seconds)) s)"); return }
+                let done = p.blocksTotal > 0 ? Double(p.blocksDone) * 100 / Double(p.blocksTotal) : 0
+                let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
+                status.show(String(format: "%5.1f%%  %@  repaired %llu blocks  NACKs %d  rejected: %@", done,
+                                   formatRate(p.bytesReceived, p.elapsed.seconds), p.blocksRepaired, p.nacksSent, rejected.isEmpty ? "none" : rejected))
+            }, shouldStop: { interrupted })
+            status.finish()
+            let p = driver.snapshot(at: MonotonicClock.now())
+            switch outcome {
+            case .stopped:
+                printError("interrupted; progress is journalled in \(stagingDir), run again to resume")
+                throw ExitCode(130)
+            case .timedOut:
+                printError("no session heard within \(timeout) s on \(endpoint.group)")
+                throw ExitCode(NetworkExit.timedOut)
+            case .failed(let reason, let text):
+                printError("\(name): \(reason): \(text)")
+                throw ExitCode(Self.exitCode(reason))
+            case .completed(let staged):
+                let cpuReceive = p.cpuSeconds
+                let opened = try UnverifiedBundle(path: staged)
+                let verified = try opened.verifyManifest(trust: trust, device: device)
+                if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
+                let started = MonotonicClock.now()
+                let result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, checkAuthChain: false)
+                let verifySeconds = (MonotonicClock.now() - started).seconds
+                var kept = staged
+                if let bundleOut {
+                    guard rename(staged, bundleOut) == 0 else { throw TransportError(.storage, "cannot move the bundle to \(bundleOut): \(String(cString: strerror(errno)))") }
+                    kept = bundleOut
+                }
+                let m = verified.manifest
+                let cpu = MonotonicClock.processCPUSeconds()
+                print(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s verifying; %llu blocks repaired, %d NACKs; CPU %.2f s (%.0f MB/s per CPU-second)",
+                             name, m.productID, m.version, m.sequence, formatBytes(m.payload.size), p.elapsed.seconds, verifySeconds,
+                             p.blocksRepaired, p.nacksSent, cpu, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
+                print("  bundle -> \(kept)")
+                for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { print("  \(component) -> \(path)") }
+                _ = cpuReceive
+            }
+        }
+    }
+
+    static func exitCode(_ reason: Status.Reason) -> Int32 {
+        switch reason {
+        case .expired: BundleError(.expired, "").exitCode
+        case .incompatibleHardware: BundleError(.incompatibleHardware, "").exitCode
+        case .rollback: BundleError(.rollback, "").exitCode
+        case .notARecipient: BundleError(.notARecipient, "").exitCode
+        case .storage: BundleError(.io, "").exitCode
+        case .sessionClosed, .timedOut, .none: NetworkExit.sessionEnded
+        }
+    }
+}
+
+extension UInt64 {
+    init(fromBytes b: [UInt8]) { self = b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
+}

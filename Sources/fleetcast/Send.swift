@@ -1,0 +1,222 @@
+import ArgumentParser
+import DeliveryCore
+import FleetCrypto
+import Foundation
+import Transport
+import UpdateBundle
+import WireFormat
+
+struct Send: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Broadcast a bundle to a fleet over UDP multicast (step B).",
+        discussion: """
+        Announces the signed manifest, multicasts the authentication chain and the payload
+        as FEC symbols at --rate, then serves repair in rounds for the receivers' NACKs until
+        every registered receiver reports done (or --deadline, or the fleet goes silent).
+        The sender needs no key: receivers verify everything. Feedback comes back by unicast
+        to this host's address and the socket's port (--bind, --feedback-port).
+
+        Progress shows the round, the rate, the bytes sent against the payload, and the
+        receivers registered, done and failed. --report writes a JSON fleet report.
+
+        Exit status: 0 every receiver completed; 32 some receiver failed or went silent;
+        33 network error; 10-21 bundle problems (see `fleetcast --help`).
+
+        Examples:
+          fleetcast send update.fcb --interface eth1 --rate 500M --min-receivers 16
+          fleetcast send update.fcb --interface lo --report fleet.json
+        """
+    )
+
+    @Argument(help: "Bundle file (from `fleetcast pack`).")
+    var bundle: String
+
+    @OptionGroup var network: NetworkOptions
+
+    @Option(help: "Local address to send from and take feedback on (default: any; 127.0.0.1 with --interface lo).")
+    var bind: String?
+
+    @Option(help: "Local UDP port for feedback (default: any free port).")
+    var feedbackPort: UInt16 = 0
+
+    @Option(help: "Multicast TTL / hop limit (1 keeps packets on the LAN).")
+    var ttl: Int = 1
+
+    @Option(help: "Sending rate in bits/s, including headers: 900M, 1G, 50M.")
+    var rate: String = "900M"
+
+    @Option(help: "Proactive repair sent with the first pass, as a share of the source symbols (0-0.5).")
+    var repair: Double = 0.05
+
+    @Option(help: "Receivers expected: the session waits for this many to register before it may close idle.")
+    var minReceivers: Int?
+
+    @Option(help: "Stop serving after this long (90s, 15m, 1h). Default: until the fleet is done or silent.")
+    var deadline: String?
+
+    @Flag(help: "Carousel: no feedback; cycle repair until --deadline (for receivers that cannot send).")
+    var carousel = false
+
+    @Option(help: "Write the JSON fleet report here.")
+    var report: String?
+
+    @Option(help: "Verify the bundle's signatures against this key before sending (PEM); repeatable.")
+    var trustedKey: [String] = []
+
+    @Flag(help: "No progress line.")
+    var quiet = false
+
+    func validate() throws {
+        guard parseBitRate(rate) != nil else { throw ValidationError("--rate wants a positive number with an optional k, M or G suffix (bits/s)") }
+        guard (0...0.5).contains(repair) else { throw ValidationError("--repair must be between 0 and 0.5") }
+        if let deadline, parseDuration(deadline) == nil { throw ValidationError("--deadline wants a duration such as 90s, 15m or 1h") }
+        if carousel && deadline == nil { throw ValidationError("--carousel needs --deadline: without feedback the sender cannot know when the fleet is done") }
+        guard (0...255).contains(ttl) else { throw ValidationError("--ttl must be 0...255") }
+    }
+
+    func run() throws {
+        try reportingTransportFailures {
+            let opened = try UnverifiedBundle(path: bundle)
+            let manifest: Manifest
+            if trustedKey.isEmpty {
+                manifest = try opened.unverifiedContents().manifest
+            } else {
+                let trust = TrustPolicy(trustedKeys: try trustedKey.map(loadPublicKey))
+                manifest = try opened.verifyManifest(trust: trust, device: DevicePolicy(now: currentUnixTime())).manifest
+            }
+            let group = try network.groupAddress()
+            let interface = try network.networkInterface()
+            let bindHost = bind ?? (network.interface == "lo" ? (group.family == .ipv6 ? "::1" : "127.0.0.1") : nil)
+            let bindAddress = try bindHost.map { try SocketAddress(host: $0, port: feedbackPort) } ?? .any(group.family, port: feedbackPort)
+
+            var config = SenderConfig(session: SessionID(UInt32(fromBytes: try SecureRandom.bytes(4)) | 1), rateBytesPerSecond: parseBitRate(rate)! / 8)
+            config.proactiveRepairFraction = repair
+            config.carousel = carousel
+            config.expectedReceivers = minReceivers
+            config.deadline = deadline.flatMap(parseDuration).map { Interval.seconds(Double($0)) }
+            let objects = try FileObjects(bundlePath: bundle, header: opened.header)
+            let sender = Sender(config: config, envelope: opened.envelope, manifest: manifest, source: objects)
+            var endpoint = SenderEndpoint(group: group, interface: interface, bindAddress: bindAddress)
+            endpoint.ttl = ttl
+            let driver = try SenderDriver(sender: sender, objects: objects, endpoint: endpoint)
+            if driver.grantedBuffers.send < endpoint.sendBufferBytes / 2 {
+                printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedBuffers.send))) send buffer (asked \(formatBytes(UInt64(endpoint.sendBufferBytes)))); raise net.core.wmem_max")
+            }
+            let from = driver.localAddress.map { "\($0)" } ?? "?"
+            FileHandle.standardError.write(Data("sending \(manifest.productID) \(manifest.version) (\(formatBytes(manifest.payload.size))) to \(group)\(interface.map { " on \($0)" } ?? "") from \(from), session \(config.session), \(rate)bit/s\n".utf8))
+
+            let payload = manifest.payload.size
+            let status = StatusLine(enabled: !quiet)
+            try driver.run(progress: { p in
+                status.show(String(format: "round %u  %@  sent %@ (%.2fx payload)  receivers %d, done %d, failed %d",
+                                   p.round, formatRate(p.dataBytesSent, p.elapsed.seconds), formatBytes(p.dataBytesSent),
+                                   Double(p.dataBytesSent) / Double(max(payload, 1)), p.registered, p.done, p.failed))
+            }, shouldStop: { interrupted })
+            status.finish()
+
+            let now = MonotonicClock.now()
+            let final = driver.snapshot(at: now)
+            let fleet = driver.sender.fleet(at: now)
+            let fleetReport = FleetReport(sender: driver, manifest: manifest, bundle: bundle, progress: final, fleet: fleet)
+            if let report {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                try encoder.encode(fleetReport).write(to: URL(fileURLWithPath: report))
+            }
+            let done = fleet.filter { $0.standing == .done }.count
+            print(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire; %d receiver(s): %d done, %d failed, %d incomplete",
+                         formatBytes(payload), final.elapsed.seconds, formatRate(payload, fleetReport.secondsToAllDone ?? final.elapsed.seconds),
+                         fleetReport.wireRatio, fleet.count, done, fleet.filter { $0.standing == .failed }.count, fleet.count - done - fleet.filter { $0.standing == .failed }.count))
+            for r in fleetReport.receivers where r.outcome != "done" {
+                print("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
+            }
+            if interrupted { throw ExitCode(130) }
+            if done < fleet.count || done < (minReceivers ?? 0) { throw ExitCode(NetworkExit.incompleteFleet) }
+        }
+    }
+}
+
+/// The JSON fleet report written by `send --report`.
+struct FleetReport: Encodable {
+    struct Device: Encodable {
+        var receiverID: String
+        var deviceID: String?
+        var versionBefore: String?
+        var installedSequenceBefore: UInt64?
+        var outcome: String
+        var failureReason: String?
+        var blocksDone: UInt32
+        var blocksTotal: UInt32
+        var bytesReceived: UInt64
+        var nacksSent: UInt32
+        var secondsToComplete: Double?
+    }
+    var session: String
+    var bundle: String
+    var product: String
+    var version: String
+    var sequence: UInt64
+    var payloadBytes: UInt64
+    var seconds: Double
+    var secondsToAllDone: Double?
+    var dataBytesSent: UInt64
+    var controlBytesSent: UInt64
+    var feedbackBytesReceived: UInt64
+    var wireRatio: Double
+    var rounds: UInt32
+    var senderCPUSeconds: Double
+    var receivers: [Device]
+
+    init(sender driver: SenderDriver, manifest: Manifest, bundle: String, progress p: SenderProgress,
+         fleet: [(record: ReceiverRecord, standing: FleetStanding)]) {
+        let start = fleet.map(\.record.firstHeard).min()
+        session = "\(driver.sender.config.session)"
+        self.bundle = bundle
+        product = manifest.productID
+        version = manifest.version
+        sequence = manifest.sequence
+        payloadBytes = manifest.payload.size
+        seconds = p.elapsed.seconds
+        dataBytesSent = p.dataBytesSent
+        controlBytesSent = p.controlBytesSent
+        feedbackBytesReceived = p.feedbackBytesReceived
+        wireRatio = Double(p.dataBytesSent) / Double(max(manifest.payload.size, 1))
+        rounds = p.round
+        senderCPUSeconds = p.cpuSeconds
+        let finishes = fleet.compactMap(\.record.finishedAt)
+        if !fleet.isEmpty, finishes.count == fleet.count, let start, let last = finishes.max() { secondsToAllDone = (last - start).seconds }
+        receivers = fleet.map { r, standing in
+            Device(receiverID: String(r.id.rawValue, radix: 16), deviceID: r.deviceID, versionBefore: r.versionBefore,
+                   installedSequenceBefore: r.installedSequence, outcome: standing.rawValue,
+                   failureReason: r.failureReason.map { "\($0)" }, blocksDone: r.blocksDone, blocksTotal: r.blocksTotal,
+                   bytesReceived: r.bytesReceived, nacksSent: max(r.nacksReported, UInt32(r.nacksReceived)),
+                   secondsToComplete: r.finishedAt.map { ($0 - r.firstHeard).seconds })
+        }
+    }
+}
+
+extension UInt32 {
+    init(fromBytes b: [UInt8]) { self = b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
+}
+
+/// A one-line status on standard error, redrawn in place at most every 250 ms.
+final class StatusLine {
+    private let enabled: Bool
+    private var width = 0
+    init(enabled: Bool) { self.enabled = enabled && isatty(2) != 0 || enabled && ProcessInfo.processInfo.environment["FLEETCAST_PROGRESS"] != nil }
+    func show(_ text: String) {
+        guard enabled else { return }
+        let padded = text.count < width ? text + String(repeating: " ", count: width - text.count) : text
+        width = text.count
+        FileHandle.standardError.write(Data("\r\(padded)".utf8))
+    }
+    func finish() { if enabled && width > 0 { FileHandle.standardError.write(Data("\n".utf8)) } }
+}
+
+/// Set by SIGINT/SIGTERM so the loops end cleanly (the journal stays consistent).
+nonisolated(unsafe) var interrupted = false
+
+func installInterruptHandlers() {
+    signal(SIGINT) { _ in interrupted = true }
+    signal(SIGTERM) { _ in interrupted = true }
+}
