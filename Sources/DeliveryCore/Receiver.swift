@@ -448,6 +448,14 @@ public struct Receiver {
     }
 
     private mutating func handleClose(_ c: Close, at now: Instant) {
+        // Specs/protocol.md P-21: a closed sender will not ACK; stop repeating the final STATUS.
+        if phase == .complete, var s = session, !s.finalAcknowledged {
+            s.finalAcknowledged = true
+            s.statusDue = nil
+            session = s
+            counters.add("status.closedBeforeAck")
+            return
+        }
         guard phase == .receiving else { return }
         fail(.sessionClosed, "the sender closed the session (\(c.reason)) before every block arrived", at: now)
     }

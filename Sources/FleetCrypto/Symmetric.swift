@@ -31,7 +31,7 @@ public final class AES256GCM: @unchecked Sendable {
             guard EVP_EncryptUpdate(context, nil, &length, aad, Int32(aad.count)) == 1 else { throw .openssl("GCM aad") }
         }
         let start = output.count
-        output.append(contentsOf: repeatElement(0, count: plaintext.count + Self.tagByteCount))
+        output.append(contentsOf: [UInt8](repeating: 0, count: plaintext.count + Self.tagByteCount))
         let ok: Bool = output.withUnsafeMutableBufferPointer { out in
             let base = out.baseAddress! + start
             var written: Int32 = 0
@@ -67,7 +67,7 @@ public final class AES256GCM: @unchecked Sendable {
             guard EVP_DecryptUpdate(context, nil, &length, aad, Int32(aad.count)) == 1 else { throw .openssl("GCM aad") }
         }
         let start = output.count
-        output.append(contentsOf: repeatElement(0, count: bodyCount))
+        output.append(contentsOf: [UInt8](repeating: 0, count: bodyCount))  // not repeatElement: generic and slow in debug builds
         var tag = Array(UnsafeRawBufferPointer(rebasing: sealed[bodyCount...]))
         let ok: Bool = output.withUnsafeMutableBufferPointer { out in
             let base = out.baseAddress! + start

@@ -99,23 +99,33 @@ public final class ReceiverDriver {
 
     /// Runs until the receiver is finished (complete or failed, final status
     /// acknowledged), `joinTimeout` passes without a session, or `shouldStop`.
-    public func run(joinTimeout: Interval? = nil, progressInterval: Interval = .milliseconds(250),
+    ///
+    /// A validly signed announce that this device refuses (expired, other
+    /// hardware, rollback) ends the run after `refusalGrace`, long enough to
+    /// tell the sender a few times (one STATUS per announce); nil keeps
+    /// listening for an acceptable session, as a device agent would.
+    public func run(joinTimeout: Interval? = nil, refusalGrace: Interval? = .seconds(2.5), progressInterval: Interval = .milliseconds(250),
                     progress: (ReceiverProgress) -> Void = { _ in }, shouldStop: () -> Bool = { false }) throws(TransportError) -> ReceiveOutcome {
         startedAt = MonotonicClock.now()
         var nextProgress = startedAt
         let giveUpAt = joinTimeout.map { startedAt + $0 }
+        var refusedAt: Instant?
         while !receiver.isFinished {
             if shouldStop() { return .stopped }
             let now = MonotonicClock.now()
             if manifest == nil, let giveUpAt, now >= giveUpAt { return .timedOut }
-            var wake = [receiver.nextDeadline, nextProgress, giveUpAt].compactMap { $0 }.min()!
+            if manifest == nil, let refusal = receiver.lastRefusal, let refusalGrace {
+                if refusedAt == nil { refusedAt = now }
+                if now >= refusedAt! + refusalGrace { return .failed(refusal.0, refusal.1) }
+            }
+            var wake = [receiver.nextDeadline, nextProgress, giveUpAt, refusedAt.map { $0 + (refusalGrace ?? .seconds(0)) }].compactMap { $0 }.min()!
             if wake < now { wake = now }
             let ready = waitReadable([groupSocket, feedbackSocket], until: wake)
             for i in ready { try drain(i == 0 ? groupSocket : feedbackSocket) }
             let after = MonotonicClock.now()
             if let d = receiver.nextDeadline, after >= d {
                 receiver.handleTimeout(at: after)
-                try process(source: nil)
+                try process()
             }
             try flushFeedback()
             if after >= nextProgress {
@@ -137,9 +147,15 @@ public final class ReceiverDriver {
             for i in 0..<incoming.count {
                 guard let bytes = incoming.datagram(i) else { continue }
                 received += UInt64(bytes.count)
+                // Before a session is joined, feedback (hello, refusal STATUS) goes to whoever
+                // announces or sends data; the join pins it (Specs/protocol.md P-23).
+                if manifest == nil, bytes.count > 1 {
+                    if bytes[1] == Datagram.Kind.announce.rawValue { senderAddress = feedbackAddress(announce: bytes, source: incoming.source(i)) }
+                    else if senderAddress == nil && bytes[1] == Datagram.Kind.data.rawValue { senderAddress = incoming.source(i) }
+                }
                 if simulatedLoss > 0, bytes.count > 1, bytes[1] == Datagram.Kind.data.rawValue, lossRandom.unit() < simulatedLoss { continue }
                 receiver.handleDatagram(bytes, at: now)
-                try process(source: incoming.source(i), datagram: bytes)
+                try process()
             }
             try flushFeedback()
             if incoming.count < incoming.capacity { return }
@@ -147,11 +163,10 @@ public final class ReceiverDriver {
     }
 
     /// Executes the core's storage events and queues its feedback.
-    private func process(source: SocketAddress?, datagram: [UInt8]? = nil) throws(TransportError) {
+    private func process() throws(TransportError) {
         while let e = receiver.pollEvent() {
             switch e {
             case .joined(_, let m):
-                if let source, let datagram { senderAddress = feedbackAddress(announce: datagram, source: source) }
                 manifest = m
                 do {
                     try staging.prepare(envelope: receiver.envelope!, manifest: m)

@@ -54,6 +54,9 @@ struct Receive: ParsableCommand {
     @Option(help: "Drop this percentage of incoming data datagrams at random, to see repair work (tests, demos).")
     var simulateLoss: Double = 0
 
+    @Flag(help: "After refusing an announce (expired, other hardware, rollback), keep waiting for an acceptable one instead of exiting.")
+    var keepListening = false
+
     @Flag(help: "No progress line.")
     var quiet = false
 
@@ -85,7 +88,7 @@ struct Receive: ParsableCommand {
             FileHandle.standardError.write(Data("\(name): listening on \(endpoint.group)\(endpoint.interface.map { " on \($0)" } ?? "")\n".utf8))
 
             let status = StatusLine(enabled: !quiet)
-            let outcome = try driver.run(joinTimeout: timeout > 0 ? .seconds(timeout) : nil, progress: { p in
+            let outcome = try driver.run(joinTimeout: timeout > 0 ? .seconds(timeout) : nil, refusalGrace: keepListening ? nil : .seconds(2.5), progress: { p in
                 guard p.joined else { status.show("waiting for a session (\(Int(p.elapsed.seconds)) s)"); return }
                 let done = p.blocksTotal > 0 ? Double(p.blocksDone) * 100 / Double(p.blocksTotal) : 0
                 let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
@@ -99,7 +102,8 @@ struct Receive: ParsableCommand {
                 printError("interrupted; progress is journalled in \(stagingDir), run again to resume")
                 throw ExitCode(130)
             case .timedOut:
-                printError("no session heard within \(timeout) s on \(endpoint.group)")
+                let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
+                printError("no acceptable session within \(timeout) s on \(endpoint.group); rejected: \(rejected.isEmpty ? "none" : rejected)")
                 throw ExitCode(NetworkExit.timedOut)
             case .failed(let reason, let text):
                 printError("\(name): \(reason): \(text)")
@@ -119,11 +123,13 @@ struct Receive: ParsableCommand {
                 }
                 let m = verified.manifest
                 let cpu = MonotonicClock.processCPUSeconds()
-                print(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s verifying; %llu blocks repaired, %d NACKs; CPU %.2f s (%.0f MB/s per CPU-second)",
+                say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s verifying; %llu blocks repaired, %d NACKs; CPU %.2f s (%.0f MB/s per CPU-second)",
                              name, m.productID, m.version, m.sequence, formatBytes(m.payload.size), p.elapsed.seconds, verifySeconds,
                              p.blocksRepaired, p.nacksSent, cpu, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
-                print("  bundle -> \(kept)")
-                for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { print("  \(component) -> \(path)") }
+                let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
+                say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
+                say("  bundle -> \(kept)")
+                for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
                 _ = cpuReceive
             }
         }

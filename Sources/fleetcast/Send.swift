@@ -103,7 +103,7 @@ struct Send: ParsableCommand {
                 printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedBuffers.send))) send buffer (asked \(formatBytes(UInt64(endpoint.sendBufferBytes)))); raise net.core.wmem_max")
             }
             let from = driver.localAddress.map { "\($0)" } ?? "?"
-            FileHandle.standardError.write(Data("sending \(manifest.productID) \(manifest.version) (\(formatBytes(manifest.payload.size))) to \(group)\(interface.map { " on \($0)" } ?? "") from \(from), session \(config.session), \(rate)bit/s\n".utf8))
+            say("sending \(manifest.productID) \(manifest.version) (\(formatBytes(manifest.payload.size))) to \(group)\(interface.map { " on \($0)" } ?? "") from \(from), session \(config.session), \(rate)bit/s")
 
             let payload = manifest.payload.size
             let status = StatusLine(enabled: !quiet)
@@ -124,11 +124,11 @@ struct Send: ParsableCommand {
                 try encoder.encode(fleetReport).write(to: URL(fileURLWithPath: report))
             }
             let done = fleet.filter { $0.standing == .done }.count
-            print(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire; %d receiver(s): %d done, %d failed, %d incomplete",
+            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire; %d receiver(s): %d done, %d failed, %d incomplete",
                          formatBytes(payload), final.elapsed.seconds, formatRate(payload, fleetReport.secondsToAllDone ?? final.elapsed.seconds),
                          fleetReport.wireRatio, fleet.count, done, fleet.filter { $0.standing == .failed }.count, fleet.count - done - fleet.filter { $0.standing == .failed }.count))
             for r in fleetReport.receivers where r.outcome != "done" {
-                print("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
+                say("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
             }
             if interrupted { throw ExitCode(130) }
             if done < fleet.count || done < (minReceivers ?? 0) { throw ExitCode(NetworkExit.incompleteFleet) }

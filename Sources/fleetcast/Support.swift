@@ -23,6 +23,12 @@ func reportingFailures(_ body: () throws -> Void) throws {
     }
 }
 
+/// A line on standard output, written at once (print() buffers when output is a
+/// file, which scrambles the order against standard error in logs).
+func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("fleetcast: \(message)\n".utf8))
 }

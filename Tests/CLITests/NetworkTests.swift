@@ -1,0 +1,226 @@
+import Foundation
+import Testing
+
+/// A LAN for one test: as root, bench/lab's network namespaces (bridge, veth,
+/// nftables loss per receiver link); otherwise loopback, with the loss
+/// simulated inside each receiver. Nothing is sent off the machine either way.
+final class TestLAN {
+    let prefix: String
+    let isNamespaced = getuid() == 0
+    let receiverCount: Int
+    let loss: [Double]
+    let port: UInt16
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    nonisolated(unsafe) static var counter = 0
+
+    init(receivers: Int, hosts extra: Int = 0, loss: [Double]) throws {
+        receiverCount = receivers
+        self.loss = loss
+        TestLAN.counter += 1
+        prefix = "fct\(getpid() % 10000)x\(TestLAN.counter)"
+        port = UInt16(20000 + Int(getpid() % 10000) + TestLAN.counter * 7)
+        if isNamespaced {
+            let spec = (0..<(receivers + extra)).map { String(format: "%g", $0 < loss.count ? loss[$0] : 0) }.joined(separator: ",")
+            let r = try runTool(TestLAN.repository + "/bench/lab", ["up", "\(receivers + extra)", "--loss", spec], environment: ["LAB_PREFIX": prefix])
+            guard r.status == 0 else { throw LabError(text: "bench/lab up failed: \(r.output)") }
+        }
+    }
+
+    deinit {
+        if isNamespaced { _ = try? runTool(TestLAN.repository + "/bench/lab", ["down"], environment: ["LAB_PREFIX": prefix]) }
+    }
+
+    var interface: String { isNamespaced ? "lan0" : "lo" }
+
+    /// The command line that runs `arguments` of fleetcast on a host ("s", "r1", ...).
+    func command(on host: String, _ arguments: [String]) -> (String, [String]) {
+        var args = arguments + ["--interface", interface, "--port", "\(port)"]
+        if !isNamespaced, host.hasPrefix("r"), let i = Int(host.dropFirst()), i <= loss.count, loss[i - 1] > 0 {
+            args += ["--simulate-loss", String(format: "%g", loss[i - 1])]
+        }
+        if !isNamespaced && arguments.first == "send" { args += ["--ttl", "0"] }
+        return isNamespaced ? ("/usr/sbin/ip", ["netns", "exec", "\(prefix)-\(host)", fleetcastBinary] + args) : (fleetcastBinary, args)
+    }
+}
+
+struct LabError: Error, CustomStringConvertible { let text: String; var description: String { text } }
+
+func runTool(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+    let p = BackgroundProcess(path, arguments, log: NSTemporaryDirectory() + "fleetcast-tool-\(UUID().uuidString)", environment: environment)
+    try p.start()
+    let status = p.wait(seconds: 60)
+    defer { try? FileManager.default.removeItem(atPath: p.log) }
+    return (status ?? -1, p.output)
+}
+
+/// A child process with its output in a file, waited for with a time limit.
+final class BackgroundProcess {
+    let process = Process()
+    let log: String
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ path: String, _ arguments: [String], log: String, environment: [String: String] = [:], directory: String? = nil) {
+        self.log = log
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+    }
+
+    func start() throws {
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = FileHandle(forWritingAtPath: log)!
+        process.standardOutput = handle
+        process.standardError = handle
+        process.terminationHandler = { [done] _ in done.signal() }
+        try process.run()
+    }
+
+    /// The exit status, or nil (and the process killed) after `seconds`.
+    func wait(seconds: Double) -> Int32? {
+        if done.wait(timeout: .now() + seconds) == .timedOut {
+            kill(process.processIdentifier, SIGKILL)
+            _ = done.wait(timeout: .now() + 5)
+            return nil
+        }
+        return process.terminationStatus
+    }
+
+    func kill9() {
+        kill(process.processIdentifier, SIGKILL)
+        _ = done.wait(timeout: .now() + 10)
+    }
+
+    var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+}
+
+/// Keys, an image and a bundle signed by the vendor and encrypted for one device key.
+final class NetworkFixture {
+    let w = Workspace()
+    let image: [UInt8]
+
+    init(imageBytes: Int = 3_000_000, seed: UInt8 = 1) throws {
+        var state = UInt64(seed) &* 0x9E37_79B9_7F4A_7C15
+        image = (0..<imageBytes).map { _ in
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            return UInt8(truncatingIfNeeded: state >> 33)
+        }
+        FileManager.default.createFile(atPath: w.file("image"), contents: Data(image))
+        for (type, name) in [("ed25519", "vendor"), ("ed25519", "intruder"), ("x25519", "device")] {
+            let r = try fleetcast(["keygen", "--type", type, "--out", name], in: w.path)
+            guard r.status == 0 else { throw LabError(text: r.stderr) }
+        }
+        for (signer, out) in [("vendor", "update.fcb"), ("intruder", "forged.fcb")] {
+            let r = try fleetcast(["pack", "--quiet", "--output", out, "--product", "lab", "--hardware", "lab-board", "--version", "2.0",
+                                   "--sequence", "2", "--component", "rootfs=image", "--sign", signer + ".key", "--recipient", "device.pub",
+                                   "--compression", "none"], in: w.path)
+            guard r.status == 0 else { throw LabError(text: r.stderr) }
+        }
+    }
+
+    func receiveArguments(_ i: Int, timeout: Int = 30) -> [String] {
+        ["receive", "--quiet", "--trusted-key", w.file("vendor.pub"), "--hardware-id", "lab-board", "--installed-sequence", "1",
+         "--device-key", w.file("device.key"), "--device-id", "device-\(i)", "--staging-dir", w.file("staging-\(i)"),
+         "--output-dir", w.file("out-\(i)"), "--timeout", "\(timeout)"]
+    }
+
+    func delivered(_ i: Int) -> [UInt8]? {
+        FileManager.default.contents(atPath: w.file("out-\(i)/rootfs")).map { [UInt8]($0) }
+    }
+}
+
+/// Real `fleetcast send` and `receive` processes on a real (namespaced or
+/// loopback) network: Specs/protocol.md §8 end to end.
+@Suite("Real network: send and receive", .serialized)
+struct NetworkTests {
+    func start(_ lan: TestLAN, on host: String, _ arguments: [String], log: String) throws -> BackgroundProcess {
+        let (path, args) = lan.command(on: host, arguments)
+        let p = BackgroundProcess(path, args, log: log)
+        try p.start()
+        return p
+    }
+
+    @Test("1 and 8 receivers at 0% and 10% loss all verify the exact bytes", arguments: [(1, 0.0), (1, 10.0), (8, 0.0), (8, 10.0)])
+    func fleet(receivers: Int, loss: Double) throws {
+        let f = try NetworkFixture()
+        let lan = try TestLAN(receivers: receivers, loss: [Double](repeating: loss, count: receivers))
+        let rs = try (1...receivers).map { i in try start(lan, on: "r\(i)", f.receiveArguments(i), log: f.w.file("r\(i).log")) }
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "200M", "--min-receivers", "\(receivers)",
+                                              "--deadline", "60s", "--report", f.w.file("fleet.json"), "--quiet"], log: f.w.file("s.log"))
+        let senderStatus = sender.wait(seconds: 90)
+        #expect(senderStatus == 0, "sender: \(sender.output)")
+        for (i, r) in rs.enumerated() {
+            let status = r.wait(seconds: 60)
+            #expect(status == 0, "receiver \(i + 1): \(r.output)")
+            #expect(f.delivered(i + 1) == f.image, "receiver \(i + 1) delivered other bytes")
+        }
+        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as! [String: Any]
+        let devices = report["receivers"] as! [[String: Any]]
+        #expect(devices.count == receivers && devices.allSatisfy { $0["outcome"] as? String == "done" }, "\(devices)")
+        if loss > 0 { #expect(rs.contains { $0.output.contains("blocks repaired") && !$0.output.contains(" 0 blocks repaired") }, "no repair seen at \(loss)% loss") }
+    }
+
+    @Test("A receiver killed mid-transfer resumes from its journal and verifies")
+    func killAndResume() throws {
+        let f = try NetworkFixture(imageBytes: 6_000_000)
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        var r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
+        // 6 MB at 16 Mbit/s: about 3 s, long enough to kill the receiver after its first journal commit.
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "16M", "--min-receivers", "1", "--deadline", "60s",
+                                              "--quiet", "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
+        let journal = f.w.file("staging-1/journal")
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: journal) && waited < 2000 {
+            usleep(10_000)  // polling for the file the receiver commits; bounded
+            waited += 1
+        }
+        #expect(FileManager.default.fileExists(atPath: journal), "no journal appeared: \(r.output)")
+        r.kill9()
+        r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1-again.log"))
+        #expect(r.wait(seconds: 60) == 0, "restarted receiver: \(r.output)")
+        #expect(r.output.contains("resuming:"), "the restarted receiver did not resume: \(r.output)")
+        #expect(f.delivered(1) == f.image)
+        #expect(sender.wait(seconds: 60) == 0, "sender: \(sender.output)")
+    }
+
+    @Test("Forged, corrupted and absurd datagrams on the LAN are dropped; the genuine bytes arrive")
+    func forgedPackets() throws {
+        let f = try NetworkFixture()
+        let lan = try TestLAN(receivers: 2, hosts: 1, loss: [0, 0])
+        let rs = try (1...2).map { i in try start(lan, on: "r\(i)", f.receiveArguments(i), log: f.w.file("r\(i).log")) }
+        let attacker = try start(lan, on: "r3", ["inject", "--rate", "5000", "--duration", "4", "--timeout", "30"], log: f.w.file("inject.log"))
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--min-receivers", "2", "--deadline", "60s", "--quiet"],
+                               log: f.w.file("s.log"))
+        #expect(sender.wait(seconds: 90) == 0, "sender: \(sender.output)")
+        for (i, r) in rs.enumerated() {
+            #expect(r.wait(seconds: 60) == 0, "receiver \(i + 1): \(r.output)")
+            #expect(f.delivered(i + 1) == f.image)
+            #expect(r.output.contains("data.badTag="), "no forged symbol was counted: \(r.output)")
+        }
+        #expect(attacker.wait(seconds: 30) == 0, "injector: \(attacker.output)")
+        #expect(attacker.output.contains("forged datagrams"))
+    }
+
+    @Test("An announce signed by an untrusted key is refused; the genuine session on the same group is received")
+    func wrongKeyAnnounce() throws {
+        let f = try NetworkFixture()
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        // Alone, the forged session is never joined: the receiver times out, nothing staged.
+        let alone = try start(lan, on: "r1", f.receiveArguments(9, timeout: 4), log: f.w.file("r9.log"))
+        let intruder = try start(lan, on: "s", ["send", f.w.file("forged.fcb"), "--rate", "40M", "--deadline", "6s", "--quiet"], log: f.w.file("intruder.log"))
+        #expect(alone.wait(seconds: 30) == 30, "expected exit 30 (no acceptable session): \(alone.output)")
+        #expect(alone.output.contains("announce.signatureInvalid="), "the forged announce was not counted: \(alone.output)")
+        #expect(!FileManager.default.fileExists(atPath: f.w.file("staging-9/bundle.partial")))
+        _ = intruder.wait(seconds: 30)
+
+        // With both sessions on the group, the receiver takes the genuine one.
+        let r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
+        let intruder2 = try start(lan, on: "s", ["send", f.w.file("forged.fcb"), "--rate", "40M", "--deadline", "8s", "--quiet"], log: f.w.file("intruder2.log"))
+        let genuine = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--min-receivers", "1", "--deadline", "60s", "--quiet"],
+                                log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 60) == 0, "receiver: \(r.output)")
+        #expect(f.delivered(1) == f.image)
+        #expect(genuine.wait(seconds: 60) == 0, "sender: \(genuine.output)")
+        _ = intruder2.wait(seconds: 30)
+    }
+}
