@@ -10,7 +10,22 @@
 #include <openssl/params.h>
 #include <openssl/param_build.h>
 #include <openssl/bn.h>
+#include <openssl/sha.h>
 #include <string.h>
+
+/// SHA-256 of a || b on a stack context: no allocation and no provider
+/// dispatch. The low-level API is deprecated in OpenSSL 3 but runs the same
+/// SHA-NI / AVX2 code; receivers hash one short message per arriving symbol.
+static inline void fc_sha256_concat(const void *a, size_t a_len, const void *b, size_t b_len, unsigned char out[32]) {
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wdeprecated-declarations"
+    SHA256_CTX c;
+    SHA256_Init(&c);
+    SHA256_Update(&c, a, a_len);
+    SHA256_Update(&c, b, b_len);
+    SHA256_Final(out, &c);
+#pragma clang diagnostic pop
+}
 
 static inline const EVP_MD *fc_sha256(void) {
     // Explicitly fetched once: implicit fetches cost a lock per digest.

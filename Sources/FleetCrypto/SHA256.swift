@@ -45,6 +45,14 @@ public struct SHA256: ~Copyable {
         return out
     }
 
+    /// SHA-256 of `a` followed by `b`, without a heap-allocated context: for
+    /// the many short messages of per-symbol authentication.
+    public static func hash(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: byteCount)
+        out.withUnsafeMutableBufferPointer { fc_sha256_concat(a.baseAddress, a.count, b.baseAddress, b.count, $0.baseAddress!) }
+        return out
+    }
+
     public static func hash(_ bytes: [UInt8]) -> [UInt8] {
         bytes.withUnsafeBytes { hash($0) }
     }

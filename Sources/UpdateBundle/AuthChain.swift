@@ -138,11 +138,8 @@ public enum BlockAuthentication {
 
     /// tag(b, i) = first 16 bytes of SHA-256("FLCT" || u32 b || u8 i || symbol).
     public static func tag(block: Int, symbol: Int, bytes: UnsafeRawBufferPointer) -> [UInt8] {
-        var h = SHA256()
-        h.update(tagDomain)
-        h.update(bigEndian32(UInt32(block)) + [UInt8(symbol)])
-        h.update(bytes)
-        return Array(h.finalize().prefix(BundleLimits.symbolTagByteCount))
+        let prefix = tagDomain + bigEndian32(UInt32(block)) + [UInt8(symbol)]
+        return Array(prefix.withUnsafeBytes { SHA256.hash($0, bytes) }.prefix(BundleLimits.symbolTagByteCount))
     }
 
     /// SHA-256("FLCB" || u32 b || the k_b padded source symbols).

@@ -109,7 +109,7 @@ struct Receive: ParsableCommand {
                 printError("\(name): \(reason): \(text)")
                 throw ExitCode(Self.exitCode(reason))
             case .completed(let staged):
-                let cpuReceive = p.cpuSeconds
+                let cpuReceive = MonotonicClock.processCPUSeconds()
                 let opened = try UnverifiedBundle(path: staged)
                 let verified = try opened.verifyManifest(trust: trust, device: device)
                 if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
@@ -123,14 +123,13 @@ struct Receive: ParsableCommand {
                 }
                 let m = verified.manifest
                 let cpu = MonotonicClock.processCPUSeconds()
-                say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s verifying; %llu blocks repaired, %d NACKs; CPU %.2f s (%.0f MB/s per CPU-second)",
+                say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s verifying; %llu blocks repaired, %d NACKs; CPU %.2f s + %.2f s (%.0f MB/s per CPU-second)",
                              name, m.productID, m.version, m.sequence, formatBytes(m.payload.size), p.elapsed.seconds, verifySeconds,
-                             p.blocksRepaired, p.nacksSent, cpu, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
+                             p.blocksRepaired, p.nacksSent, cpuReceive, cpu - cpuReceive, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
                 let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
                 say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
                 say("  bundle -> \(kept)")
                 for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
-                _ = cpuReceive
             }
         }
     }
