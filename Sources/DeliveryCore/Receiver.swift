@@ -14,7 +14,10 @@ public struct ReceiverConfig: Sendable {
     public var device: DevicePolicy
     /// Seeds the NACK backoff.
     public var seed: UInt64
-    public var blocksInFlightMax = 512
+    /// Incomplete blocks tracked (bitmaps: about 200 bytes each); beyond it, symbols of new blocks are dropped.
+    public var blocksInFlightMax = 65_536
+    /// Incomplete blocks whose bytes stay in memory (k x T each); older ones go to the spill (P-5a).
+    public var blocksInMemoryMax = 96
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8
@@ -83,8 +86,12 @@ public struct Receiver {
 
     enum Phase: Equatable { case listening, receiving, complete, failed }
 
-    public init(config: ReceiverConfig, resume: ResumeState? = nil) {
+    /// Where the symbols of incomplete blocks go once `blocksInMemoryMax` blocks are held.
+    private let spill: SymbolSpill
+
+    public init(config: ReceiverConfig, resume: ResumeState? = nil, spill: SymbolSpill = MemorySpill()) {
         self.config = config
+        self.spill = spill
         self.rng = SeededRandom(seed: config.seed)
         self.resume = resume
     }
@@ -349,8 +356,8 @@ public struct Receiver {
         let symbolSize = s.profile.symbolSize
         // Mutate the object's state in place: a copy would copy every partial block's buffer.
         let outcome: AcceptOutcome = object == .payload
-            ? Self.add(&s.payload!, block: b, index: i, symbol: symbol, limit: limit, symbolSize: symbolSize)
-            : Self.add(&s.auth!, block: b, index: i, symbol: symbol, limit: limit, symbolSize: symbolSize)
+            ? Self.add(&s.payload!, block: b, index: i, symbol: symbol, limit: limit, hotMax: config.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
+            : Self.add(&s.auth!, block: b, index: i, symbol: symbol, limit: limit, hotMax: config.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
         let partial: PartialBlock
         switch outcome {
         case .blockDone: counters.add("dropped.data.blockDone"); return
@@ -424,8 +431,8 @@ public struct Receiver {
         events.append(.completed)
         s.nackDue = nil
         s.pendingSymbols.removeAll()
-        s.payload.partial.removeAll()
-        s.auth.partial.removeAll()
+        s.payload.dropAllPartials()
+        s.auth.dropAllPartials()
         s.finalAcknowledged = s.carousel
         s.statusDue = s.carousel ? nil : now
         s.inactivityDeadline = nil
@@ -590,15 +597,21 @@ enum AcceptOutcome {
 
 extension Receiver {
     /// Adds a symbol to its block's partial state, in place.
-    static func add(_ state: inout ObjectState, block b: Int, index i: Int, symbol: [UInt8], limit: Int, symbolSize: Int) -> AcceptOutcome {
+    static func add(_ state: inout ObjectState, block b: Int, index i: Int, symbol: [UInt8], limit: Int, hotMax: Int,
+                    symbolSize: Int, spill: SymbolSpill) -> AcceptOutcome {
         guard !state.done[b] else { return .blockDone }
         if state.partial[b] == nil {
             guard state.partial.count < limit else { return .tooManyBlocks }
             state.partial[b] = PartialBlock(k: state.layout.sourceSymbols(b), symbolCount: state.layout.symbolCount(b), symbolSize: symbolSize)
+            state.hotOrder.append(b)
+            state.hotCount += 1
+            state.evictIfNeeded(hotMax: hotMax, spill: spill)
         }
-        guard state.partial[b]!.add(index: i, symbol: symbol) else { return .duplicate }
+        guard state.partial[b]!.add(index: i, symbol: symbol, spill: spill, object: state.layout.object, block: b) else { return .duplicate }
         guard state.partial[b]!.isDecodable else { return .held }
-        return .decodable(state.partial.removeValue(forKey: b)!)
+        var p = state.partial.removeValue(forKey: b)!
+        if p.isCold { p.reload(from: spill, object: state.layout.object, block: b) } else { state.hotCount -= 1 }
+        return .decodable(p)
     }
 }
 
@@ -629,6 +642,10 @@ struct EnvelopeCollector {
 }
 
 /// The symbols held for one incomplete block (Specs/protocol.md P-14).
+/// An incomplete block: which symbols arrived, and their bytes while the
+/// block is *hot* (held in memory). A *cold* block keeps only its bitmaps;
+/// its symbols live in the receiver's `SymbolSpill` until it decodes
+/// (Specs/protocol.md P-5a).
 struct PartialBlock {
     let k: Int
     let symbolSize: Int
@@ -637,6 +654,7 @@ struct PartialBlock {
     var presentSources: [Bool]
     var repairs: [(index: Int, bytes: [UInt8])] = []
     private(set) var count = 0
+    private(set) var isCold = false
 
     init(k: Int, symbolCount: Int, symbolSize: Int) {
         self.k = k
@@ -648,13 +666,16 @@ struct PartialBlock {
 
     var isDecodable: Bool { count >= k }
 
-    /// Adds a symbol; false if it was already held.
-    mutating func add(index: Int, symbol: [UInt8]) -> Bool {
+    /// Adds a symbol; false if it was already held. A cold block's symbols go straight to the spill.
+    mutating func add(index: Int, symbol: [UInt8], spill: SymbolSpill, object: ObjectID, block: Int) -> Bool {
         guard !seen[index] else { return false }
         seen[index] = true
         count += 1
-        if index < k {
-            presentSources[index] = true
+        if index < k { presentSources[index] = true }
+        if isCold {
+            symbol.withUnsafeBytes { spill.write(object: object, block: block, index: index, symbol: $0) }
+            if index >= k { repairs.append((index, [])) }
+        } else if index < k {
             source.withUnsafeMutableBytes { s in symbol.withUnsafeBytes { s.baseAddress!.advanced(by: index * symbolSize).copyMemory(from: $0.baseAddress!, byteCount: symbolSize) } }
         } else {
             repairs.append((index, symbol))
@@ -662,8 +683,42 @@ struct PartialBlock {
         return true
     }
 
+    /// Moves the held bytes to the spill and frees them (the block turns cold).
+    mutating func evict(to spill: SymbolSpill, object: ObjectID, block: Int) {
+        guard !isCold else { return }
+        source.withUnsafeBytes { all in
+            for i in 0..<k where presentSources[i] {
+                spill.write(object: object, block: block, index: i, symbol: UnsafeRawBufferPointer(rebasing: all[(i * symbolSize)..<((i + 1) * symbolSize)]))
+            }
+        }
+        for r in repairs { r.bytes.withUnsafeBytes { spill.write(object: object, block: block, index: r.index, symbol: $0) } }
+        source = []
+        repairs = repairs.map { ($0.index, []) }
+        isCold = true
+    }
+
+    /// Brings a cold block's symbols back from the spill before decoding.
+    mutating func reload(from spill: SymbolSpill, object: ObjectID, block: Int) {
+        guard isCold else { return }
+        var buffer = [UInt8](repeating: 0, count: k * symbolSize)
+        buffer.withUnsafeMutableBytes { all in
+            for i in 0..<k where presentSources[i] {
+                spill.read(object: object, block: block, index: i, into: UnsafeMutableRawBufferPointer(rebasing: all[(i * symbolSize)..<((i + 1) * symbolSize)]))
+            }
+        }
+        source = buffer
+        let lost = presentSources.filter { !$0 }.count
+        repairs = repairs.prefix(lost).map { r in
+            var bytes = [UInt8](repeating: 0, count: symbolSize)
+            bytes.withUnsafeMutableBytes { spill.read(object: object, block: block, index: r.index, into: $0) }
+            return (r.index, bytes)
+        }
+        isCold = false
+    }
+
     /// The k padded source symbols, rebuilding the lost ones.
     func decode(codec: ReedSolomonCodec) -> [UInt8] {
+        precondition(!isCold, "reload a cold block before decoding it")
         guard presentSources.contains(false) else { return source }
         var block = source
         let lost = presentSources.filter { !$0 }.count
@@ -681,12 +736,16 @@ struct PartialBlock {
     }
 }
 
-/// Per-object block bitmaps and partial blocks.
 struct ObjectState {
     let layout: ObjectLayout
     var done: [Bool]
     private(set) var doneCount = 0
     var partial: [Int: PartialBlock] = [:]
+    /// Hot blocks in the order they were opened; the oldest is evicted first.
+    /// Entries of blocks that decoded or went cold are skipped when reached.
+    var hotOrder: [Int] = []
+    var hotHead = 0
+    var hotCount = 0
 
     init(layout: ObjectLayout) {
         self.layout = layout
@@ -697,12 +756,40 @@ struct ObjectState {
         guard !done[b] else { return }
         done[b] = true
         doneCount += 1
-        partial[b] = nil
+        dropPartial(b)
     }
 
     mutating func clear(_ b: Int) {
         if done[b] { done[b] = false; doneCount -= 1 }
-        partial[b] = nil
+        dropPartial(b)
+    }
+
+    mutating func dropPartial(_ b: Int) {
+        if let p = partial.removeValue(forKey: b), !p.isCold { hotCount -= 1 }
+    }
+
+    mutating func dropAllPartials() {
+        partial.removeAll()
+        hotOrder.removeAll()
+        hotHead = 0
+        hotCount = 0
+    }
+
+    /// Specs/protocol.md P-5a: at most `hotMax` blocks hold their bytes in memory.
+    mutating func evictIfNeeded(hotMax: Int, spill: SymbolSpill) {
+        while hotCount > hotMax && hotHead < hotOrder.count {
+            let b = hotOrder[hotHead]
+            hotHead += 1
+            guard var p = partial[b], !p.isCold else { continue }
+            partial[b] = nil  // mutate outside the dictionary: no copy of the buffers
+            p.evict(to: spill, object: layout.object, block: b)
+            partial[b] = p
+            hotCount -= 1
+        }
+        if hotHead > 4096 && hotHead * 2 > hotOrder.count {
+            hotOrder.removeFirst(hotHead)
+            hotHead = 0
+        }
     }
 }
 
@@ -871,5 +958,32 @@ struct Session {
             }
         }
         return false
+    }
+}
+
+/// Where a receiver keeps the authenticated symbols of incomplete blocks it
+/// no longer holds in memory (Specs/protocol.md P-5a): the real driver uses
+/// a sparse scratch file, the simulator memory. Contents need not survive a
+/// restart: the journal lists only whole verified blocks.
+public protocol SymbolSpill: AnyObject {
+    func write(object: ObjectID, block: Int, index: Int, symbol: UnsafeRawBufferPointer)
+    /// Reads back a symbol written before (the caller knows which were).
+    func read(object: ObjectID, block: Int, index: Int, into buffer: UnsafeMutableRawBufferPointer)
+}
+
+/// A spill in memory: for the simulator and tests, where the eviction logic
+/// runs unchanged but bytes are only moved, not bounded.
+public final class MemorySpill: SymbolSpill {
+    private var symbols: [SymbolKey: [UInt8]] = [:]
+    struct SymbolKey: Hashable { var object: ObjectID; var block: Int; var index: Int }
+    public init() {}
+    public func write(object: ObjectID, block: Int, index: Int, symbol: UnsafeRawBufferPointer) {
+        symbols[SymbolKey(object: object, block: block, index: index)] = Array(symbol)
+    }
+    public func read(object: ObjectID, block: Int, index: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        guard let bytes = symbols.removeValue(forKey: SymbolKey(object: object, block: block, index: index)) else {
+            preconditionFailure("spill read of a symbol never written: \(object) block \(block) index \(index)")
+        }
+        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(buffer.count))) }
     }
 }

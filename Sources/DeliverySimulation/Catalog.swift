@@ -9,9 +9,9 @@ import WireFormat
 /// Names: `loss-P-N` (N receivers, independent P% loss), `burst-N`,
 /// `one-bad-N` (one receiver at 50% among N-1 healthy), `healthy-N` (the same
 /// fleet without it), `late-join`, `restart`, `attack`, `replay`, `carousel`,
-/// `sweep` (a random fault mix drawn from the seed).
+/// `spill` (two blocks in memory, the rest spilled), `sweep` (a random fault mix drawn from the seed).
 public enum ScenarioCatalog {
-    public static let names = ["loss-P-N", "burst-N", "one-bad-N", "healthy-N", "late-join", "restart", "attack", "replay", "carousel", "sweep"]
+    public static let names = ["loss-P-N", "burst-N", "one-bad-N", "healthy-N", "late-join", "restart", "attack", "replay", "carousel", "spill", "sweep"]
 
     public static func scenario(named name: String, seed: UInt64) -> Scenario? {
         let parts = name.split(separator: "-").map(String.init)
@@ -69,6 +69,17 @@ public enum ScenarioCatalog {
             s.deadline = .seconds(1)
             s.rateBytesPerSecond = 5_000_000
             return s
+        case "spill":
+            // Specs/protocol.md P-5a: two blocks in memory, the rest cold in the spill, under loss,
+            // corruption and a power cut.
+            let link = LinkModel(loss: .bernoulli(0.1), corruptProbability: 0.002)
+            var specs = receivers(7, link)
+            specs.append(ReceiverSpec(downlink: link, powerLossAt: [.milliseconds(20)]))
+            var s = Scenario(name: name, seed: seed, receivers: specs)
+            s.payloadBytes = 1_500_000
+            s.blocksInMemoryMax = 2
+            s.wireFactorMax = 1.6 + 1.2
+            return s
         case "sweep":
             return sweep(seed: seed)
         default:
@@ -109,6 +120,8 @@ public enum ScenarioCatalog {
         s.wireFactorMax = 1.6 + 1.2 * extraCopies
         // Bursts over small objects: a burst can take out most of a block at one receiver.
         if specs.contains(where: { if case .gilbertElliott = $0.downlink.loss { true } else { false } }) { s.wireFactorMax += 0.6 }
+        // Half the runs keep only a few blocks in memory: the spill path (P-5a) under every fault.
+        if rng.next() % 2 == 0 { s.blocksInMemoryMax = 1 + Int(rng.next() % 6) }
         return s
     }
 

@@ -68,6 +68,8 @@ public struct Scenario: Sendable {
     public var proactiveRepairFraction = 0.05
     public var carousel = false
     public var deadline: Interval?
+    /// Incomplete blocks a receiver holds in memory before spilling (Specs/protocol.md P-5a).
+    public var blocksInMemoryMax = 96
     /// Forged DATA datagrams per second, sprayed at every receiver with the real session ID.
     public var forgedDataPerSecond = 0.0
     /// Share of forged datagrams aimed at the auth-chain object (which is authenticated per segment, not per symbol).
@@ -211,6 +213,7 @@ public final class Simulation {
                                device: DevicePolicy(now: SimulationBundle.createdAt + 1, hardwareID: SimulationBundle.hardwareID, installedSequence: 9),
                                seed: scenario.seed &+ UInt64(i) &* 0x9E37_79B9 &+ UInt64(nodes[i].incarnation) << 48)
         c.commitBlockCount = 4
+        c.blocksInMemoryMax = scenario.blocksInMemoryMax
         c.inactivityTimeout = Interval.seconds(3)
         c.statusInterval = Interval.milliseconds(500)
         return c

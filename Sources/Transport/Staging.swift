@@ -215,3 +215,38 @@ public enum JournalCodec {
         return ProgressJournal(envelope: envelope, authBlocks: lists[0], payloadBlocks: lists[1])
     }
 }
+
+/// The receiver's spill (Specs/protocol.md P-5a): a sparse scratch file in the
+/// staging directory, unlinked at once, so nothing is left behind. Symbol
+/// (object, block, index) lives at slot ((block << 9) | (index << 1) | object)
+/// x T: no layout is needed, and unwritten slots take no disk space.
+public final class FileSpill: SymbolSpill {
+    private let fd: Int32
+    /// The first write error; the driver aborts the session with reason `storage`.
+    public private(set) var failure: TransportError?
+
+    public init(directory: String) throws(TransportError) {
+        var template = Array((directory + "/.symbols-XXXXXX").utf8CString)
+        let f = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard f >= 0 else { throw .system(.storage, "create a spill file in \(directory)", -errno) }
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        fd = f
+    }
+
+    deinit { close(fd) }
+
+    private func offset(_ object: ObjectID, _ block: Int, _ index: Int, _ size: Int) -> off_t {
+        off_t((block << 9) | (index << 1) | (object == .payload ? 1 : 0)) * off_t(size)
+    }
+
+    public func write(object: ObjectID, block: Int, index: Int, symbol: UnsafeRawBufferPointer) {
+        let n = pwrite(fd, symbol.baseAddress, symbol.count, offset(object, block, index, symbol.count))
+        if n != symbol.count && failure == nil { failure = .system(.storage, "write the spill file", n < 0 ? -errno : -ENOSPC) }
+    }
+
+    public func read(object: ObjectID, block: Int, index: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        // A short read leaves zeros: the block then fails its hash and is fetched again (B-14).
+        let n = pread(fd, buffer.baseAddress, buffer.count, offset(object, block, index, buffer.count))
+        if n < buffer.count { buffer.baseAddress!.advanced(by: max(n, 0)).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - max(n, 0)) }
+    }
+}

@@ -71,6 +71,13 @@ struct ScenarioTests {
         #expect(r.completed.allSatisfy { $0 })
     }
 
+    @Test("Two blocks in memory, the rest spilled: every receiver completes with the right bytes (P-5a)")
+    func spill() async throws {
+        let r = try await run("spill", seed: 21)
+        #expect(r.completed.allSatisfy { $0 })
+        #expect(r.receiverCounters["blocks.repaired"] > 0, "cold blocks were decoded from spilled symbols")
+    }
+
     @Test("Forged, corrupted, duplicated and reordered datagrams: nothing wrong is accepted")
     func attack() async throws {
         let r = try await run("attack", seed: 17)
