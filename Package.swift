@@ -12,6 +12,8 @@ let package = Package(
         .library(name: "UpdateBundle", targets: ["UpdateBundle"]),
         .library(name: "ErasureCoding", targets: ["ErasureCoding"]),
         .library(name: "SeededRandom", targets: ["SeededRandom"]),
+        .library(name: "Transport", targets: ["Transport"]),
+        .library(name: "DeliveryCore", targets: ["DeliveryCore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

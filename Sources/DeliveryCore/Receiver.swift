@@ -673,7 +673,7 @@ struct PartialBlock {
         count += 1
         if index < k { presentSources[index] = true }
         if isCold {
-            symbol.withUnsafeBytes { spill.write(object: object, block: block, index: index, symbol: $0) }
+            symbol.withUnsafeBytes { spill.write(object: object, block: block, index: index, symbolSize: symbolSize, bytes: $0) }
             if index >= k { repairs.append((index, [])) }
         } else if index < k {
             source.withUnsafeMutableBytes { s in symbol.withUnsafeBytes { s.baseAddress!.advanced(by: index * symbolSize).copyMemory(from: $0.baseAddress!, byteCount: symbolSize) } }
@@ -686,12 +686,9 @@ struct PartialBlock {
     /// Moves the held bytes to the spill and frees them (the block turns cold).
     mutating func evict(to spill: SymbolSpill, object: ObjectID, block: Int) {
         guard !isCold else { return }
-        source.withUnsafeBytes { all in
-            for i in 0..<k where presentSources[i] {
-                spill.write(object: object, block: block, index: i, symbol: UnsafeRawBufferPointer(rebasing: all[(i * symbolSize)..<((i + 1) * symbolSize)]))
-            }
-        }
-        for r in repairs { r.bytes.withUnsafeBytes { spill.write(object: object, block: block, index: r.index, symbol: $0) } }
+        // One write for the k source slots (missing ones are zeros, overwritten if they arrive).
+        source.withUnsafeBytes { spill.write(object: object, block: block, index: 0, symbolSize: symbolSize, bytes: $0) }
+        for r in repairs { r.bytes.withUnsafeBytes { spill.write(object: object, block: block, index: r.index, symbolSize: symbolSize, bytes: $0) } }
         source = []
         repairs = repairs.map { ($0.index, []) }
         isCold = true
@@ -701,16 +698,13 @@ struct PartialBlock {
     mutating func reload(from spill: SymbolSpill, object: ObjectID, block: Int) {
         guard isCold else { return }
         var buffer = [UInt8](repeating: 0, count: k * symbolSize)
-        buffer.withUnsafeMutableBytes { all in
-            for i in 0..<k where presentSources[i] {
-                spill.read(object: object, block: block, index: i, into: UnsafeMutableRawBufferPointer(rebasing: all[(i * symbolSize)..<((i + 1) * symbolSize)]))
-            }
-        }
+        // One read for the k source slots; the decoder ignores the missing ones.
+        buffer.withUnsafeMutableBytes { spill.read(object: object, block: block, index: 0, symbolSize: symbolSize, into: $0) }
         source = buffer
         let lost = presentSources.filter { !$0 }.count
         repairs = repairs.prefix(lost).map { r in
             var bytes = [UInt8](repeating: 0, count: symbolSize)
-            bytes.withUnsafeMutableBytes { spill.read(object: object, block: block, index: r.index, into: $0) }
+            bytes.withUnsafeMutableBytes { spill.read(object: object, block: block, index: r.index, symbolSize: symbolSize, into: $0) }
             return (r.index, bytes)
         }
         isCold = false
@@ -963,12 +957,15 @@ struct Session {
 
 /// Where a receiver keeps the authenticated symbols of incomplete blocks it
 /// no longer holds in memory (Specs/protocol.md P-5a): the real driver uses
-/// a sparse scratch file, the simulator memory. Contents need not survive a
-/// restart: the journal lists only whole verified blocks.
+/// a sparse scratch file, the simulator memory. Symbols of one block occupy
+/// consecutive slots by index, so a run of symbols moves in one call.
+/// Contents need not survive a restart: the journal lists only whole
+/// verified blocks.
 public protocol SymbolSpill: AnyObject {
-    func write(object: ObjectID, block: Int, index: Int, symbol: UnsafeRawBufferPointer)
-    /// Reads back a symbol written before (the caller knows which were).
-    func read(object: ObjectID, block: Int, index: Int, into buffer: UnsafeMutableRawBufferPointer)
+    /// Stores `bytes` (a whole number of symbols) in the slots from `index` on.
+    func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer)
+    /// Reads the slots from `index` on; slots never written read as zeros.
+    func read(object: ObjectID, block: Int, index: Int, symbolSize: Int, into buffer: UnsafeMutableRawBufferPointer)
 }
 
 /// A spill in memory: for the simulator and tests, where the eviction logic
@@ -977,13 +974,21 @@ public final class MemorySpill: SymbolSpill {
     private var symbols: [SymbolKey: [UInt8]] = [:]
     struct SymbolKey: Hashable { var object: ObjectID; var block: Int; var index: Int }
     public init() {}
-    public func write(object: ObjectID, block: Int, index: Int, symbol: UnsafeRawBufferPointer) {
-        symbols[SymbolKey(object: object, block: block, index: index)] = Array(symbol)
-    }
-    public func read(object: ObjectID, block: Int, index: Int, into buffer: UnsafeMutableRawBufferPointer) {
-        guard let bytes = symbols.removeValue(forKey: SymbolKey(object: object, block: block, index: index)) else {
-            preconditionFailure("spill read of a symbol never written: \(object) block \(block) index \(index)")
+    public func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer) {
+        precondition(bytes.count % symbolSize == 0)
+        for n in 0..<(bytes.count / symbolSize) {
+            symbols[SymbolKey(object: object, block: block, index: index + n)] = Array(bytes[(n * symbolSize)..<((n + 1) * symbolSize)])
         }
-        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(buffer.count))) }
+    }
+    public func read(object: ObjectID, block: Int, index: Int, symbolSize: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        precondition(buffer.count % symbolSize == 0)
+        for n in 0..<(buffer.count / symbolSize) {
+            let slot = UnsafeMutableRawBufferPointer(rebasing: buffer[(n * symbolSize)..<((n + 1) * symbolSize)])
+            if let bytes = symbols.removeValue(forKey: SymbolKey(object: object, block: block, index: index + n)) {
+                bytes.withUnsafeBytes { slot.copyMemory(from: $0) }
+            } else {
+                slot.initializeMemory(as: UInt8.self, repeating: 0)
+            }
+        }
     }
 }

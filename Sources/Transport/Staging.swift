@@ -218,8 +218,10 @@ public enum JournalCodec {
 
 /// The receiver's spill (Specs/protocol.md P-5a): a sparse scratch file in the
 /// staging directory, unlinked at once, so nothing is left behind. Symbol
-/// (object, block, index) lives at slot ((block << 9) | (index << 1) | object)
-/// x T: no layout is needed, and unwritten slots take no disk space.
+/// (object, block, index) lives at byte ((block x 256 + index) x T), plus
+/// 2^40 for the payload object: a block's symbols are contiguous (an evicted
+/// block is one write, a reload one read), no layout is needed, and the gaps
+/// between blocks take no disk space.
 public final class FileSpill: SymbolSpill {
     private let fd: Int32
     /// The first write error; the driver aborts the session with reason `storage`.
@@ -236,17 +238,17 @@ public final class FileSpill: SymbolSpill {
     deinit { close(fd) }
 
     private func offset(_ object: ObjectID, _ block: Int, _ index: Int, _ size: Int) -> off_t {
-        off_t((block << 9) | (index << 1) | (object == .payload ? 1 : 0)) * off_t(size)
+        (object == .payload ? 1 << 40 : 0) + off_t(block * BundleLimits.symbolIndexCountMax + index) * off_t(size)
     }
 
-    public func write(object: ObjectID, block: Int, index: Int, symbol: UnsafeRawBufferPointer) {
-        let n = pwrite(fd, symbol.baseAddress, symbol.count, offset(object, block, index, symbol.count))
-        if n != symbol.count && failure == nil { failure = .system(.storage, "write the spill file", n < 0 ? -errno : -ENOSPC) }
+    public func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer) {
+        let n = pwrite(fd, bytes.baseAddress, bytes.count, offset(object, block, index, symbolSize))
+        if n != bytes.count && failure == nil { failure = .system(.storage, "write the spill file", n < 0 ? -errno : -ENOSPC) }
     }
 
-    public func read(object: ObjectID, block: Int, index: Int, into buffer: UnsafeMutableRawBufferPointer) {
+    public func read(object: ObjectID, block: Int, index: Int, symbolSize: Int, into buffer: UnsafeMutableRawBufferPointer) {
         // A short read leaves zeros: the block then fails its hash and is fetched again (B-14).
-        let n = pread(fd, buffer.baseAddress, buffer.count, offset(object, block, index, buffer.count))
+        let n = pread(fd, buffer.baseAddress, buffer.count, offset(object, block, index, symbolSize))
         if n < buffer.count { buffer.baseAddress!.advanced(by: max(n, 0)).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - max(n, 0)) }
     }
 }
