@@ -102,7 +102,7 @@ func sendNIO(count: Int) throws {
         guard sent < count else { done.succeed(sent); return }
         let n = min(64, count - sent)
         for _ in 0..<(n - 1) { channel.write(AddressedEnvelope(remoteAddress: remote, data: payload), promise: nil) }
-        channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: payload)).whenComplete { _ in batch(sent + n) }
+        channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: payload)).whenComplete { _ in channel.eventLoop.execute { batch(sent + n) } }  // no recursion
     }
     channel.eventLoop.execute { batch(0) }
     let sent = try done.futureResult.wait()
