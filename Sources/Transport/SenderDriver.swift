@@ -22,6 +22,8 @@ public struct SenderEndpoint: Sendable {
 public struct SenderProgress: Sendable {
     public var elapsed: Interval
     public var round: UInt32
+    /// The sender's group round-trip estimate; rounds last a few of them.
+    public var grtt: Interval
     public var dataBytesSent: UInt64
     public var controlBytesSent: UInt64
     public var feedbackBytesReceived: UInt64
@@ -147,7 +149,7 @@ public final class SenderDriver {
         let sent = sender.bytesSent
         let data = (sent["source"] ?? 0) + (sent["repair"] ?? 0)
         let total = sent.filter { $0.key != "feedbackReceived" }.values.reduce(0, +)
-        return SenderProgress(elapsed: now - startedAt, round: sender.round, dataBytesSent: data, controlBytesSent: total - data,
+        return SenderProgress(elapsed: now - startedAt, round: sender.round, grtt: sender.currentGRTT, dataBytesSent: data, controlBytesSent: total - data,
                               feedbackBytesReceived: sent["feedbackReceived"] ?? 0, datagramsSent: stats.datagrams, sendStalls: stats.stalls,
                               registered: fleet.count, done: fleet.filter { $0.standing == .done }.count,
                               failed: fleet.filter { $0.standing == .failed }.count,

@@ -108,8 +108,8 @@ struct Send: ParsableCommand {
             let payload = manifest.payload.size
             let status = StatusLine(enabled: !quiet)
             try driver.run(progress: { p in
-                status.show(String(format: "round %u  %@  sent %@ (%.2fx payload)  receivers %d, done %d, failed %d",
-                                   p.round, formatRate(p.dataBytesSent, p.elapsed.seconds), formatBytes(p.dataBytesSent),
+                status.show(String(format: "round %u (GRTT %.0f ms)  %@  sent %@ (%.2fx payload)  receivers %d, done %d, failed %d",
+                                   p.round, p.grtt.seconds * 1000, formatRate(p.dataBytesSent, p.elapsed.seconds), formatBytes(p.dataBytesSent),
                                    Double(p.dataBytesSent) / Double(max(payload, 1)), p.registered, p.done, p.failed))
             }, shouldStop: { interrupted })
             status.finish()
@@ -164,6 +164,7 @@ struct FleetReport: Encodable {
     var feedbackBytesReceived: UInt64
     var wireRatio: Double
     var rounds: UInt32
+    var grttMilliseconds: Double
     var senderCPUSeconds: Double
     var receivers: [Device]
 
@@ -182,6 +183,7 @@ struct FleetReport: Encodable {
         feedbackBytesReceived = p.feedbackBytesReceived
         wireRatio = Double(p.dataBytesSent) / Double(max(manifest.payload.size, 1))
         rounds = p.round
+        grttMilliseconds = p.grtt.seconds * 1000
         senderCPUSeconds = p.cpuSeconds
         let finishes = fleet.compactMap(\.record.finishedAt)
         if !fleet.isEmpty, finishes.count == fleet.count, let start, let last = finishes.max() { secondsToAllDone = (last - start).seconds }
