@@ -26,6 +26,9 @@ public struct ReceiverConfig: Sendable {
     public var inactivityTimeout = Interval.seconds(5)
     /// A receiver moves to another session of the same bundle only after its own has been silent this long.
     public var sessionSwitchQuiet = Interval.seconds(1)
+    /// CLOSE is not authenticated: it ends a session still receiving only after this long
+    /// (or 8 GRTT, if longer) without genuine data or POLL from the session (Specs/protocol.md P-13a).
+    public var closeConfirmQuiet = Interval.seconds(1)
     /// Blocks verified between progress commits (and at completion).
     public var commitBlockCount = 64
 
@@ -112,7 +115,7 @@ public struct Receiver {
     /// The earliest instant at which `handleTimeout` has something to do.
     public var nextDeadline: Instant? {
         guard let s = session else { return nil }
-        return [s.nackDue, s.statusDue, s.inactivityDeadline].compactMap { $0 }.min()
+        return [s.nackDue, s.statusDue, s.inactivityDeadline, s.closeConfirmAt].compactMap { $0 }.min()
     }
 
     // MARK: Polling
@@ -166,9 +169,12 @@ public struct Receiver {
         }
         if let due = s.statusDue, due <= now { sendStatus(&s, at: now) }
         let inactive = s.inactivityDeadline.map { $0 <= now } ?? false
-        if phase != .receiving { s.inactivityDeadline = nil }
+        let closed = s.closeConfirmAt.map { $0 <= now } ?? false
+        if phase != .receiving { s.inactivityDeadline = nil; s.closeConfirmAt = nil }
         session = s
-        if inactive && phase == .receiving {
+        if closed && phase == .receiving {
+            fail(.sessionClosed, "the sender closed the session before every block arrived", at: now)
+        } else if inactive && phase == .receiving {
             fail(.timedOut, "no datagram from the sender for \(config.inactivityTimeout.seconds) s", at: now)
         }
     }
@@ -336,6 +342,7 @@ public struct Receiver {
                 return
             }
             guard authentic else { counters.add("dropped.data.badTag"); return }
+            s.closeConfirmAt = nil  // genuine data: the sender is still there
         }
         accept(&s, object: d.object, block: b, index: i, symbol: d.symbol, at: now)
         // A segment may have just verified: the held symbols of its blocks can now be checked.
@@ -444,6 +451,7 @@ public struct Receiver {
         guard phase == .receiving, var s = session, !s.carousel else { return }
         session = nil
         s.grtt = Self.clampGRTT(p.grttMicroseconds)
+        s.closeConfirmAt = nil
         s.groupSize = Int(min(p.groupSize, Self.groupSizeMax))
         // POLL is not authenticated: a corrupted or forged round number must not freeze
         // feedback, so any change of round starts a round (Specs/protocol.md P-17).
@@ -461,15 +469,20 @@ public struct Receiver {
 
     private mutating func handleClose(_ c: Close, at now: Instant) {
         // Specs/protocol.md P-21: a closed sender will not ACK; stop repeating the final STATUS.
-        if phase == .complete, var s = session, !s.finalAcknowledged {
+        // Only after one STATUS went out: a CLOSE (perhaps forged) must not silence it entirely.
+        if phase == .complete, var s = session, !s.finalAcknowledged, s.finalStatusCount > 0 {
             s.finalAcknowledged = true
             s.statusDue = nil
             session = s
             counters.add("status.closedBeforeAck")
             return
         }
-        guard phase == .receiving else { return }
-        fail(.sessionClosed, "the sender closed the session (\(c.reason)) before every block arrived", at: now)
+        guard phase == .receiving, var s = session else { return }
+        // Specs/protocol.md P-13a: a CLOSE may be forged; it takes effect only if the
+        // session then stays quiet (genuine data or a POLL cancels it).
+        counters.add("close.heard")
+        if s.closeConfirmAt == nil { s.closeConfirmAt = now + max(config.closeConfirmQuiet, s.grtt * 8) }
+        session = s
     }
 
     private mutating func handleAck(_ a: Ack) {
@@ -826,6 +839,8 @@ struct Session {
     var bytesReceived: UInt64 = 0
     var statusDue: Instant?
     var inactivityDeadline: Instant?
+    /// A CLOSE was heard; it ends the session at this instant unless cancelled (P-13a).
+    var closeConfirmAt: Instant?
     var lastHeard = Instant.zero
     var finalStatusCount = 0
     var finalAcknowledged = false

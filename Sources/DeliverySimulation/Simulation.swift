@@ -280,8 +280,10 @@ public final class Simulation {
             let blocks = object == .payload ? BlockGeometry(payloadSize: UInt64(bundle.payload.count), profile: scenario.profile).blockCount
                 : BlockGeometry(payloadSize: UInt64(bundle.authChain.count), profile: scenario.profile).blockCount
             let symbol = (0..<scenario.profile.symbolSize).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-            let forged = Datagram.data(DataSymbol(session: session, object: object, block: UInt32(rng.next() % UInt64(max(blocks, 1))),
-                                                  symbolIndex: UInt8(rng.next() % UInt64(scenario.profile.sourceSymbolsPerBlock)), symbol: symbol)).encoded()
+            // One forgery in ten is a CLOSE, which must not end a live session (Specs/protocol.md P-13a).
+            let forged = rng.next() % 10 == 0 ? Datagram.close(Close(session: session, reason: .aborted)).encoded()
+                : Datagram.data(DataSymbol(session: session, object: object, block: UInt32(rng.next() % UInt64(max(blocks, 1))),
+                                           symbolIndex: UInt8(rng.next() % UInt64(scenario.profile.sourceSymbolsPerBlock)), symbol: symbol)).encoded()
             for i in nodes.indices { deliver(forged, to: i) }
             queue.push(now + Interval(microseconds: UInt64(1e6 / scenario.forgedDataPerSecond)), .attack)
         case .replay(let n):

@@ -13,7 +13,7 @@ struct Inject: ParsableCommand {
         discussion: """
         Listens on the group until it hears a session, then for --duration seconds sends, at
         --rate datagrams per second: DATA with the real session ID and random symbols, copies of
-        genuine DATA with one bit flipped, and POLLs with absurd timing. Receivers must drop
+        genuine DATA with one bit flipped, POLLs with absurd timing, and CLOSEs. Receivers must drop
         every forgery (and count it) and still deliver the genuine bytes. Use only inside a lab.
         """,
         shouldDisplay: false
@@ -71,7 +71,10 @@ struct Inject: ParsableCommand {
                 next = next + Interval(microseconds: UInt64(1e6 / rate * 16))
                 for _ in 0..<16 {
                     let bytes: [UInt8]
-                    switch random.next() % 3 {
+                    switch random.next() % 4 {
+                    case 3:
+                        // A forged CLOSE: receivers must not end a live session on it (P-13a).
+                        bytes = Datagram.close(Close(session: id, reason: .aborted)).encoded()
                     case 0 where !genuine.isEmpty:
                         var copy = genuine[Int(random.next() % UInt64(genuine.count))]
                         copy.symbol[Int(random.next() % UInt64(copy.symbol.count))] ^= UInt8(1 << (random.next() % 8))
