@@ -64,6 +64,14 @@ public struct Counters: Sendable, CustomStringConvertible {
     public var description: String { all.map { "\($0.0)=\($0.1)" }.joined(separator: " ") }
 }
 
+/// The share of the full NACK backoff a group of this size uses (Specs/protocol.md
+/// P-17b): NACKs are unicast, so backoff suppresses nothing and only spreads the
+/// feedback of large groups; a small group answers at once. 1 receiver: 0,
+/// 10: 1/3, 100: 2/3, 1000 and more: all of it.
+public func backoffShare(groupSize: Int) -> Double {
+    min(1, log10(Double(max(groupSize, 1))) / 3)
+}
+
 /// RFC 5740 §5.5's truncated exponential: density rising as e^(λt/T) on
 /// [0, T) with λ = ln(group size) + 1, so in a large group few timers fire early.
 func truncatedExponential(max: Interval, groupSize: Int, unit u: Double) -> Interval {

@@ -522,7 +522,7 @@ public struct Receiver {
     private mutating func scheduleNack(_ s: inout Session, at now: Instant) {
         guard !s.carousel, phase == .receiving, s.nackDue == nil, s.manifest != nil,
               s.nackDatagramsThisRound < config.nackDatagramsPerRoundMax, s.hasNackableBlocks else { return }
-        let maxDelay = s.grtt * config.backoffGRTTs
+        let maxDelay = s.grtt * (config.backoffGRTTs * backoffShare(groupSize: s.groupSize))
         var due = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
         // Specs/protocol.md P-19: no two NACK firings closer than `nackIntervalMin` (one GRTT).
         if let last = s.lastNackAt, due < last + s.grtt { due = last + s.grtt }

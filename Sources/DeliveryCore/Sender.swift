@@ -187,7 +187,8 @@ public struct Sender {
     }
 
     public var isFinished: Bool { phase == .finished }
-    public var roundWindow: Interval { grtt * (config.backoffGRTTs + config.nackWindowGRTTs) }
+    /// Specs/protocol.md P-17b: the receivers' backoff (scaled by the group size) plus the NACK window.
+    public var roundWindow: Interval { grtt * (config.backoffGRTTs * backoffShare(groupSize: max(receivers.count, 1)) + config.nackWindowGRTTs) }
     public var currentGRTT: Interval { grtt }
     public var totalBlocks: Int { layouts[1].blockCount }
 
