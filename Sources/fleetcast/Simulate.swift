@@ -14,6 +14,9 @@ struct Simulate: ParsableCommand {
         Examples:
           fleetcast simulate --scenario loss-10-16 --seed 7
           fleetcast simulate --scenario sweep --seed 1 --count 500     # seeds 1...500
+
+        FLEETCAST_SIM_TRACE=1 prints the event queue every 200,000 events and the
+        counters of the last receiver to complete (for runs that take long).
         """
     )
 
