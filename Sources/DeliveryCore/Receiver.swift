@@ -105,6 +105,8 @@ public struct Receiver {
     public var isFailed: Bool { phase == .failed }
     public var isFinished: Bool { (phase == .complete || phase == .failed) && (session?.finalAcknowledged ?? true) }
     public var manifest: Manifest? { session?.manifest.manifest }
+    /// The joined session's manifest with its verified signers (for the driver's recipient check).
+    public var verifiedManifest: VerifiedManifest? { session?.manifest }
     public var blocksDone: Int { session?.payload.doneCount ?? 0 }
     public var nacksSent: Int { session?.nacksSent ?? 0 }
     public var failure: (Status.Reason, String)? { failureInfo }

@@ -29,16 +29,32 @@ public final class FileObjects: ObjectSource {
         let limit = object == .payload ? header.payloadLength : header.authLength
         precondition(range.upperBound <= limit, "read past the end of \(object)")
         var out = [UInt8](repeating: 0, count: range.count)
-        var done = 0
-        while done < out.count {
-            let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(base + range.lowerBound) + off_t(done)) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 {
-                if failure == nil { failure = .system(.storage, "read \(path)", n < 0 ? -errno : -EIO) }
-                break
-            }
-            done += n
-        }
+        let rc = out.withUnsafeMutableBytes { preadFully(fd, $0, at: base + range.lowerBound) }
+        if rc != 0 && failure == nil { failure = .system(.storage, "read \(path)", rc) }
         return out
     }
+}
+
+/// pread until `buffer` is full. Returns 0, or -errno (-EIO at end of file).
+func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Int32 {
+    var done = 0
+    while done < buffer.count {
+        let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { return n < 0 ? -errno : -EIO }
+        done += n
+    }
+    return 0
+}
+
+/// pwrite all of `bytes`. Returns 0 or -errno.
+func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int32 {
+    var done = 0
+    while done < bytes.count {
+        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { return n < 0 ? -errno : -EIO }
+        done += n
+    }
+    return 0
 }

@@ -69,9 +69,9 @@ public final class ReceiverDriver {
     private var lossRandom: SeededRandom
     private var incoming = ReceiveBatch()
     private let outgoing = SendBatch(capacity: 16)
-    private var stored: UInt64 = 0
     private var received: UInt64 = 0
-    private var manifest: Manifest?
+    /// The joined session's manifest (nil until the receiver joins one).
+    private var manifest: Manifest? { receiver.manifest }
     private var startedAt = MonotonicClock.now()
     private let cpuAtStart = MonotonicClock.processCPUSeconds()
     private var lastReadAt: Instant?
@@ -186,7 +186,6 @@ public final class ReceiverDriver {
             if incoming.count < incoming.capacity / 2 { return }
             lastReadWasSparse = false
         }
-        lastReadWasSparse = false
     }
 
     /// Executes the core's storage events and queues its feedback.
@@ -194,23 +193,18 @@ public final class ReceiverDriver {
         while let e = receiver.pollEvent() {
             switch e {
             case .joined(_, let m):
-                manifest = m
-                do {
-                    try staging.prepare(envelope: receiver.envelope!, manifest: m)
-                    let verified = try ManifestVerifier.verify(envelope: receiver.envelope!, trust: receiver.config.trust, device: receiver.config.device)
-                    try verified.checkRecipient(keys: keys)
-                } catch let error as TransportError {
+                // The core verified the envelope; the manifest it verified answers the recipient check.
+                do { try staging.prepare(envelope: receiver.envelope!, manifest: m) } catch {
                     receiver.abort(.storage, error.reason, at: MonotonicClock.now())
-                } catch let error as BundleError {
+                    continue
+                }
+                do { try receiver.verifiedManifest!.checkRecipient(keys: keys) } catch {
                     receiver.abort(error.code == .notARecipient ? .notARecipient : .storage, error.reason, at: MonotonicClock.now())
-                } catch {
-                    receiver.abort(.storage, "\(error)", at: MonotonicClock.now())
                 }
             case .store(let object, _, let offset, let bytes):
                 do { try staging.store(object, offset: offset, bytes: bytes) } catch {
                     receiver.abort(.storage, error.reason, at: MonotonicClock.now())
                 }
-                if object == .payload { stored += UInt64(bytes.count) }
             case .commit(let journal):
                 do { try staging.commit(journal) } catch { receiver.abort(.storage, error.reason, at: MonotonicClock.now()) }
             case .completed, .failed:

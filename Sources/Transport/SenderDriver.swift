@@ -99,10 +99,12 @@ public final class SenderDriver {
                 progress(snapshot(at: now))
                 nextProgress = now + progressInterval
             }
-            if batch.isFull || (batch.count == 0 && sender.nextDeadline(at: now).map({ $0 <= now }) ?? false) { continue }
+            let deadline = sender.nextDeadline(at: now)
+            // Everything went out and the core has more now: no sleep.
+            if batch.count == 0, let deadline, deadline <= now { continue }
             // Sleep until the core has work, feedback arrives, or (when the kernel's
-            // buffer was full) a short back-off passes.
-            var wake = sender.nextDeadline(at: now) ?? (now + .milliseconds(100))
+            // buffer was full, even with a full batch) a short back-off passes.
+            var wake = deadline ?? (now + .milliseconds(100))
             if batch.count > 0 { wake = min(wake, now + Interval(microseconds: 200)) }
             _ = waitReadable([socket], until: min(wake, nextProgress))
         }

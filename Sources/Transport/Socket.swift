@@ -178,7 +178,6 @@ public final class SendBatch {
     fileprivate var lengths: [Int32]
     fileprivate var destinations: [fc_addr]
     public private(set) var count = 0
-    public private(set) var byteCount = 0
 
     public init(capacity: Int = TransportLimits.batchCountMax) {
         self.capacity = capacity
@@ -198,7 +197,6 @@ public final class SendBatch {
         lengths[count] = Int32(bytes.count)
         destinations[count] = destination.raw
         count += 1
-        byteCount += bytes.count
     }
 
     /// Drops the first `n` datagrams (they were sent), keeping the rest in order.
@@ -210,7 +208,6 @@ public final class SendBatch {
             destinations[i - n] = destinations[i]
         }
         count -= n
-        byteCount = (0..<count).reduce(0) { $0 + Int(lengths[$1]) }
     }
 }
 
@@ -257,7 +254,8 @@ public func waitReadable(_ sockets: [UDPSocket], until deadline: Instant?) -> [I
         let now = MonotonicClock.now()
         timeout = deadline > now ? Int64((deadline - now).microseconds) * 1000 : 0
     }
-    let mask = fds.withUnsafeBufferPointer { fc_wait_readable($0.baseAddress!, Int32(fds.count), timeout) }
+    // With no sockets this is a plain sleep (ppoll on an empty set).
+    let mask = fds.withUnsafeBufferPointer { fc_wait_readable($0.baseAddress, Int32(fds.count), timeout) }
     guard mask > 0 else { return [] }
     return sockets.indices.filter { mask & (1 << $0) != 0 }
 }

@@ -120,24 +120,14 @@ public final class StagingArea {
     // MARK: I/O helpers
 
     private func write(_ bytes: [UInt8], at offset: UInt64) throws(TransportError) {
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, $0.count - done, off_t(offset) + off_t(done)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw .system(.storage, "write \(partialPath)", n < 0 ? -errno : -EIO) }
-            done += n
-        }
+        let rc = bytes.withUnsafeBytes { pwriteFully(fd, $0, at: offset) }
+        guard rc == 0 else { throw .system(.storage, "write \(partialPath)", rc) }
     }
 
     private func read(at offset: UInt64, count: Int) throws(TransportError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let n = out.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw .system(.storage, "read \(partialPath)", n < 0 ? -errno : -EIO) }
-            done += n
-        }
+        let rc = out.withUnsafeMutableBytes { preadFully(fd, $0, at: offset) }
+        guard rc == 0 else { throw .system(.storage, "read \(partialPath)", rc) }
         return out
     }
 
@@ -146,13 +136,8 @@ public final class StagingArea {
         let f = Glibc.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard f >= 0 else { throw .system(.journal, "create \(temporary)", -errno) }
         defer { close(f) }
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.write(f, $0.baseAddress! + done, $0.count - done) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw .system(.journal, "write \(temporary)", -errno) }
-            done += n
-        }
+        let rc = bytes.withUnsafeBytes { pwriteFully(f, $0, at: 0) }
+        guard rc == 0 else { throw .system(.journal, "write \(temporary)", rc) }
         guard fsync(f) == 0 else { throw .system(.journal, "fsync \(temporary)", -errno) }
         guard rename(temporary, path) == 0 else { throw .system(.journal, "rename \(temporary)", -errno) }
         syncDirectory()
@@ -237,18 +222,18 @@ public final class FileSpill: SymbolSpill {
 
     deinit { close(fd) }
 
-    private func offset(_ object: ObjectID, _ block: Int, _ index: Int, _ size: Int) -> off_t {
-        (object == .payload ? 1 << 40 : 0) + off_t(block * BundleLimits.symbolIndexCountMax + index) * off_t(size)
+    private func offset(_ object: ObjectID, _ block: Int, _ index: Int, _ size: Int) -> UInt64 {
+        (object == .payload ? 1 << 40 : 0) + UInt64(block * BundleLimits.symbolIndexCountMax + index) * UInt64(size)
     }
 
     public func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer) {
-        let n = pwrite(fd, bytes.baseAddress, bytes.count, offset(object, block, index, symbolSize))
-        if n != bytes.count && failure == nil { failure = .system(.storage, "write the spill file", n < 0 ? -errno : -ENOSPC) }
+        let rc = pwriteFully(fd, bytes, at: offset(object, block, index, symbolSize))
+        if rc != 0 && failure == nil { failure = .system(.storage, "write the spill file", rc) }
     }
 
     public func read(object: ObjectID, block: Int, index: Int, symbolSize: Int, into buffer: UnsafeMutableRawBufferPointer) {
         // A short read leaves zeros: the block then fails its hash and is fetched again (B-14).
-        let n = pread(fd, buffer.baseAddress, buffer.count, offset(object, block, index, symbolSize))
+        let n = pread(fd, buffer.baseAddress, buffer.count, off_t(offset(object, block, index, symbolSize)))
         if n < buffer.count { buffer.baseAddress!.advanced(by: max(n, 0)).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - max(n, 0)) }
     }
 }

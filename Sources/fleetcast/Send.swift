@@ -76,6 +76,7 @@ struct Send: ParsableCommand {
 
     func run() throws {
         try reportingTransportFailures {
+            installInterruptHandlers()  // Ctrl-C ends the loop: the report is still written
             let opened = try UnverifiedBundle(path: bundle)
             let manifest: Manifest
             if trustedKey.isEmpty {
@@ -124,9 +125,10 @@ struct Send: ParsableCommand {
                 try encoder.encode(fleetReport).write(to: URL(fileURLWithPath: report))
             }
             let done = fleet.filter { $0.standing == .done }.count
+            let failed = fleet.filter { $0.standing == .failed }.count
             say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire; %d receiver(s): %d done, %d failed, %d incomplete",
                          formatBytes(payload), final.elapsed.seconds, formatRate(payload, fleetReport.secondsToAllDone ?? final.elapsed.seconds),
-                         fleetReport.wireRatio, fleet.count, done, fleet.filter { $0.standing == .failed }.count, fleet.count - done - fleet.filter { $0.standing == .failed }.count))
+                         fleetReport.wireRatio, fleet.count, done, failed, fleet.count - done - failed))
             for r in fleetReport.receivers where r.outcome != "done" {
                 say("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
             }

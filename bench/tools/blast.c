@@ -34,19 +34,19 @@ int main(int argc, char **argv) {
     if (m.imr_ifindex == 0) { fprintf(stderr, "no interface %s\n", argv[4]); return 2; }
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     static char buf[BATCH][SIZE];
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    memset(msgs, 0, sizeof(msgs));
+    for (int i = 0; i < BATCH; i++) {
+        iov[i].iov_base = buf[i]; iov[i].iov_len = SIZE;
+        msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
+    }
     if (strcmp(argv[1], "send") == 0) {
         double seconds = atof(argv[5]), rate = argc > 6 ? atof(argv[6]) / 8 : 0;
         setsockopt(fd, IPPROTO_IP, IP_MULTICAST_IF, &m, sizeof(m));
         int sndbuf = 1 << 20;
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-        struct mmsghdr msgs[BATCH];
-        struct iovec iov[BATCH];
-        memset(msgs, 0, sizeof(msgs));
-        for (int i = 0; i < BATCH; i++) {
-            iov[i].iov_base = buf[i]; iov[i].iov_len = SIZE;
-            msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
-            msgs[i].msg_hdr.msg_name = &group; msgs[i].msg_hdr.msg_namelen = sizeof(group);
-        }
+        for (int i = 0; i < BATCH; i++) { msgs[i].msg_hdr.msg_name = &group; msgs[i].msg_hdr.msg_namelen = sizeof(group); }
         double start = now(), sent = 0;
         while (now() - start < seconds) {
             if (rate > 0 && sent > rate * (now() - start)) { usleep(100); continue; }
@@ -63,13 +63,6 @@ int main(int argc, char **argv) {
     if (setsockopt(fd, IPPROTO_IP, IP_ADD_MEMBERSHIP, &m, sizeof(m)) != 0) { perror("join"); return 1; }
     int idle_ms = atoi(argv[5]);
     double bytes = 0, first = 0, last = 0;
-    struct mmsghdr msgs[BATCH];
-    struct iovec iov[BATCH];
-    memset(msgs, 0, sizeof(msgs));
-    for (int i = 0; i < BATCH; i++) {
-        iov[i].iov_base = buf[i]; iov[i].iov_len = SIZE;
-        msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
-    }
     struct pollfd p = { .fd = fd, .events = POLLIN };
     // Waits up to 30 s for the first datagram, then until IDLE_MS of silence.
     for (;;) {
