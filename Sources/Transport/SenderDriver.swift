@@ -51,7 +51,8 @@ public final class SenderDriver {
     private let batch = SendBatch()
     private var incoming = ReceiveBatch()
     private var stats = (datagrams: UInt64(0), stalls: UInt64(0))
-    private let startedAt: Instant
+    /// When the driver started the session (the fleet report measures from here).
+    public let startedAt: Instant
     private let cpuAtStart: Double
 
     public init(sender: Sender, objects: FileObjects?, endpoint: SenderEndpoint) throws(TransportError) {

@@ -172,7 +172,6 @@ struct FleetReport: Encodable {
 
     init(sender driver: SenderDriver, manifest: Manifest, bundle: String, progress p: SenderProgress,
          fleet: [(record: ReceiverRecord, standing: FleetStanding)]) {
-        let start = fleet.map(\.record.firstHeard).min()
         session = "\(driver.sender.config.session)"
         self.bundle = bundle
         product = manifest.productID
@@ -188,7 +187,8 @@ struct FleetReport: Encodable {
         grttMilliseconds = p.grtt.seconds * 1000
         senderCPUSeconds = p.cpuSeconds
         let finishes = fleet.compactMap(\.record.finishedAt)
-        if !fleet.isEmpty, finishes.count == fleet.count, let start, let last = finishes.max() { secondsToAllDone = (last - start).seconds }
+        // From the session's start, not from the first REGISTER (receivers register after they join).
+        if !fleet.isEmpty, finishes.count == fleet.count, let last = finishes.max() { secondsToAllDone = (last - driver.startedAt).seconds }
         receivers = fleet.map { r, standing in
             Device(receiverID: String(r.id.rawValue, radix: 16), deviceID: r.deviceID, versionBefore: r.versionBefore,
                    installedSequenceBefore: r.installedSequence, outcome: standing.rawValue,
