@@ -63,6 +63,7 @@ let package = Package(
         .testTarget(name: "DeliveryTests", dependencies: ["DeliveryCore", "DeliverySimulation", "WireFormat", "UpdateBundle", "SeededRandom"]),
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SeededRandom"]),
         .testTarget(name: "CBORTests", dependencies: ["CBOR"]),
+        .testTarget(name: "TransportTests", dependencies: ["Transport"]),
         .testTarget(
             name: "UpdateBundleTests",
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],

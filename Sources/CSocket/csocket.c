@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -160,10 +161,23 @@ int fc_multicast_out(int fd, int family, unsigned ifindex, int ttl, int loop) {
     return 0;
 }
 
-int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths) {
+int fc_enable_gro(int fd) {
+#ifdef UDP_GRO
+    int on = 1;
+    if (setsockopt(fd, SOL_UDP, UDP_GRO, &on, sizeof(on)) < 0) return -errno;
+    return 0;
+#else
+    (void)fd;
+    return -ENOPROTOOPT;
+#endif
+}
+
+int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths, int *segment_sizes) {
     if (count > FC_BATCH_MAX) count = FC_BATCH_MAX;
     struct mmsghdr msgs[FC_BATCH_MAX];
     struct iovec iov[FC_BATCH_MAX];
+    // Room for one UDP_GRO control message (an int) per slot.
+    union { char bytes[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control[FC_BATCH_MAX];
     memset(msgs, 0, sizeof(struct mmsghdr) * (size_t)count);
     for (int i = 0; i < count; i++) {
         iov[i].iov_base = buffer + (size_t)i * (size_t)slot_bytes;
@@ -172,32 +186,72 @@ int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *s
         msgs[i].msg_hdr.msg_iovlen = 1;
         msgs[i].msg_hdr.msg_name = &sources[i].storage;
         msgs[i].msg_hdr.msg_namelen = sizeof(sources[i].storage);
+        msgs[i].msg_hdr.msg_control = control[i].bytes;
+        msgs[i].msg_hdr.msg_controllen = sizeof(control[i].bytes);
     }
     int n = recvmmsg(fd, msgs, (unsigned)count, MSG_DONTWAIT, NULL);
     if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -errno;
     for (int i = 0; i < n; i++) {
         sources[i].length = msgs[i].msg_hdr.msg_namelen;
         lengths[i] = (msgs[i].msg_hdr.msg_flags & MSG_TRUNC) ? -1 : (int)msgs[i].msg_len;
+        segment_sizes[i] = 0;
+#ifdef UDP_GRO
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[i].msg_hdr); c != NULL; c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+                int size;
+                memcpy(&size, CMSG_DATA(c), sizeof(size));
+                segment_sizes[i] = size;
+            }
+        }
+#endif
     }
     return n;
 }
 
-int fc_send_batch(int fd, uint8_t *const *datagrams, const int *lengths, const fc_addr *destinations, int count) {
+int fc_send_batch(int fd, uint8_t *const *datagrams, const int *lengths, const fc_addr *destinations, int count, int segment) {
     int sent = 0;
     while (sent < count) {
-        int chunk = count - sent < FC_BATCH_MAX ? count - sent : FC_BATCH_MAX;
+        // Messages of this call: with `segment`, a run of datagrams of one length to one
+        // destination becomes one message (UDP_SEGMENT), its datagrams gathered in place.
         struct mmsghdr msgs[FC_BATCH_MAX];
         struct iovec iov[FC_BATCH_MAX];
-        memset(msgs, 0, sizeof(struct mmsghdr) * (size_t)chunk);
-        for (int i = 0; i < chunk; i++) {
-            iov[i].iov_base = datagrams[sent + i];
-            iov[i].iov_len = (size_t)lengths[sent + i];
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-            msgs[i].msg_hdr.msg_name = (void *)&destinations[sent + i].storage;
-            msgs[i].msg_hdr.msg_namelen = destinations[sent + i].length;
+        int runs[FC_BATCH_MAX];
+        union { char bytes[CMSG_SPACE(sizeof(uint16_t))]; struct cmsghdr align; } control[FC_BATCH_MAX];
+        int m = 0, d = sent;
+        while (d < count && d - sent < FC_BATCH_MAX) {
+            int run = 1;
+            if (segment) {
+                int limit = FC_GSO_BYTES_MAX / lengths[d];
+                if (limit > FC_GSO_SEGMENTS_MAX) limit = FC_GSO_SEGMENTS_MAX;
+                while (d + run < count && d + run - sent < FC_BATCH_MAX && run < limit && lengths[d + run] == lengths[d]
+                       && destinations[d + run].length == destinations[d].length
+                       && memcmp(&destinations[d + run].storage, &destinations[d].storage, destinations[d].length) == 0) run++;
+            }
+            memset(&msgs[m], 0, sizeof(msgs[m]));
+            for (int j = 0; j < run; j++) {
+                iov[d - sent + j].iov_base = datagrams[d + j];
+                iov[d - sent + j].iov_len = (size_t)lengths[d + j];
+            }
+            msgs[m].msg_hdr.msg_iov = &iov[d - sent];
+            msgs[m].msg_hdr.msg_iovlen = (size_t)run;
+            msgs[m].msg_hdr.msg_name = (void *)&destinations[d].storage;
+            msgs[m].msg_hdr.msg_namelen = destinations[d].length;
+#ifdef UDP_SEGMENT
+            if (run > 1) {
+                msgs[m].msg_hdr.msg_control = control[m].bytes;
+                msgs[m].msg_hdr.msg_controllen = sizeof(control[m].bytes);
+                struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[m].msg_hdr);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t size = (uint16_t)lengths[d];
+                memcpy(CMSG_DATA(c), &size, sizeof(size));
+            }
+#endif
+            runs[m++] = run;
+            d += run;
         }
-        int n = sendmmsg(fd, msgs, (unsigned)chunk, 0);
+        int n = sendmmsg(fd, msgs, (unsigned)m, 0);
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) return sent;
@@ -205,8 +259,8 @@ int fc_send_batch(int fd, uint8_t *const *datagrams, const int *lengths, const f
             if (sent == 0) return -errno;
             return sent;
         }
-        sent += n;
-        if (n < chunk) return sent;
+        for (int j = 0; j < n; j++) sent += runs[j];
+        if (n < m) return sent;
     }
     return sent;
 }

@@ -56,11 +56,50 @@ public struct ObjectLayout: Sendable {
 
 /// A named counter set: every drop and every rejection has a name (Specs/protocol.md P-1).
 public struct Counters: Sendable, CustomStringConvertible {
+    /// The counters a receiver bumps once per datagram, kept in fields instead
+    /// of the dictionary so that the hot path hashes no string; they read
+    /// back under their names like any other.
+    public enum Hot: Int, CaseIterable, Sendable {
+        case acceptedPayload, acceptedAuth, dataDuplicate, dataBlockDone
+        public var name: String {
+            switch self {
+            case .acceptedPayload: "accepted.payload"
+            case .acceptedAuth: "accepted.auth"
+            case .dataDuplicate: "dropped.data.duplicate"
+            case .dataBlockDone: "dropped.data.blockDone"
+            }
+        }
+    }
     private(set) var values: [String: UInt64] = [:]
+    private var hot: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
     public init() {}
-    public mutating func add(_ name: String, _ n: UInt64 = 1) { values[name, default: 0] += n }
-    public subscript(name: String) -> UInt64 { values[name] ?? 0 }
-    public var all: [(String, UInt64)] { values.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } }
+    public mutating func add(_ name: String, _ n: UInt64 = 1) {
+        if let h = Hot.allCases.first(where: { $0.name == name }) { add(h, n) } else { values[name, default: 0] += n }
+    }
+    public mutating func add(_ counter: Hot, _ n: UInt64 = 1) {
+        switch counter {
+        case .acceptedPayload: hot.0 += n
+        case .acceptedAuth: hot.1 += n
+        case .dataDuplicate: hot.2 += n
+        case .dataBlockDone: hot.3 += n
+        }
+    }
+    public subscript(counter: Hot) -> UInt64 {
+        switch counter {
+        case .acceptedPayload: hot.0
+        case .acceptedAuth: hot.1
+        case .dataDuplicate: hot.2
+        case .dataBlockDone: hot.3
+        }
+    }
+    public subscript(name: String) -> UInt64 {
+        if let h = Hot.allCases.first(where: { $0.name == name }) { return self[h] }
+        return values[name] ?? 0
+    }
+    public var all: [(String, UInt64)] {
+        let hotValues = Hot.allCases.filter { self[$0] > 0 }.map { ($0.name, self[$0]) }
+        return (values.map { ($0.key, $0.value) } + hotValues).sorted { $0.0 < $1.0 }
+    }
     public var description: String { all.map { "\($0.0)=\($0.1)" }.joined(separator: " ") }
 }
 

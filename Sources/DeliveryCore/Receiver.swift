@@ -163,8 +163,8 @@ public struct Receiver {
     }
 
     public mutating func handleTimeout(at now: Instant) {
-        guard var s = session else { return }
-        session = nil  // own it while mutating: no copy-on-write of the block buffers
+        guard session != nil else { return }
+        var s = session.take()!  // own it while mutating: no copy of the session or its block buffers
         if let due = s.nackDue, due <= now {
             s.nackDue = nil
             sendNacks(&s, at: now)
@@ -307,12 +307,16 @@ public struct Receiver {
     // MARK: Data
 
     private mutating func handleData(_ d: DataSymbol, at now: Instant) {
-        guard phase == .receiving, var s = session, s.manifest != nil else {
+        // Move the session out while mutating: no copy of its fields or of the block buffers.
+        guard phase == .receiving, var s = session.take() else {
             counters.add("dropped.dataNotReceiving")
             return
         }
-        session = nil  // take ownership while mutating (avoids a copy of the block buffers)
         defer { session = s }
+        guard s.manifest != nil else {
+            counters.add("dropped.dataNotReceiving")
+            return
+        }
         s.bytesReceived += UInt64(d.symbol.count + DataSymbol.headerByteCount)
         let profile: TransportProfile = s.profile
         guard d.symbol.count == profile.symbolSize else { counters.add("dropped.data.symbolSize"); return }
@@ -360,7 +364,7 @@ public struct Receiver {
         }
     }
 
-    private mutating func accept(_ s: inout Session, object: ObjectID, block b: Int, index i: Int, symbol: [UInt8], at now: Instant) {
+    private mutating func accept(_ s: inout Session, object: ObjectID, block b: Int, index i: Int, symbol: ArraySlice<UInt8>, at now: Instant) {
         let limit = config.blocksInFlightMax
         let symbolSize = s.profile.symbolSize
         // Mutate the object's state in place: a copy would copy every partial block's buffer.
@@ -369,12 +373,12 @@ public struct Receiver {
             : Self.add(&s.auth!, block: b, index: i, symbol: symbol, limit: limit, hotMax: config.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
         let partial: PartialBlock
         switch outcome {
-        case .blockDone: counters.add("dropped.data.blockDone"); return
+        case .blockDone: counters.add(.dataBlockDone); return
         case .tooManyBlocks: counters.add("dropped.data.blocksInFlight"); return
-        case .duplicate: counters.add("dropped.data.duplicate"); return
-        case .held: counters.add(object == .payload ? "accepted.payload" : "accepted.auth"); return
+        case .duplicate: counters.add(.dataDuplicate); return
+        case .held: counters.add(object == .payload ? .acceptedPayload : .acceptedAuth); return
         case .decodable(let p):
-            counters.add(object == .payload ? "accepted.payload" : "accepted.auth")
+            counters.add(object == .payload ? .acceptedPayload : .acceptedAuth)
             partial = p
         }
         let state: ObjectState = object == .payload ? s.payload : s.auth
@@ -612,7 +616,7 @@ enum AcceptOutcome {
 
 extension Receiver {
     /// Adds a symbol to its block's partial state, in place.
-    static func add(_ state: inout ObjectState, block b: Int, index i: Int, symbol: [UInt8], limit: Int, hotMax: Int,
+    static func add(_ state: inout ObjectState, block b: Int, index i: Int, symbol: ArraySlice<UInt8>, limit: Int, hotMax: Int,
                     symbolSize: Int, spill: SymbolSpill) -> AcceptOutcome {
         guard !state.done[b] else { return .blockDone }
         if state.partial[b] == nil {
@@ -682,7 +686,7 @@ struct PartialBlock {
     var isDecodable: Bool { count >= k }
 
     /// Adds a symbol; false if it was already held. A cold block's symbols go straight to the spill.
-    mutating func add(index: Int, symbol: [UInt8], spill: SymbolSpill, object: ObjectID, block: Int) -> Bool {
+    mutating func add(index: Int, symbol: ArraySlice<UInt8>, spill: SymbolSpill, object: ObjectID, block: Int) -> Bool {
         guard !seen[index] else { return false }
         seen[index] = true
         count += 1
@@ -693,7 +697,7 @@ struct PartialBlock {
         } else if index < k {
             source.withUnsafeMutableBytes { s in symbol.withUnsafeBytes { s.baseAddress!.advanced(by: index * symbolSize).copyMemory(from: $0.baseAddress!, byteCount: symbolSize) } }
         } else {
-            repairs.append((index, symbol))
+            repairs.append((index, Array(symbol)))
         }
         return true
     }

@@ -12,6 +12,10 @@ public struct SenderEndpoint: Sendable {
     public var multicastLoopback = true
     public var sendBufferBytes = 1 << 20
     public var receiveBufferBytes = 4 << 20
+    /// Hand runs of data datagrams to the kernel as one message to segment
+    /// (UDP GSO, Specs/protocol.md P-24a): one trip through the stack per run
+    /// instead of per datagram. Falls back by itself where the path cannot.
+    public var segmentation = true
 
     public init(group: SocketAddress, interface: NetworkInterface?, bindAddress: SocketAddress) {
         self.group = group; self.interface = interface; self.bindAddress = bindAddress
@@ -49,7 +53,7 @@ public final class SenderDriver {
     /// Named limit: the address table is bounded like the core's receiver table.
     public static let addressTableCountMax = 4096
     private let batch = SendBatch()
-    private var incoming = ReceiveBatch()
+    private let incoming = ReceiveBatch()
     private var stats = (datagrams: UInt64(0), stalls: UInt64(0))
     /// When the driver started the session (the fleet report measures from here).
     public let startedAt: Instant
@@ -66,6 +70,7 @@ public final class SenderDriver {
         socket = try UDPSocket(family: endpoint.group.family)
         grantedBuffers = try socket.setBuffers(receive: endpoint.receiveBufferBytes, send: endpoint.sendBufferBytes)
         try socket.setMulticastOutput(interface: endpoint.interface, ttl: endpoint.ttl, loopback: endpoint.multicastLoopback)
+        socket.segmentation = endpoint.segmentation
         try socket.bind(endpoint.bindAddress)
         startedAt = MonotonicClock.now()
         cpuAtStart = MonotonicClock.processCPUSeconds()
@@ -123,7 +128,7 @@ public final class SenderDriver {
     private func receiveFeedback() throws(TransportError) {
         // Bounded per wake so feedback floods cannot starve sending.
         for _ in 0..<4 {
-            guard try socket.receive(into: &incoming) > 0 else { return }
+            guard try socket.receive(into: incoming) > 0 else { return }
             let now = MonotonicClock.now()
             for i in 0..<incoming.count {
                 guard let bytes = incoming.datagram(i) else { continue }

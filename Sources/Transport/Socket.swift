@@ -83,6 +83,9 @@ public enum TransportLimits {
     public static let datagramByteCountMax = 9216
     /// Datagrams per sendmmsg/recvmmsg call.
     public static let batchCountMax = 64
+    /// A coalesced (UDP GRO) message: the kernel's GRO limit, 64 KiB.
+    public static let coalescedMessageByteCountMax = 65536
+
     /// Socket buffer asked for by default: a few hundred milliseconds at 1 Gbit/s.
     public static let socketBufferByteCountDefault = 16 << 20
 }
@@ -142,32 +145,53 @@ public final class UDPSocket {
     /// (fewer means its buffer is full: wait for writability or time).
     public func send(_ batch: SendBatch, from start: Int = 0) throws(TransportError) -> Int {
         guard start < batch.count else { return 0 }
-        let rc = batch.pointers.withUnsafeBufferPointer { p in
-            batch.lengths.withUnsafeBufferPointer { l in
-                batch.destinations.withUnsafeBufferPointer { d in
-                    fc_send_batch(fd, p.baseAddress! + start, l.baseAddress! + start, d.baseAddress! + start, Int32(batch.count - start))
+        func attempt(_ segment: Bool) -> Int32 {
+            batch.pointers.withUnsafeBufferPointer { p in
+                batch.lengths.withUnsafeBufferPointer { l in
+                    batch.destinations.withUnsafeBufferPointer { d in
+                        fc_send_batch(fd, p.baseAddress! + start, l.baseAddress! + start, d.baseAddress! + start,
+                                      Int32(batch.count - start), segment ? 1 : 0)
+                    }
                 }
             }
+        }
+        var rc = attempt(segmentation)
+        if segmentation && (rc == -EIO || rc == -EINVAL || rc == -ENOPROTOOPT) {
+            // Specs/protocol.md P-24a: a path that cannot segment gets single datagrams from now on.
+            segmentation = false
+            rc = attempt(false)
         }
         guard rc >= 0 else { throw .system(.socket, "sendmmsg", rc) }
         return Int(rc)
     }
 
+    /// Whether sends hand runs of equal datagrams to the kernel as one message
+    /// to be segmented (UDP GSO, Specs/protocol.md P-24a). Turned off for good
+    /// the first time the kernel refuses it.
+    public var segmentation = false
+
     /// Receives what is waiting, up to the batch's capacity, without blocking.
-    public func receive(into batch: inout ReceiveBatch) throws(TransportError) -> Int {
+    public func receive(into batch: ReceiveBatch) throws(TransportError) -> Int {
         let capacity = batch.capacity
-        let rc = batch.buffer.withUnsafeMutableBytes { buffer in
-            batch.sources.withUnsafeMutableBufferPointer { s in
-                batch.lengths.withUnsafeMutableBufferPointer { l in
-                    fc_recv_batch(fd, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), Int32(TransportLimits.datagramByteCountMax),
-                                  Int32(capacity), s.baseAddress!, l.baseAddress!)
+        let slot = batch.slotByteCount
+        let buffer = batch.buffer.assumingMemoryBound(to: UInt8.self)
+        let rc = batch.sources.withUnsafeMutableBufferPointer { s in
+            batch.lengths.withUnsafeMutableBufferPointer { l in
+                batch.segmentSizes.withUnsafeMutableBufferPointer { g in
+                    fc_recv_batch(fd, buffer, Int32(slot), Int32(capacity), s.baseAddress!, l.baseAddress!, g.baseAddress!)
                 }
             }
         }
         guard rc >= 0 else { throw .system(.socket, "recvmmsg", rc) }
-        batch.count = Int(rc)
-        return Int(rc)
+        batch.messageCount = Int(rc)
+        batch.index()
+        return batch.count
     }
+
+    /// Asks the kernel to hand over consecutive datagrams of one flow as one
+    /// message (UDP GRO, Specs/protocol.md P-24a); read them with a
+    /// `ReceiveBatch(coalesced: true)`. False when the kernel cannot.
+    public func enableCoalescing() -> Bool { fc_enable_gro(fd) == 0 }
 }
 
 /// Datagrams waiting to be sent in one system call, copied into slots that are reused.
@@ -212,30 +236,65 @@ public final class SendBatch {
 }
 
 /// Reusable slots for one recvmmsg call.
-public struct ReceiveBatch {
+public final class ReceiveBatch {
+    /// Messages per system call.
     public let capacity: Int
-    fileprivate var buffer: [UInt8]
+    /// Bytes per message slot: one datagram, or with coalescing (UDP GRO) up
+    /// to `TransportLimits.coalescedMessageByteCountMax` of same-sized datagrams.
+    public let slotByteCount: Int
+    /// Left uninitialised: a slot's pages are touched only as far as the kernel
+    /// writes into them, so large coalescing slots cost memory only when used.
+    fileprivate let buffer: UnsafeMutableRawPointer
     fileprivate var sources: [fc_addr]
     fileprivate var lengths: [Int32]
-    public fileprivate(set) var count = 0
+    fileprivate var segmentSizes: [Int32]
+    /// The datagrams the last receive returned: where each starts in `buffer`,
+    /// its length (-1: truncated) and the message (hence source) it came in.
+    fileprivate var datagrams: [(start: Int, length: Int, message: Int)] = []
+    /// Messages the last receive returned (each one datagram unless coalesced).
+    public fileprivate(set) var messageCount = 0
+    /// Datagrams the last receive returned.
+    public var count: Int { datagrams.count }
 
-    public init(capacity: Int = TransportLimits.batchCountMax) {
+    public init(capacity: Int = TransportLimits.batchCountMax, coalesced: Bool = false) {
         self.capacity = capacity
-        buffer = [UInt8](repeating: 0, count: capacity * TransportLimits.datagramByteCountMax)
+        slotByteCount = coalesced ? TransportLimits.coalescedMessageByteCountMax : TransportLimits.datagramByteCountMax
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity * slotByteCount, alignment: 64)
         sources = [fc_addr](repeating: fc_addr(), count: capacity)
         lengths = [Int32](repeating: 0, count: capacity)
+        segmentSizes = [Int32](repeating: 0, count: capacity)
+        datagrams.reserveCapacity(capacity)
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Splits the messages received into datagrams (a coalesced message holds
+    /// datagrams of its segment size, the last possibly shorter).
+    fileprivate func index() {
+        datagrams.removeAll(keepingCapacity: true)
+        for m in 0..<messageCount {
+            let start = m * slotByteCount, length = Int(lengths[m]), segment = Int(segmentSizes[m])
+            guard length >= 0, segment > 0, segment < length else {
+                datagrams.append((start, length, m))
+                continue
+            }
+            var offset = 0
+            while offset < length {
+                datagrams.append((start + offset, min(segment, length - offset), m))
+                offset += segment
+            }
+        }
     }
 
     /// The i-th datagram, or nil if it was longer than a slot (truncated).
     public func datagram(_ i: Int) -> [UInt8]? {
         precondition(i < count)
-        let n = Int(lengths[i])
-        guard n >= 0 else { return nil }
-        let start = i * TransportLimits.datagramByteCountMax
-        return Array(buffer[start..<start + n])
+        let d = datagrams[i]
+        guard d.length >= 0 else { return nil }
+        return Array(UnsafeRawBufferPointer(start: buffer + d.start, count: d.length))
     }
 
-    public func source(_ i: Int) -> SocketAddress { SocketAddress(raw: sources[i]) }
+    public func source(_ i: Int) -> SocketAddress { SocketAddress(raw: sources[datagrams[i].message]) }
 }
 
 /// The driver's clock: CLOCK_MONOTONIC as an `Instant`.

@@ -138,7 +138,12 @@ public final class UnverifiedBundle {
         if let encryption = m.encryption {
             contentKey = try ContentEncryption.unwrap(encryption, bundleID: m.bundleID, keys: keys)
         }
-        let output = try ComponentWriter(components: m.components, directory: outputDirectory)
+        // Specs/bundle.md B-16: a lone component stored plainly is the payload byte for
+        // byte; when the manifest gives it the payload's digest, the payload hash checked
+        // below (before any file is released) is its hash too, and is computed once.
+        let componentIsPayload = m.encryption == nil && m.payload.compression == .none && m.components.count == 1
+            && m.components[0].size == m.payload.size && m.components[0].sha256 == m.payload.sha256
+        let output = try ComponentWriter(components: m.components, directory: outputDirectory, hashedAsPayload: componentIsPayload)
         let inflater: ZlibStream? = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
         var compressedSeen: UInt64 = 0
         let afterDecryption = { (bytes: UnsafeRawBufferPointer) throws(BundleError) in
@@ -316,10 +321,14 @@ final class ComponentWriter {
     private var hash = SHA256()
     private var file: File?
     private var temporaries: [(String, String)] = []
+    /// The only component is the payload itself, whose hash the caller checks (B-16).
+    private let hashedAsPayload: Bool
 
-    init(components: [Manifest.Component], directory: String?) throws(BundleError) {
+    init(components: [Manifest.Component], directory: String?, hashedAsPayload: Bool = false) throws(BundleError) {
+        precondition(!hashedAsPayload || components.count == 1)
         self.components = components
         self.directory = directory
+        self.hashedAsPayload = hashedAsPayload
         try openCurrent()
     }
 
@@ -342,7 +351,7 @@ final class ComponentWriter {
 
     private func closeCurrent() throws(BundleError) {
         let c = components[current]
-        guard hash.finalize() == c.sha256 else { throw BundleError(.hashMismatch, "component '\(c.name)' SHA-256 differs from the manifest") }
+        guard hashedAsPayload || hash.finalize() == c.sha256 else { throw BundleError(.hashMismatch, "component '\(c.name)' SHA-256 differs from the manifest") }
         try file?.sync()
         file = nil
         current += 1
@@ -357,7 +366,7 @@ final class ComponentWriter {
             }
             let n = Int(min(UInt64(bytes.count - offset), components[current].size - written))
             let piece = UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
-            hash.update(piece)
+            if !hashedAsPayload { hash.update(piece) }
             try file?.write(piece)
             written += UInt64(n)
             offset += n

@@ -51,6 +51,12 @@ public struct ByteReader {
         return Array(bytes[offset..<(offset + n)])
     }
 
+    /// The unread bytes, sharing the reader's storage (no copy).
+    public mutating func restSlice() -> ArraySlice<UInt8> {
+        defer { offset = bytes.count }
+        return bytes[offset...]
+    }
+
     public mutating func rest() -> [UInt8] {
         defer { offset = bytes.count }
         return Array(bytes[offset...])
@@ -80,4 +86,5 @@ public struct ByteWriter {
     public mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8((v >> UInt64(s)) & 0xFF)) } }
     public mutating func zero(_ n: Int) { bytes += repeatElement(0, count: n) }
     public mutating func append(_ b: [UInt8]) { bytes += b }
+    public mutating func append(_ b: ArraySlice<UInt8>) { bytes += b }
 }

@@ -205,9 +205,14 @@ public struct DataSymbol: Equatable, Sendable {
     /// (0 outside repair): lets receivers skip NACKs already covered (P-18a).
     public var pendingRepair: UInt16
     public var block: UInt32
-    public var symbol: [UInt8]
+    /// A slice of the datagram it was parsed from: parsing copies no symbol bytes.
+    public var symbol: ArraySlice<UInt8>
 
     public init(session: SessionID, object: ObjectID, block: UInt32, symbolIndex: UInt8, pendingRepair: UInt16 = 0, symbol: [UInt8]) {
+        self.init(session: session, object: object, block: block, symbolIndex: symbolIndex, pendingRepair: pendingRepair, symbol: symbol[...])
+    }
+
+    public init(session: SessionID, object: ObjectID, block: UInt32, symbolIndex: UInt8, pendingRepair: UInt16 = 0, symbol: ArraySlice<UInt8>) {
         self.session = session; self.object = object; self.block = block; self.symbolIndex = symbolIndex
         self.pendingRepair = pendingRepair; self.symbol = symbol
     }
@@ -221,7 +226,7 @@ public struct DataSymbol: Equatable, Sendable {
         pendingRepair = try r.u16("pending repair")
         block = try r.u32("block")
         guard r.remaining > 0 else { throw WireFormatError(.truncated, "data without a symbol") }
-        symbol = r.rest()
+        symbol = r.restSlice()
     }
 
     func write(to w: inout ByteWriter) {

@@ -47,7 +47,7 @@ struct Inject: ParsableCommand {
             let out = try UDPSocket(family: group.family)
             try out.setMulticastOutput(interface: interface, ttl: ttl, loopback: true)
             var random = SeededRandom(seed: seed)
-            var batch = ReceiveBatch()
+            let batch = ReceiveBatch()
             let start = MonotonicClock.now()
             var session: SessionID?
             var genuine: [DataSymbol] = []
@@ -60,7 +60,7 @@ struct Inject: ParsableCommand {
                 if session == nil && now >= start + .seconds(timeout) { printError("inject: no session heard"); throw ExitCode(NetworkExit.timedOut) }
                 if let end = forgedEnd, now >= end { break }
                 _ = waitReadable([listen], until: session == nil ? now + .milliseconds(100) : next)
-                if try listen.receive(into: &batch) > 0 {
+                if try listen.receive(into: batch) > 0 {
                     for i in 0..<batch.count {
                         guard let bytes = batch.datagram(i), let d = try? Datagram(parsing: bytes) else { continue }
                         if session == nil { session = d.sessionID; forgedEnd = MonotonicClock.now() + .seconds(duration) }
@@ -77,7 +77,7 @@ struct Inject: ParsableCommand {
                         bytes = Datagram.close(Close(session: id, reason: .aborted)).encoded()
                     case 0 where !genuine.isEmpty:
                         var copy = genuine[Int(random.next() % UInt64(genuine.count))]
-                        copy.symbol[Int(random.next() % UInt64(copy.symbol.count))] ^= UInt8(1 << (random.next() % 8))
+                        copy.symbol[copy.symbol.startIndex + Int(random.next() % UInt64(copy.symbol.count))] ^= UInt8(1 << (random.next() % 8))
                         bytes = Datagram.data(copy).encoded()
                     case 1:
                         bytes = Datagram.poll(Poll(session: id, round: UInt32(truncatingIfNeeded: random.next()), sentAtMicroseconds: random.next(),

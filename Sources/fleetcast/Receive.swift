@@ -57,6 +57,9 @@ struct Receive: ParsableCommand {
     @Flag(help: "After refusing an announce (expired, other hardware, rollback), keep waiting for an acceptable one instead of exiting.")
     var keepListening = false
 
+    @Flag(name: .customLong("no-gro"), help: "Read every datagram on its own instead of letting the kernel coalesce runs of them (UDP GRO; used by default where the kernel has it).")
+    var noGRO = false
+
     @Flag(help: "No progress line.")
     var quiet = false
 
@@ -77,7 +80,8 @@ struct Receive: ParsableCommand {
                                         installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
             config.inactivityTimeout = .seconds(10)
             let staging = try StagingArea(directory: stagingDir)
-            let endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
+            var endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
+            endpoint.coalesce = !noGRO
             let driver = try ReceiverDriver(config: config, endpoint: endpoint, staging: staging, keys: keys,
                                             simulatedLoss: simulateLoss / 100, seed: seed)
             if driver.grantedReceiveBuffer < endpoint.receiveBufferBytes / 2 {
@@ -128,6 +132,8 @@ struct Receive: ParsableCommand {
                              p.blocksRepaired, p.nacksSent, cpuReceive, cpu - cpuReceive, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
                 let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
                 say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
+                say(String(format: "  datagrams: %llu in %llu reads (%@)", driver.groupDatagrams, driver.groupMessages,
+                           driver.coalescing ? "kernel coalescing (UDP GRO) on" : "one per read"))
                 say("  bundle -> \(kept)")
                 for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
             }

@@ -63,6 +63,9 @@ struct Send: ParsableCommand {
     @Option(help: "Verify the bundle's signatures against this key before sending (PEM); repeatable.")
     var trustedKey: [String] = []
 
+    @Flag(name: .customLong("no-gso"), help: "Send every datagram on its own instead of handing runs of them to the kernel to segment (UDP GSO; used by default, and dropped by itself where the path cannot).")
+    var noGSO = false
+
     @Flag(help: "No progress line.")
     var quiet = false
 
@@ -99,6 +102,7 @@ struct Send: ParsableCommand {
             let sender = Sender(config: config, envelope: opened.envelope, manifest: manifest, source: objects)
             var endpoint = SenderEndpoint(group: group, interface: interface, bindAddress: bindAddress)
             endpoint.ttl = ttl
+            endpoint.segmentation = !noGSO
             let driver = try SenderDriver(sender: sender, objects: objects, endpoint: endpoint)
             if driver.grantedBuffers.send < endpoint.sendBufferBytes / 2 {
                 printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedBuffers.send))) send buffer (asked \(formatBytes(UInt64(endpoint.sendBufferBytes)))); raise net.core.wmem_max")

@@ -141,6 +141,39 @@ struct RejectionTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: out).isEmpty, "nothing is left for an installer")
     }
 
+    @Test("B-16: a lone plain component is hashed once as the payload, and still refused when altered")
+    func plainComponentIsPayload() throws {
+        let f = Fixture()
+        let path = try f.pack("plain.fcb") { $0.compression = .none; $0.recipients = [] }
+        let bundle = try UnverifiedBundle(path: path)
+        let m = try bundle.verifyManifest(trust: f.trust, device: f.devicePolicy).manifest
+        #expect(m.components.count == 1 && m.components[0].sha256 == m.payload.sha256, "the case B-16 covers")
+        let out = f.dir.file("plain-out")
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        let good = try f.verify(path, output: out)
+        #expect(readBytes(good.componentPaths["rootfs.img"]!) == f.image)
+
+        // A payload byte altered, with the chain walk off as `fleetcast receive` runs it (B-15a):
+        // the one payload hash must catch it, and nothing may be released.
+        let header = bundle.header
+        var bytes = readBytes(path)
+        bytes[Int(header.payloadOffset) + 1234] ^= 0x40
+        let bad = f.dir.file("plain-bad.fcb")
+        writeBytes(bad, bytes)
+        let badOut = f.dir.file("plain-bad-out")
+        try FileManager.default.createDirectory(atPath: badOut, withIntermediateDirectories: true)
+        let opened = try UnverifiedBundle(path: bad)
+        let verified = try opened.verifyManifest(trust: f.trust, device: f.devicePolicy)
+        #expect(failure { _ = try opened.verifyPayload(verified, keys: f.keys, outputDirectory: badOut, checkAuthChain: false) } == .hashMismatch)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: badOut).isEmpty, "nothing is left for an installer")
+
+        // A signed manifest whose component digest disagrees with the payload's gets both computed, and fails.
+        var manifest = m
+        manifest.components[0].sha256[0] ^= 1
+        let resigned = try resign(path, manifest: manifest, key: f.signer, in: f, name: "plain-resigned.fcb")
+        #expect(failure { try f.verify(resigned) } == .hashMismatch)
+    }
+
     @Test("A bit flipped anywhere is refused: header, envelope, payload, chain")
     func bitFlips() throws {
         let f = Fixture(imageSize: 30_000)

@@ -35,13 +35,27 @@ int fc_join_group(int fd, const fc_addr *group, unsigned ifindex);
 /// Outgoing multicast: interface, TTL / hop limit, and whether copies loop back to this host.
 int fc_multicast_out(int fd, int family, unsigned ifindex, int ttl, int loop);
 
-/// Receives up to `count` datagrams without blocking into `count` slots of
-/// `slot_bytes` each; `lengths[i]` is the datagram's size, or -1 if it was
-/// truncated. Returns the number received (0 when none is waiting).
-int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths);
-/// Sends `count` datagrams (one system call per up to 64). Returns how many the
-/// kernel took; fewer than `count` means its buffer is full (EAGAIN).
-int fc_send_batch(int fd, uint8_t *const *datagrams, const int *lengths, const fc_addr *destinations, int count);
+/// Asks the kernel to coalesce consecutive datagrams of one flow (UDP_GRO):
+/// a message then holds several datagrams of `segment_sizes[i]` bytes each
+/// (the last may be shorter). 0, or -errno when the kernel cannot.
+int fc_enable_gro(int fd);
+/// Receives up to `count` messages without blocking into `count` slots of
+/// `slot_bytes` each; `lengths[i]` is the message's size, or -1 if it was
+/// truncated; `segment_sizes[i]` is the GRO segment size, or 0 when the
+/// message is one datagram. Returns the number received (0 when none is waiting).
+int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths, int *segment_sizes);
+/// Segmentation offload (UDP_SEGMENT): at most this many datagrams, and this
+/// many bytes of them, per message (the kernel's UDP_MAX_SEGMENTS and the
+/// largest UDP payload).
+#define FC_GSO_SEGMENTS_MAX 64
+#define FC_GSO_BYTES_MAX 65000
+/// Sends `count` datagrams (one system call per up to 64). With `segment`,
+/// each run of consecutive datagrams of one length to one destination goes
+/// as one message that the kernel (or the NIC) cuts back into datagrams
+/// (UDP GSO). Returns how many datagrams the kernel took; fewer than `count`
+/// means its buffer is full (EAGAIN). -EIO or -EINVAL on the first message
+/// with `segment` means the path cannot segment: send without it.
+int fc_send_batch(int fd, uint8_t *const *datagrams, const int *lengths, const fc_addr *destinations, int count, int segment);
 /// Waits until one of `fds` is readable or `timeout_ns` passes (< 0: no limit).
 /// Returns a bit mask of the readable descriptors' positions.
 int fc_wait_readable(const int *fds, int count, int64_t timeout_ns);
