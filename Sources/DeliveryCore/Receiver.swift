@@ -386,7 +386,8 @@ public struct Receiver {
         let reconstructed = partial.presentSources.contains(false)
         if reconstructed { counters.add(object == .payload ? "blocks.repaired" : "blocks.authRepaired") }
         let range = state.layout.geometry.byteRange(ofBlock: b)
-        let exact = Array(padded.prefix(range.count))
+        // Only a short last block is trimmed (copied); a full one is handed on as it is.
+        let exact = padded.count == range.count ? padded : Array(padded.prefix(range.count))
         if object == .payload {
             // Specs/bundle.md B-14: a block rebuilt from repair symbols must match its hash
             // before staging. A block whose k source symbols all arrived is already

@@ -84,7 +84,16 @@ public final class StagingArea {
         fd = f
         let prefix = h.encoded() + envelope
         if create {
-            guard ftruncate(f, off_t(h.totalSize)) == 0 else { throw .system(.storage, "allocate \(partialPath)", -errno) }
+            // Specs/protocol.md P-26a: reserve the whole file now, so that a disk too small
+            // is known at join, not after minutes of transfer; a file system that cannot
+            // reserve gets a sparse file of the right size instead.
+            let rc = posix_fallocate(f, 0, off_t(h.totalSize))
+            if rc == ENOSPC || rc == EFBIG {
+                throw .system(.storage, "no room for the \(h.totalSize)-byte bundle in \(directory)", -rc)
+            }
+            if rc != 0 {
+                guard ftruncate(f, off_t(h.totalSize)) == 0 else { throw .system(.storage, "allocate \(partialPath)", -errno) }
+            }
             try write(prefix, at: 0)
         } else {
             var st = stat()
