@@ -108,6 +108,11 @@ public struct Receiver {
     /// The joined session's manifest with its verified signers (for the driver's recipient check).
     public var verifiedManifest: VerifiedManifest? { session?.manifest }
     public var blocksDone: Int { session?.payload.doneCount ?? 0 }
+    /// Whether payload block `b` of the joined session is verified and staged.
+    public func isPayloadBlockDone(_ b: Int) -> Bool {
+        guard let payload = session?.payload, b >= 0, b < payload.layout.blockCount else { return false }
+        return payload.done[b]
+    }
     public var nacksSent: Int { session?.nacksSent ?? 0 }
     public var failure: (Status.Reason, String)? { failureInfo }
     /// The signed envelope of the session joined (the driver lays out staging by it).

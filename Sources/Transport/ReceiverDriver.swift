@@ -88,6 +88,16 @@ public final class ReceiverDriver {
     private var lastReadAt: Instant?
     private var lastReadWasSparse = false
     public private(set) var resumedBlocks = 0
+    /// Set once the core reports a join: until then feedback goes to whoever announces.
+    private var joined = false
+    /// Step 2 during the transfer (Specs/bundle.md B-15b), when asked for: each payload
+    /// block is fed to it once it and every block before it are staged.
+    public private(set) var verification: PayloadVerification?
+    /// Why step 2 failed during the transfer; feeding stops, the transfer goes on, and
+    /// the caller reports this instead of a verified bundle.
+    public private(set) var verificationError: BundleError?
+    private var verifyDuringTransfer = false
+    private var verificationOutput: String?
     /// Why a journal found at start was not used, if it was not.
     public private(set) var resumeNote: String?
 
@@ -126,6 +136,56 @@ public final class ReceiverDriver {
         try feedbackSocket.bind(.any(endpoint.group.family, port: 0))
     }
 
+    /// Runs step 2 during the transfer (Specs/bundle.md B-15b), writing the
+    /// components into `outputDirectory`; call before `run`. When the run
+    /// completes, `finishVerification()` gives the verified bundle.
+    public func verifyDuringTransfer(outputDirectory: String?) {
+        verifyDuringTransfer = true
+        verificationOutput = outputDirectory
+    }
+
+    /// The final checks of step 2: feeds what is still staged and unfed, then
+    /// releases the components if every check passes.
+    public func finishVerification() throws(BundleError) -> VerifiedBundle {
+        guard let verification else { throw verificationError ?? BundleError(.io, "no verification ran during the transfer") }
+        do { try advanceVerification(blockCountMax: Int.max) } catch { throw BundleError(.io, error.reason) }
+        if let verificationError { throw verificationError }
+        return try verification.finish()
+    }
+
+    /// Read-backs per loop turn: step 2 keeps pace without keeping the sockets
+    /// waiting (about 1.4 MB, a few milliseconds of hashing and writing).
+    static let verificationBlocksPerTurn = 16
+
+    /// Whether step 2 has staged blocks waiting for it.
+    private var verificationBacklog: Bool {
+        guard let v = verification, verificationError == nil else { return false }
+        return v.nextBlock < v.blockCount && receiver.isPayloadBlockDone(v.nextBlock)
+    }
+
+    /// Feeds step 2 the block just staged when it is the next one (from memory).
+    private func feedVerification(stored block: Int, _ bytes: [UInt8]) {
+        guard let v = verification, verificationError == nil, v.nextBlock == block else { return }
+        consume(v, block: block, bytes)
+    }
+
+    /// Feeds step 2 up to `blockCountMax` staged blocks that are next in order, read back from staging.
+    private func advanceVerification(blockCountMax: Int) throws(TransportError) {
+        guard let m = manifest else { return }
+        let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
+        var fed = 0
+        while fed < blockCountMax, verificationBacklog, let v = verification {
+            let range = geometry.byteRange(ofBlock: v.nextBlock)
+            consume(v, block: v.nextBlock, try staging.readPayload(offset: range.lowerBound, count: range.count))
+            fed += 1
+        }
+    }
+
+    private func consume(_ v: PayloadVerification, block: Int, _ bytes: [UInt8]) {
+        let result = bytes.withUnsafeBytes { p in Result { () throws(BundleError) in try v.consume(block: block, bytes: p) } }
+        if case .failure(let error) = result { verificationError = error }
+    }
+
     /// Runs until the receiver is finished (complete or failed, final status
     /// acknowledged), `joinTimeout` passes without a session, or `shouldStop`.
     ///
@@ -149,7 +209,9 @@ public final class ReceiverDriver {
             }
             var wake = [receiver.nextDeadline, nextProgress, giveUpAt, refusedAt.map { $0 + (refusalGrace ?? .seconds(0)) }].compactMap { $0 }.min()!
             if wake < now { wake = now }
-            if lastReadWasSparse, let last = lastReadAt, now < last + endpoint.readIntervalMin {
+            // Step 2 has staged blocks to take: look at the sockets without waiting, then feed it.
+            if verificationBacklog { wake = now }
+            if !verificationBacklog, lastReadWasSparse, let last = lastReadAt, now < last + endpoint.readIntervalMin {
                 let pause = min(last + endpoint.readIntervalMin, wake) - now
                 if pause.microseconds > 0 { usleep(UInt32(pause.microseconds)) }
             }
@@ -165,6 +227,9 @@ public final class ReceiverDriver {
                 try process()
             }
             try flushFeedback()
+            do { try advanceVerification(blockCountMax: Self.verificationBlocksPerTurn) } catch {
+                receiver.abort(.storage, error.reason, at: MonotonicClock.now())
+            }
             if let failure = spill.failure, !receiver.isFinished, !receiver.isFailed {
                 receiver.abort(.storage, failure.reason, at: after)
             }
@@ -174,7 +239,10 @@ public final class ReceiverDriver {
             }
         }
         progress(snapshot(at: MonotonicClock.now()))
-        if receiver.isComplete { return .completed(bundlePath: try staging.finish()) }
+        if receiver.isComplete {
+            try advanceVerification(blockCountMax: Int.max)  // step 2 takes the rest while staging is open
+            return .completed(bundlePath: try staging.finish())
+        }
         let (reason, text) = receiver.failure ?? (.sessionClosed, "session ended")
         return .failed(reason, text)
     }
@@ -190,7 +258,7 @@ public final class ReceiverDriver {
                 received += UInt64(bytes.count)
                 // Before a session is joined, feedback (hello, refusal STATUS) goes to whoever
                 // announces or sends data; the join pins it (Specs/protocol.md P-23).
-                if manifest == nil, bytes.count > 1 {
+                if !joined, bytes.count > 1 {
                     if bytes[1] == Datagram.Kind.announce.rawValue { senderAddress = feedbackAddress(announce: bytes, source: incoming.source(i)) }
                     else if senderAddress == nil && bytes[1] == Datagram.Kind.data.rawValue { senderAddress = incoming.source(i) }
                 }
@@ -209,6 +277,7 @@ public final class ReceiverDriver {
         while let e = receiver.pollEvent() {
             switch e {
             case .joined(_, let m):
+                joined = true
                 // The core verified the envelope; the manifest it verified answers the recipient check.
                 do { try staging.prepare(envelope: receiver.envelope!, manifest: m) } catch {
                     receiver.abort(.storage, error.reason, at: MonotonicClock.now())
@@ -216,9 +285,23 @@ public final class ReceiverDriver {
                 }
                 do { try receiver.verifiedManifest!.checkRecipient(keys: keys) } catch {
                     receiver.abort(error.code == .notARecipient ? .notARecipient : .storage, error.reason, at: MonotonicClock.now())
+                    continue
                 }
-            case .store(let object, _, let offset, let bytes):
-                do { try staging.store(object, offset: offset, bytes: bytes) } catch {
+                // A new session of the same bundle keeps the verification fed so far.
+                if verifyDuringTransfer, verification?.verified.manifest.bundleID != m.bundleID {
+                    verificationError = nil
+                    do {
+                        // Blocks resumed from the journal are read back as the loop turns.
+                        verification = try PayloadVerification(receiver.verifiedManifest!, keys: keys, outputDirectory: verificationOutput)
+                    } catch {
+                        receiver.abort(.storage, error.reason, at: MonotonicClock.now())
+                    }
+                }
+            case .store(let object, let block, let offset, let bytes):
+                do {
+                    try staging.store(object, offset: offset, bytes: bytes)
+                    if object == .payload { feedVerification(stored: block, bytes) }
+                } catch {
                     receiver.abort(.storage, error.reason, at: MonotonicClock.now())
                 }
             case .commit(let journal):

@@ -114,6 +114,13 @@ public final class StagingArea {
         try write(bytes, at: base + offset)
     }
 
+    /// Reads back `count` payload bytes from `offset` (a staged block).
+    public func readPayload(offset: UInt64, count: Int) throws(TransportError) -> [UInt8] {
+        guard let h = header else { throw TransportError(.storage, "read before the staging file was prepared") }
+        guard offset + UInt64(count) <= h.payloadLength else { throw TransportError(.storage, "read beyond the end of the payload") }
+        return try read(at: h.payloadOffset + offset, count: count)
+    }
+
     /// Makes the complete file durable and renames it to `bundle`.
     public func finish() throws(TransportError) -> String {
         guard fd >= 0 else { throw TransportError(.storage, "nothing staged") }

@@ -134,31 +134,9 @@ public final class UnverifiedBundle {
                               checkAuthChain: Bool = true,
                               progress: ((_ done: UInt64, _ total: UInt64) -> Void)? = nil) throws(BundleError) -> VerifiedBundle {
         let m = verified.manifest
-        var contentKey: [UInt8]?
-        if let encryption = m.encryption {
-            contentKey = try ContentEncryption.unwrap(encryption, bundleID: m.bundleID, keys: keys)
-        }
-        // Specs/bundle.md B-16: a lone component stored plainly is the payload byte for
-        // byte; when the manifest gives it the payload's digest, the payload hash checked
-        // below (before any file is released) is its hash too, and is computed once.
-        let componentIsPayload = m.encryption == nil && m.payload.compression == .none && m.components.count == 1
-            && m.components[0].size == m.payload.size && m.components[0].sha256 == m.payload.sha256
-        let output = try ComponentWriter(components: m.components, directory: outputDirectory, hashedAsPayload: componentIsPayload)
-        let inflater: ZlibStream? = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
-        var compressedSeen: UInt64 = 0
-        let afterDecryption = { (bytes: UnsafeRawBufferPointer) throws(BundleError) in
-            compressedSeen += UInt64(bytes.count)
-            if let inflater { try inflater.process(bytes, finish: false) { (b) throws(BundleError) in try output.consume(b) } }
-            else { try output.consume(bytes) }
-        }
-        let opener: ChunkOpener? = if let contentKey, let encryption = m.encryption {
-            try ChunkOpener(key: contentKey, bundleID: m.bundleID, chunkSize: encryption.chunkSize,
-                            compressedSize: m.payload.compressedSize, next: afterDecryption)
-        } else { nil }
-
+        let verification = try PayloadVerification(verified, keys: keys, outputDirectory: outputDirectory)
         let checker = checkAuthChain ? try ChainChecker(file: file, manifest: m, authOffset: header.authOffset) : nil
         let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
-        var hash = SHA256()
         var block = [UInt8](repeating: 0, count: m.transport.blockByteCount)
         try file.seek(to: header.payloadOffset)
         for b in 0..<geometry.blockCount {
@@ -168,14 +146,78 @@ public final class UnverifiedBundle {
             let result = block.withUnsafeBytes { bytes in
                 Result { () throws(BundleError) in
                     let data = UnsafeRawBufferPointer(rebasing: bytes[0..<n])
-                    hash.update(data)
                     try checker?.check(block: b, bytes: data)
-                    if let opener { try opener.consume(data) } else { try afterDecryption(data) }
+                    try verification.consume(block: b, bytes: data)
                 }
             }
             try result.get()
             progress?(range.upperBound, m.payload.size)
         }
+        return try verification.finish()
+    }
+}
+
+/// Step 2 fed block by block in payload order (Specs/bundle.md §8 steps 6 and
+/// 7): the payload SHA-256, decryption, decompression, and each component's
+/// size and SHA-256, written to `.partial` files that only `finish()` releases,
+/// once every check has passed. `verifyPayload` feeds it from a bundle file; a
+/// receiver feeds it the blocks it stages as they complete in order, so that
+/// verification runs during the transfer (Specs/bundle.md B-15b).
+public final class PayloadVerification {
+    public let verified: VerifiedManifest
+    private let geometry: BlockGeometry
+    /// The next block `consume` accepts.
+    public private(set) var nextBlock = 0
+    public var blockCount: Int { geometry.blockCount }
+    private var hash = SHA256()
+    private let output: ComponentWriter
+    private let inflater: ZlibStream?
+    private var opener: ChunkOpener?
+    private var compressedSeen: UInt64 = 0
+
+    public init(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil) throws(BundleError) {
+        self.verified = verified
+        let m = verified.manifest
+        geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
+        var contentKey: [UInt8]?
+        if let encryption = m.encryption {
+            contentKey = try ContentEncryption.unwrap(encryption, bundleID: m.bundleID, keys: keys)
+        }
+        // Specs/bundle.md B-16: a lone component stored plainly is the payload byte for
+        // byte; when the manifest gives it the payload's digest, the payload hash checked
+        // in finish() (before any file is released) is its hash too, and is computed once.
+        let componentIsPayload = m.encryption == nil && m.payload.compression == .none && m.components.count == 1
+            && m.components[0].size == m.payload.size && m.components[0].sha256 == m.payload.sha256
+        output = try ComponentWriter(components: m.components, directory: outputDirectory, hashedAsPayload: componentIsPayload)
+        inflater = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
+        if let contentKey, let encryption = m.encryption {
+            opener = try ChunkOpener(key: contentKey, bundleID: m.bundleID, chunkSize: encryption.chunkSize,
+                                     compressedSize: m.payload.compressedSize) { [unowned self] (bytes) throws(BundleError) in
+                try self.afterDecryption(bytes)
+            }
+        }
+    }
+
+    private func afterDecryption(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        compressedSeen += UInt64(bytes.count)
+        if let inflater { try inflater.process(bytes, finish: false) { (b) throws(BundleError) in try output.consume(b) } }
+        else { try output.consume(bytes) }
+    }
+
+    /// Takes block `b`, which must be `nextBlock`, with exactly its bytes.
+    public func consume(block b: Int, bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        precondition(b == nextBlock && b < geometry.blockCount, "blocks are verified in order")
+        let expected = geometry.byteRange(ofBlock: b).count
+        guard bytes.count == expected else { throw BundleError(.sizeMismatch, "block \(b) is \(bytes.count) bytes, the geometry says \(expected)") }
+        hash.update(bytes)
+        if let opener { try opener.consume(bytes) } else { try afterDecryption(bytes) }
+        nextBlock += 1
+    }
+
+    /// After the last block: the final checks; only then are the components released.
+    public func finish() throws(BundleError) -> VerifiedBundle {
+        let m = verified.manifest
+        guard nextBlock == geometry.blockCount else { throw BundleError(.sizeMismatch, "payload ends inside block \(nextBlock)") }
         guard hash.finalize() == m.payload.sha256 else { throw BundleError(.hashMismatch, "payload SHA-256 differs from the manifest") }
         try opener?.finish()
         guard compressedSeen == m.payload.compressedSize else {

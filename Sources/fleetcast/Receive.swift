@@ -57,6 +57,9 @@ struct Receive: ParsableCommand {
     @Flag(help: "After refusing an announce (expired, other hardware, rollback), keep waiting for an acceptable one instead of exiting.")
     var keepListening = false
 
+    @Flag(help: "Run step 2 (payload hash, decryption, decompression, component hashes) after the transfer, reading the staged bundle back, instead of block by block during it.")
+    var verifyAfterTransfer = false
+
     @Flag(name: .customLong("no-gro"), help: "Read every datagram on its own instead of letting the kernel coalesce runs of them (UDP GRO; used by default where the kernel has it).")
     var noGRO = false
 
@@ -80,6 +83,7 @@ struct Receive: ParsableCommand {
                                         installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
             config.inactivityTimeout = .seconds(10)
             let staging = try StagingArea(directory: stagingDir)
+            if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
             var endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
             endpoint.coalesce = !noGRO
             let driver = try ReceiverDriver(config: config, endpoint: endpoint, staging: staging, keys: keys,
@@ -87,6 +91,7 @@ struct Receive: ParsableCommand {
             if driver.grantedReceiveBuffer < endpoint.receiveBufferBytes / 2 {
                 printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedReceiveBuffer))) receive buffer (asked \(formatBytes(UInt64(endpoint.receiveBufferBytes)))); bursts may overflow it: raise net.core.rmem_max")
             }
+            if !verifyAfterTransfer { driver.verifyDuringTransfer(outputDirectory: outputDir) }
             if let note = driver.resumeNote { printError(note) }
             if driver.resumedBlocks > 0 { FileHandle.standardError.write(Data("resuming: \(driver.resumedBlocks) block(s) already verified in \(stagingDir)\n".utf8)) }
             FileHandle.standardError.write(Data("\(name): listening on \(endpoint.group)\(endpoint.interface.map { " on \($0)" } ?? "")\n".utf8))
@@ -114,11 +119,17 @@ struct Receive: ParsableCommand {
                 throw ExitCode(Self.exitCode(reason))
             case .completed(let staged):
                 let cpuReceive = MonotonicClock.processCPUSeconds()
-                let opened = try UnverifiedBundle(path: staged)
-                let verified = try opened.verifyManifest(trust: trust, device: device)
-                if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
                 let started = MonotonicClock.now()
-                let result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, checkAuthChain: false)
+                let result: VerifiedBundle
+                let verified: VerifiedManifest
+                if verifyAfterTransfer {
+                    let opened = try UnverifiedBundle(path: staged)
+                    verified = try opened.verifyManifest(trust: trust, device: device)
+                    result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, checkAuthChain: false)
+                } else {
+                    result = try driver.finishVerification()
+                    verified = result.manifest
+                }
                 let verifySeconds = (MonotonicClock.now() - started).seconds
                 var kept = staged
                 if let bundleOut {

@@ -144,7 +144,10 @@ struct NetworkTests {
     func fleet(receivers: Int, loss: Double) throws {
         let f = try NetworkFixture()
         let lan = try TestLAN(receivers: receivers, loss: [Double](repeating: loss, count: receivers))
-        let rs = try (1...receivers).map { i in try start(lan, on: "r\(i)", f.receiveArguments(i), log: f.w.file("r\(i).log")) }
+        // Receiver 2 runs step 2 after the transfer (reading the staged bundle back); the others during it (B-15b).
+        let rs = try (1...receivers).map { i in
+            try start(lan, on: "r\(i)", f.receiveArguments(i) + (i == 2 ? ["--verify-after-transfer"] : []), log: f.w.file("r\(i).log"))
+        }
         let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "200M", "--min-receivers", "\(receivers)",
                                               "--deadline", "60s", "--report", f.w.file("fleet.json"), "--quiet"], log: f.w.file("s.log"))
         let senderStatus = sender.wait(seconds: 90)
@@ -199,6 +202,31 @@ struct NetworkTests {
         }
         #expect(attacker.wait(seconds: 30) == 0, "injector: \(attacker.output)")
         #expect(attacker.output.contains("forged datagrams"))
+    }
+
+    @Test("A staging directory without room for the bundle ends the session at join, before any payload (P-26a)")
+    func stagingWithoutRoom() throws {
+        let f = try NetworkFixture()  // a 3 MB bundle
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        let staging = f.w.file("staging-1")
+        try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+        // The receiver's staging directory is a 1 MiB tmpfs, mounted in a mount namespace of its
+        // own (a user namespace too when not root), so nothing outside the test sees it.
+        let (path, args) = lan.command(on: "r1", f.receiveArguments(1))
+        let wrapper = (getuid() == 0 ? ["-m"] : ["-r", "-m"]) + ["--propagation", "private", "/bin/sh", "-c",
+                                                              "mount -t tmpfs -o size=1m tmpfs \"$0\" && exec \"$@\"", staging, path] + args
+        let r = BackgroundProcess("/usr/bin/unshare", wrapper, log: f.w.file("r1.log"))
+        try r.start()
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--min-receivers", "1", "--deadline", "20s",
+                                              "--quiet", "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 60) == 20, "expected exit 20 (storage): \(r.output)")
+        #expect(r.output.contains("no room for the"), "\(r.output)")
+        #expect(sender.wait(seconds: 60) == 32, "the sender should report an incomplete fleet: \(sender.output)")
+        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as! [String: Any]
+        let device = (report["receivers"] as! [[String: Any]]).first
+        #expect(device?["outcome"] as? String == "failed" && device?["failureReason"] as? String == "storage", "\(report)")
+        // Refused at join: at most the first few data symbols were seen, none was stored.
+        #expect(f.delivered(1) == nil)
     }
 
     @Test("An announce signed by an untrusted key is refused; the genuine session on the same group is received")

@@ -174,6 +174,40 @@ struct RejectionTests {
         #expect(failure { try f.verify(resigned) } == .hashMismatch)
     }
 
+    @Test("B-15b: step 2 fed block by block gives the same components; a bad block fails at the end and releases nothing")
+    func blockByBlock() throws {
+        let f = Fixture(imageSize: 50_000)
+        let path = try f.pack()  // compressed and encrypted: hash, GCM and zlib all run incrementally
+        let bundle = try UnverifiedBundle(path: path)
+        let verified = try bundle.verifyManifest(trust: f.trust, device: f.devicePolicy)
+        let m = verified.manifest
+        let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
+        let bytes = readBytes(path)
+        func feed(corrupting: Int?, into out: String) throws -> VerifiedBundle {
+            try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+            let v = try PayloadVerification(verified, keys: f.keys, outputDirectory: out)
+            for b in 0..<geometry.blockCount {
+                let range = geometry.byteRange(ofBlock: b)
+                var block = Array(bytes[(Int(bundle.header.payloadOffset) + Int(range.lowerBound))...].prefix(range.count))
+                if b == corrupting { block[block.count / 2] ^= 0x10 }
+                try block.withUnsafeBytes { try v.consume(block: b, bytes: $0) }
+            }
+            return try v.finish()
+        }
+        #expect(geometry.blockCount > 2, "several blocks, so that the feeding is incremental")
+        let good = try feed(corrupting: nil, into: f.dir.file("fed"))
+        #expect(readBytes(good.componentPaths["rootfs.img"]!) == f.image)
+
+        let badOut = f.dir.file("fed-bad")
+        let code = failure { _ = try feed(corrupting: geometry.blockCount - 1, into: badOut) }
+        #expect(code == .hashMismatch || code == .decryptionFailed, "\(String(describing: code))")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: badOut).isEmpty, "nothing is left for an installer")
+
+        // A block of the wrong size is refused at once.
+        let v = try PayloadVerification(verified, keys: f.keys)
+        #expect(failure { try [UInt8](repeating: 0, count: 10).withUnsafeBytes { try v.consume(block: 0, bytes: $0) } } == .sizeMismatch)
+    }
+
     @Test("A bit flipped anywhere is refused: header, envelope, payload, chain")
     func bitFlips() throws {
         let f = Fixture(imageSize: 30_000)
