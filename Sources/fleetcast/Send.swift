@@ -130,9 +130,9 @@ struct Send: ParsableCommand {
             }
             let done = fleet.filter { $0.standing == .done }.count
             let failed = fleet.filter { $0.standing == .failed }.count
-            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire; %d receiver(s): %d done, %d failed, %d incomplete",
+            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire%@; %d receiver(s): %d done, %d failed, %d incomplete",
                          formatBytes(payload), final.elapsed.seconds, formatRate(payload, fleetReport.secondsToAllDone ?? final.elapsed.seconds),
-                         fleetReport.wireRatio, fleet.count, done, failed, fleet.count - done - failed))
+                         fleetReport.wireRatio, driver.socket.segmentation ? " (UDP GSO)" : "", fleet.count, done, failed, fleet.count - done - failed))
             for r in fleetReport.receivers where r.outcome != "done" {
                 say("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
             }
@@ -172,6 +172,8 @@ struct FleetReport: Encodable {
     var rounds: UInt32
     var grttMilliseconds: Double
     var senderCPUSeconds: Double
+    /// Whether data left as segmentation-offload trains (UDP GSO) to the end (P-24a).
+    var segmentationOffload: Bool
     var receivers: [Device]
 
     init(sender driver: SenderDriver, manifest: Manifest, bundle: String, progress p: SenderProgress,
@@ -184,6 +186,7 @@ struct FleetReport: Encodable {
         payloadBytes = manifest.payload.size
         seconds = p.elapsed.seconds
         dataBytesSent = p.dataBytesSent
+        segmentationOffload = driver.socket.segmentation
         controlBytesSent = p.controlBytesSent
         feedbackBytesReceived = p.feedbackBytesReceived
         wireRatio = Double(p.dataBytesSent) / Double(max(manifest.payload.size, 1))
