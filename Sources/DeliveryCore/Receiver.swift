@@ -21,6 +21,9 @@ public struct ReceiverConfig: Sendable {
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8
+    /// Specs/protocol.md P-19a: before the POLL, the NACK allowance starts again
+    /// every this many payload blocks the sender moves on (as the sender's does).
+    public var nackEpochBlocks = SenderConfig.nackEpochBlocksDefault
     public var statusRepeatMax = 10
     public var statusInterval = Interval.seconds(1)
     public var inactivityTimeout = Interval.seconds(5)
@@ -341,6 +344,13 @@ public struct Receiver {
             if !s.afterPoll && s.nextSegment < (s.layout?.segmentCount ?? 0) {
                 s.nackedThisRound = s.nackedThisRound.filter { $0.object != .authChain }
                 s.nackDatagramsThisRound = 0
+            }
+            // Specs/protocol.md P-19a: a new epoch of the first pass: a fresh NACK allowance, and
+            // blocks asked for earlier whose promised repair has all gone by may be asked for again.
+            if !s.afterPoll && d.object == .payload && b / config.nackEpochBlocks > s.nackEpoch {
+                s.nackEpoch = b / config.nackEpochBlocks
+                s.nackDatagramsThisRound = 0
+                s.nackedThisRound = s.nackedThisRound.filter { $0.object == .authChain || (s.promised[$0] ?? 0) > 0 }
             }
             scheduleNack(&s, at: now)
         }
@@ -840,6 +850,8 @@ struct Session {
     var round: UInt32 = 0
     var afterPoll = false
     var frontier = (object: UInt8(0), window: -1)
+    /// The first pass's NACK epoch the receiver is in (P-19a).
+    var nackEpoch = 0
     var frontierAdvanced = false
     var nackedThisRound: Set<BlockKey> = []
     var promised: [BlockKey: Int] = [:]

@@ -48,6 +48,11 @@ public struct SenderConfig: Sendable {
     public var announceHoldoff = Interval.milliseconds(20)
     public var receiverTableSizeMax = 4096
     public var nackPerReceiverPerRoundMax = 16
+    /// Specs/protocol.md P-19a: in the first pass, NACK budgets and served needs
+    /// start afresh every this many payload blocks, so that a long pass is
+    /// repaired as it goes instead of at its end.
+    public var nackEpochBlocks = SenderConfig.nackEpochBlocksDefault
+    public static let nackEpochBlocksDefault = 256
     public var closeRepeatCount = 3
     public var carousel = false
     /// Ends the session this long after the first transmission.
@@ -482,10 +487,23 @@ public struct Sender {
                 passSymbol += 1
             }
             windowStart = windowEnd
+            if layout.object == .payload && windowStart / config.nackEpochBlocks != (windowStart - 1) / config.nackEpochBlocks { startNackEpoch() }
             passSymbol = 0
             passOffset = 0
         }
         return nil
+    }
+
+    /// Specs/protocol.md P-19a: a new NACK epoch of the first pass. Each receiver's
+    /// per-round NACK allowance starts again, and a block whose repair has all gone
+    /// out may be served again when asked (a repair symbol was lost again).
+    private mutating func startNackEpoch() {
+        for (id, var rec) in receivers where rec.nacksThisRound > 0 {
+            rec.nacksThisRound = 0
+            receivers[id] = rec
+        }
+        suppliedThisRound = suppliedThisRound.filter { repairPending[$0.key] != nil }
+        counters.add("nackEpochs")
     }
 
     private func firstPassCount(_ layout: ObjectLayout, _ b: Int) -> Int {

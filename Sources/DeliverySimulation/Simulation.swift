@@ -66,6 +66,8 @@ public struct Scenario: Sendable {
     public var receivers: [ReceiverSpec]
     public var rateBytesPerSecond = 50_000_000.0
     public var proactiveRepairFraction = 0.05
+    /// First-pass NACK epoch length, sender and receivers alike (Specs/protocol.md P-19a).
+    public var nackEpochBlocks = SenderConfig.nackEpochBlocksDefault
     public var carousel = false
     public var deadline: Interval?
     /// Incomplete blocks a receiver holds in memory before spilling (Specs/protocol.md P-5a).
@@ -190,6 +192,7 @@ public final class Simulation {
         session = SessionID(UInt32(truncatingIfNeeded: rng.next()) | 1)
         var config = SenderConfig(session: session, rateBytesPerSecond: scenario.rateBytesPerSecond)
         config.proactiveRepairFraction = scenario.proactiveRepairFraction
+        config.nackEpochBlocks = scenario.nackEpochBlocks
         config.carousel = scenario.carousel
         config.deadline = scenario.deadline
         config.expectedReceivers = scenario.receivers.filter { !$0.downlink.isDead }.count
@@ -214,6 +217,7 @@ public final class Simulation {
                                seed: scenario.seed &+ UInt64(i) &* 0x9E37_79B9 &+ UInt64(nodes[i].incarnation) << 48)
         c.commitBlockCount = 4
         c.blocksInMemoryMax = scenario.blocksInMemoryMax
+        c.nackEpochBlocks = scenario.nackEpochBlocks
         c.inactivityTimeout = Interval.seconds(3)
         c.statusInterval = Interval.milliseconds(500)
         return c

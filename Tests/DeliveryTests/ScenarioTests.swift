@@ -42,6 +42,31 @@ struct ScenarioTests {
         #expect(r.wireRatio < 1.6, "\(r)")
     }
 
+    @Test("P-19a: NACK epochs repair a long first pass as it goes, not after its POLL")
+    func nackEpochs() async throws {
+        var base = try #require(ScenarioCatalog.scenario(named: "loss-5-4", seed: 19))
+        base.payloadBytes = 12_000_000  // 134 blocks: a pass long enough to spend a round's NACK budget early
+        let bundle = try await BundleCache.shared.bundle(base.payloadBytes)
+        var single = base
+        single.nackEpochBlocks = 100_000  // one epoch: the budget of the whole pass is spent early
+        var epochs = base
+        epochs.nackEpochBlocks = 16
+        let without = Simulation(scenario: single, bundle: bundle).run()
+        let with = Simulation(scenario: epochs, bundle: bundle).run()
+        for r in [without, with] {
+            #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
+        }
+        #expect(without.senderCounters["nackEpochs"] == 0)
+        #expect(with.senderCounters["nackEpochs"] > 0)
+        // The share of all repair that was asked for during the first pass, before the POLL.
+        let firstPassShare = { (r: SimulationResult) -> Double in
+            let all = r.senderCounters.all.filter { $0.0.hasPrefix("repair.queued.round") }.reduce(0) { $0 + $1.1 }
+            return Double(r.senderCounters["repair.queued.round0"]) / Double(max(all, 1))
+        }
+        #expect(firstPassShare(with) > 0.8 && firstPassShare(with) > firstPassShare(without),
+                "first-pass share of repair: \(firstPassShare(with)) with epochs, \(firstPassShare(without)) without (seed 19)")
+    }
+
     @Test("Burst loss (Gilbert-Elliott) across 16 receivers")
     func bursts() async throws {
         try await run("burst-16", seed: 13)
