@@ -44,7 +44,8 @@ let package = Package(
         // Real UDP multicast and the real clock: drives Sender/Receiver, stages to disk (../shared/DESIGN.md decision 9).
         .target(name: "Transport", dependencies: ["CSocket", "DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
         // Step A: manifest, COSE_Sign1, pack / open / verify, block authentication chain.
-        .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib"]),
+        .target(name: "CFileIO"),
+        .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib", "CFileIO"]),
 
         .executableTarget(
             name: "fleetcast",

@@ -208,6 +208,16 @@ struct RejectionTests {
         #expect(failure { try [UInt8](repeating: 0, count: 10).withUnsafeBytes { try v.consume(block: 0, bytes: $0) } } == .sizeMismatch)
     }
 
+    @Test("A component larger than the writeback chunk (8 MiB) is written whole and exact")
+    func largeComponentWriteback() throws {
+        let f = Fixture(imageSize: 20_000_000)
+        let path = try f.pack("large.fcb") { $0.compression = .none; $0.recipients = []; $0.transport = .default }
+        let out = f.dir.file("large-out")
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        let result = try f.verify(path, output: out)
+        #expect(readBytes(result.componentPaths["rootfs.img"]!) == f.image)
+    }
+
     @Test("A bit flipped anywhere is refused: header, envelope, payload, chain")
     func bitFlips() throws {
         let f = Fixture(imageSize: 30_000)

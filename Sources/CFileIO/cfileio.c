@@ -1,0 +1,9 @@
+#define _GNU_SOURCE
+#include "cfileio.h"
+
+#include <errno.h>
+#include <fcntl.h>
+
+int fc_start_writeback(int fd, int64_t offset, int64_t length) {
+    return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE) == 0 ? 0 : -errno;
+}

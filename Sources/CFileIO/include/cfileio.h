@@ -1,0 +1,7 @@
+// File-system calls that Glibc's Swift module does not export (they need _GNU_SOURCE).
+#pragma once
+#include <stdint.h>
+
+/// Starts writeback of [offset, offset + length) of `fd` without waiting for it
+/// (sync_file_range with SYNC_FILE_RANGE_WRITE). 0, or -errno.
+int fc_start_writeback(int fd, int64_t offset, int64_t length);
