@@ -113,8 +113,8 @@ public struct Receiver {
     public var blocksDone: Int { session?.payload.doneCount ?? 0 }
     /// Whether payload block `b` of the joined session is verified and staged.
     public func isPayloadBlockDone(_ b: Int) -> Bool {
-        guard let payload = session?.payload, b >= 0, b < payload.layout.blockCount else { return false }
-        return payload.done[b]
+        guard b >= 0, b < session?.payload?.layout.blockCount ?? 0 else { return false }
+        return session?.payload?.done[b] ?? false
     }
     public var nacksSent: Int { session?.nacksSent ?? 0 }
     public var failure: (Status.Reason, String)? { failureInfo }
@@ -171,8 +171,7 @@ public struct Receiver {
     }
 
     public mutating func handleTimeout(at now: Instant) {
-        guard session != nil else { return }
-        var s = session.take()!  // own it while mutating: no copy of the session or its block buffers
+        guard var s = session.take() else { return }  // own it while mutating: no copy of the session or its block buffers
         if let due = s.nackDue, due <= now {
             s.nackDue = nil
             sendNacks(&s, at: now)

@@ -88,8 +88,6 @@ public final class ReceiverDriver {
     private var lastReadAt: Instant?
     private var lastReadWasSparse = false
     public private(set) var resumedBlocks = 0
-    /// Set once the core reports a join: until then feedback goes to whoever announces.
-    private var joined = false
     /// Step 2 during the transfer (Specs/bundle.md B-15b), when asked for: each payload
     /// block is fed to it once it and every block before it are staged.
     public private(set) var verification: PayloadVerification?
@@ -144,11 +142,11 @@ public final class ReceiverDriver {
         verificationOutput = outputDirectory
     }
 
-    /// The final checks of step 2: feeds what is still staged and unfed, then
-    /// releases the components if every check passes.
+    /// The final checks of step 2, once `run` has completed: releases the
+    /// components if every check passes.
     public func finishVerification() throws(BundleError) -> VerifiedBundle {
+        // `run` fed every staged block before it closed staging.
         guard let verification else { throw verificationError ?? BundleError(.io, "no verification ran during the transfer") }
-        do { try advanceVerification(blockCountMax: Int.max) } catch { throw BundleError(.io, error.reason) }
         if let verificationError { throw verificationError }
         return try verification.finish()
     }
@@ -171,11 +169,9 @@ public final class ReceiverDriver {
 
     /// Feeds step 2 up to `blockCountMax` staged blocks that are next in order, read back from staging.
     private func advanceVerification(blockCountMax: Int) throws(TransportError) {
-        guard let m = manifest else { return }
-        let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
         var fed = 0
         while fed < blockCountMax, verificationBacklog, let v = verification {
-            let range = geometry.byteRange(ofBlock: v.nextBlock)
+            let range = v.byteRange(ofBlock: v.nextBlock)
             consume(v, block: v.nextBlock, try staging.readPayload(offset: range.lowerBound, count: range.count))
             fed += 1
         }
@@ -210,8 +206,9 @@ public final class ReceiverDriver {
             var wake = [receiver.nextDeadline, nextProgress, giveUpAt, refusedAt.map { $0 + (refusalGrace ?? .seconds(0)) }].compactMap { $0 }.min()!
             if wake < now { wake = now }
             // Step 2 has staged blocks to take: look at the sockets without waiting, then feed it.
-            if verificationBacklog { wake = now }
-            if !verificationBacklog, lastReadWasSparse, let last = lastReadAt, now < last + endpoint.readIntervalMin {
+            let backlog = verificationBacklog
+            if backlog { wake = now }
+            if !backlog, lastReadWasSparse, let last = lastReadAt, now < last + endpoint.readIntervalMin {
                 let pause = min(last + endpoint.readIntervalMin, wake) - now
                 if pause.microseconds > 0 { usleep(UInt32(pause.microseconds)) }
             }
@@ -257,10 +254,14 @@ public final class ReceiverDriver {
                 guard let bytes = incoming.datagram(i) else { continue }
                 received += UInt64(bytes.count)
                 // Before a session is joined, feedback (hello, refusal STATUS) goes to whoever
-                // announces or sends data; the join pins it (Specs/protocol.md P-23).
-                if !joined, bytes.count > 1 {
-                    if bytes[1] == Datagram.Kind.announce.rawValue { senderAddress = feedbackAddress(announce: bytes, source: incoming.source(i)) }
-                    else if senderAddress == nil && bytes[1] == Datagram.Kind.data.rawValue { senderAddress = incoming.source(i) }
+                // announces or sends data; the join pins it (Specs/protocol.md P-23). The kind is
+                // checked first, so the per-datagram path does not ask the core about the join.
+                if bytes.count > 1 {
+                    if bytes[1] == Datagram.Kind.announce.rawValue, manifest == nil {
+                        senderAddress = feedbackAddress(announce: bytes, source: incoming.source(i))
+                    } else if senderAddress == nil && bytes[1] == Datagram.Kind.data.rawValue, manifest == nil {
+                        senderAddress = incoming.source(i)
+                    }
                 }
                 if simulatedLoss > 0, bytes.count > 1, bytes[1] == Datagram.Kind.data.rawValue, lossRandom.unit() < simulatedLoss { continue }
                 receiver.handleDatagram(bytes, at: now)
@@ -277,7 +278,6 @@ public final class ReceiverDriver {
         while let e = receiver.pollEvent() {
             switch e {
             case .joined(_, let m):
-                joined = true
                 // The core verified the envelope; the manifest it verified answers the recipient check.
                 do { try staging.prepare(envelope: receiver.envelope!, manifest: m) } catch {
                     receiver.abort(.storage, error.reason, at: MonotonicClock.now())

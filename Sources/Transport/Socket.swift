@@ -85,7 +85,6 @@ public enum TransportLimits {
     public static let batchCountMax = 64
     /// A coalesced (UDP GRO) message: the kernel's GRO limit, 64 KiB.
     public static let coalescedMessageByteCountMax = 65536
-
     /// Socket buffer asked for by default: a few hundred milliseconds at 1 Gbit/s.
     public static let socketBufferByteCountDefault = 16 << 20
 }

@@ -170,6 +170,8 @@ public final class PayloadVerification {
     /// The next block `consume` accepts.
     public private(set) var nextBlock = 0
     public var blockCount: Int { geometry.blockCount }
+    /// Where block `b` lies in the payload.
+    public func byteRange(ofBlock b: Int) -> Range<UInt64> { geometry.byteRange(ofBlock: b) }
     private var hash = SHA256()
     private let output: ComponentWriter
     private let inflater: ZlibStream?
