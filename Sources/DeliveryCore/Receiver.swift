@@ -16,14 +16,21 @@ public struct ReceiverConfig: Sendable {
     public var seed: UInt64
     /// Incomplete blocks tracked (bitmaps: about 200 bytes each); beyond it, symbols of new blocks are dropped.
     public var blocksInFlightMax = 65_536
-    /// Incomplete blocks whose bytes stay in memory (k x T each); older ones go to the spill (P-5a).
-    public var blocksInMemoryMax = 96
+    /// Bytes of incomplete blocks kept in memory (k x T each); older blocks go to the
+    /// spill (Specs/protocol.md P-5a). 96 blocks of 64 x 1400 bytes: about 70 ms of a
+    /// gigabit stream, whatever the profile's block size.
+    public var blockBytesInMemoryMax = 96 * 64 * 1400
+    /// A count that replaces the byte budget (tests force spilling with it).
+    public var blocksInMemoryMax: Int?
+    /// Whatever the budget, this many blocks may be hot (the interleave window fits).
+    public static let blocksInMemoryMin = 8
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8
-    /// Specs/protocol.md P-19a: before the POLL, the NACK allowance starts again
-    /// every this many payload blocks the sender moves on (as the sender's does).
-    public var nackEpochBlocks = SenderConfig.nackEpochBlocksDefault
+    /// Specs/protocol.md P-19a: before the POLL, the NACK allowance starts again every
+    /// `SenderConfig.nackEpochBlocks(for:)` payload blocks the sender moves on, as the
+    /// sender's does. Set, this count replaces it (tests; the sender must agree).
+    public var nackEpochBlocks: Int?
     public var statusRepeatMax = 10
     public var statusInterval = Interval.seconds(1)
     public var inactivityTimeout = Interval.seconds(5)
@@ -32,8 +39,11 @@ public struct ReceiverConfig: Sendable {
     /// CLOSE is not authenticated: it ends a session still receiving only after this long
     /// (or 8 GRTT, if longer) without genuine data or POLL from the session (Specs/protocol.md P-13a).
     public var closeConfirmQuiet = Interval.seconds(1)
-    /// Blocks verified between progress commits (and at completion).
-    public var commitBlockCount = 64
+    /// Payload bytes verified between progress commits (and at completion): 64 blocks
+    /// of the compact 64 x 1400 profile, 20 of the default's; at least one block.
+    public var commitByteCount = 64 * 64 * 1400
+    /// A block count that replaces the byte interval (the simulator commits often).
+    public var commitBlockCount: Int?
 
     public init(receiverID: ReceiverID, deviceID: String, installedVersion: String, trust: TrustPolicy, device: DevicePolicy, seed: UInt64) {
         self.receiverID = receiverID; self.deviceID = deviceID; self.installedVersion = installedVersion
@@ -92,7 +102,7 @@ public struct Receiver {
 
     enum Phase: Equatable { case listening, receiving, complete, failed }
 
-    /// Where the symbols of incomplete blocks go once `blocksInMemoryMax` blocks are held.
+    /// Where the symbols of incomplete blocks go once the session's `blocksInMemoryMax` blocks are held.
     private let spill: SymbolSpill
 
     public init(config: ReceiverConfig, resume: ResumeState? = nil, spill: SymbolSpill = MemorySpill()) {
@@ -283,7 +293,7 @@ public struct Receiver {
 
     private mutating func join(_ a: Announce, envelope: [UInt8], verified: VerifiedManifest, at now: Instant) {
         var s = Session(id: a.session, envelope: envelope, announce: a, now: now, config: config, carousel: a.carousel)
-        s.attach(verified)
+        s.attach(verified, config: config)
         phase = .receiving
         events.append(.joined(session: a.session, manifest: verified.manifest))
         counters.add("joined")
@@ -346,8 +356,8 @@ public struct Receiver {
             }
             // Specs/protocol.md P-19a: a new epoch of the first pass: a fresh NACK allowance, and
             // blocks asked for earlier whose promised repair has all gone by may be asked for again.
-            if !s.afterPoll && d.object == .payload && b / config.nackEpochBlocks > s.nackEpoch {
-                s.nackEpoch = b / config.nackEpochBlocks
+            if !s.afterPoll && d.object == .payload && b / s.nackEpochBlocks > s.nackEpoch {
+                s.nackEpoch = b / s.nackEpochBlocks
                 s.nackDatagramsThisRound = 0
                 s.nackedThisRound = s.nackedThisRound.filter { $0.object == .authChain || (s.promised[$0] ?? 0) > 0 }
             }
@@ -383,8 +393,8 @@ public struct Receiver {
         let symbolSize = s.profile.symbolSize
         // Mutate the object's state in place: a copy would copy every partial block's buffer.
         let outcome: AcceptOutcome = object == .payload
-            ? Self.add(&s.payload!, block: b, index: i, symbol: symbol, limit: limit, hotMax: config.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
-            : Self.add(&s.auth!, block: b, index: i, symbol: symbol, limit: limit, hotMax: config.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
+            ? Self.add(&s.payload!, block: b, index: i, symbol: symbol, limit: limit, hotMax: s.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
+            : Self.add(&s.auth!, block: b, index: i, symbol: symbol, limit: limit, hotMax: s.blocksInMemoryMax, symbolSize: symbolSize, spill: spill)
         let partial: PartialBlock
         switch outcome {
         case .blockDone: counters.add(.dataBlockDone); return
@@ -439,7 +449,7 @@ public struct Receiver {
     }
 
     private mutating func maybeCommit(_ s: inout Session, force: Bool) {
-        guard s.uncommitted > 0, force || s.uncommitted >= config.commitBlockCount else { return }
+        guard s.uncommitted > 0, force || s.uncommitted >= s.commitBlockCount else { return }
         let auth = s.authBlocksEmitted.sorted()
         let payload = (0..<s.payload.layout.blockCount).filter { s.payload.done[$0] }
         events.append(.commit(ProgressJournal(envelope: s.envelope, authBlocks: auth, payloadBlocks: payload)))
@@ -832,6 +842,12 @@ struct Session {
     var manifest: VerifiedManifest!
     var layout: AuthChainLayout?
     var profile: TransportProfile!
+    /// Incomplete blocks that keep their bytes in memory (P-5a), from the config's budget.
+    var blocksInMemoryMax = ReceiverConfig.blocksInMemoryMin
+    /// Verified blocks between journal commits, from the config's byte interval.
+    var commitBlockCount = 1
+    /// Payload blocks per first-pass NACK epoch (P-19a), as the sender computes them.
+    var nackEpochBlocks = 1
     var payload: ObjectState!
     var auth: ObjectState!
     var codecs: [Int: ReedSolomonCodec] = [:]
@@ -880,10 +896,14 @@ struct Session {
         statusDue = carousel ? nil : now + config.statusInterval
     }
 
-    mutating func attach(_ verified: VerifiedManifest) {
+    mutating func attach(_ verified: VerifiedManifest, config: ReceiverConfig) {
         manifest = verified
         let m = verified.manifest
         profile = m.transport
+        blocksInMemoryMax = config.blocksInMemoryMax
+            ?? max(ReceiverConfig.blocksInMemoryMin, config.blockBytesInMemoryMax / m.transport.blockByteCount)
+        commitBlockCount = config.commitBlockCount ?? max(1, config.commitByteCount / m.transport.blockByteCount)
+        nackEpochBlocks = config.nackEpochBlocks ?? SenderConfig.nackEpochBlocks(for: m.transport)
         payload = ObjectState(layout: ObjectLayout(object: .payload, size: m.payload.size, profile: m.transport))
         auth = ObjectState(layout: ObjectLayout(object: .authChain, size: m.authentication.size, profile: m.transport))
         layout = AuthChainLayout(geometry: payload.layout.geometry, blocksPerSegment: m.authentication.blocksPerSegment)

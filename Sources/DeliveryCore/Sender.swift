@@ -49,10 +49,17 @@ public struct SenderConfig: Sendable {
     public var receiverTableSizeMax = 4096
     public var nackPerReceiverPerRoundMax = 16
     /// Specs/protocol.md P-19a: in the first pass, NACK budgets and served needs
-    /// start afresh every this many payload blocks, so that a long pass is
-    /// repaired as it goes instead of at its end.
-    public var nackEpochBlocks = SenderConfig.nackEpochBlocksDefault
-    public static let nackEpochBlocksDefault = 256
+    /// start afresh every `nackEpochBlocks(for:)` payload blocks, so that a long
+    /// pass is repaired as it goes instead of at its end. Set, this count replaces it
+    /// (sender and receivers must agree).
+    public var nackEpochBlocks: Int?
+    /// The payload bytes of an epoch: 256 blocks of the compact 64 x 1400 profile
+    /// (about 0.18 s of a gigabit stream), 81 of the default profile's.
+    public static let nackEpochByteCount = 256 * 64 * 1400
+    /// Blocks per NACK epoch for a profile (P-19a): sender and receivers compute the same.
+    public static func nackEpochBlocks(for profile: TransportProfile) -> Int {
+        max(1, nackEpochByteCount / profile.blockByteCount)
+    }
     public var closeRepeatCount = 3
     public var carousel = false
     /// Ends the session this long after the first transmission.
@@ -60,8 +67,10 @@ public struct SenderConfig: Sendable {
     /// If set, "all done" also needs this many registered receivers, and idle rounds
     /// wait up to `receiverSilenceMax` after the last new one for the rest.
     public var expectedReceivers: Int?
-    /// Encoded repair symbols kept per block, for blocks in the window and under repair.
-    public var blockCacheCountMax = 64
+    /// Bytes of blocks kept read (k x T) and, once repair is asked of them, encoded
+    /// (R x T more), for blocks in the window and under repair: 64 blocks of the old
+    /// 64 + 32 symbols of 1400 bytes.
+    public var blockCacheBytesMax = 64 * 96 * 1400
 
     public init(session: SessionID, rateBytesPerSecond: Double) {
         self.session = session
@@ -168,6 +177,11 @@ public struct Sender {
     private var repairCursor: [BlockKey: Int] = [:]
     private var cache: [BlockKey: EncodedBlock] = [:]
     private var cacheOrder: [BlockKey] = []
+    /// Blocks the cache holds: `blockCacheBytesMax` over a block's k + R symbols, and at
+    /// least two interleave windows so that the first pass never reads a block twice.
+    private let cacheBlocksMax: Int
+    /// Payload blocks per first-pass NACK epoch (P-19a).
+    private let nackEpochBlocks: Int
     private var codecs: [Int: ReedSolomonCodec] = [:]
 
     private var control: [Transmit] = []
@@ -189,6 +203,10 @@ public struct Sender {
         datagramWireBytes = Double(DataSymbol.headerByteCount + manifest.transport.symbolSize + 28)
         tokens = Double(config.burstDatagramCount) * datagramWireBytes
         repairTokens = tokens * config.repairShareMax
+        let t = manifest.transport
+        nackEpochBlocks = config.nackEpochBlocks ?? SenderConfig.nackEpochBlocks(for: t)
+        cacheBlocksMax = max(2 * config.interleaveWindow,
+                             config.blockCacheBytesMax / ((t.sourceSymbolsPerBlock + t.repairSymbolsPerBlock) * t.symbolSize))
     }
 
     public var isFinished: Bool { phase == .finished }
@@ -487,7 +505,12 @@ public struct Sender {
                 passSymbol += 1
             }
             windowStart = windowEnd
-            if layout.object == .payload && windowStart / config.nackEpochBlocks != (windowStart - 1) / config.nackEpochBlocks { startNackEpoch() }
+            // P-19a: the epoch of a window is that of its last block; a window whose last
+            // block is in a later epoch than the previous window's starts that epoch.
+            if layout.object == .payload && windowStart < layout.blockCount {
+                let last = min(windowStart + config.interleaveWindow, layout.blockCount) - 1
+                if last / nackEpochBlocks > (windowStart - 1) / nackEpochBlocks { startNackEpoch() }
+            }
             passSymbol = 0
             passOffset = 0
         }
@@ -554,33 +577,39 @@ public struct Sender {
                                                                               symbolIndex: UInt8(index), pendingRepair: pendingRepair, symbol: symbol)).encoded())
     }
 
+    /// A symbol of a block: source symbols are read once per cache lifetime of the
+    /// block; its R repair symbols are encoded only when the first of them is needed,
+    /// so a pass without loss costs no encoding.
     private mutating func symbolBytes(_ layout: ObjectLayout, block b: Int, index: Int) -> [UInt8] {
         let key = BlockKey(object: layout.object, block: b)
         let t = manifest.transport.symbolSize
-        let encoded: EncodedBlock
-        if let cached = cache[key] { encoded = cached } else {
+        let k = layout.sourceSymbols(b), r = manifest.transport.repairSymbolsPerBlock
+        if cache[key] == nil {
             let range = layout.geometry.byteRange(ofBlock: b)
-            let k = layout.sourceSymbols(b), r = manifest.transport.repairSymbolsPerBlock
             var padded = source.read(object: layout.object, range: range)
             padded += [UInt8](repeating: 0, count: k * t - padded.count)
-            var repairs = [UInt8](repeating: 0, count: r * t)
-            if r > 0 {
-                let codec = codecs[k] ?? (try! ReedSolomonCodec(sourceCount: k))
-                codecs[k] = codec
-                padded.withUnsafeBytes { p in repairs.withUnsafeMutableBytes { out in try! codec.encode(block: p, symbolSize: t, repairIndices: k..<(k + r), into: out) } }
-            }
-            encoded = EncodedBlock(k: k, source: padded, repairs: repairs)
-            if cacheOrder.count >= config.blockCacheCountMax { cache[cacheOrder.removeFirst()] = nil }
-            cache[key] = encoded
+            if cacheOrder.count >= cacheBlocksMax { cache[cacheOrder.removeFirst()] = nil }
+            cache[key] = EncodedBlock(k: k, source: padded, repairs: nil)
             cacheOrder.append(key)
         }
-        return index < encoded.k ? Array(encoded.source[(index * t)..<((index + 1) * t)])
-            : Array(encoded.repairs[((index - encoded.k) * t)..<((index - encoded.k + 1) * t)])
+        if index < k { return Array(cache[key]!.source[(index * t)..<((index + 1) * t)]) }
+        precondition(index < k + r, "repair index \(index) beyond the ceiling")
+        if cache[key]!.repairs == nil {
+            let codec = codecs[k] ?? (try! ReedSolomonCodec(sourceCount: k))
+            codecs[k] = codec
+            var repairs = [UInt8](repeating: 0, count: r * t)
+            cache[key]!.source.withUnsafeBytes { p in
+                repairs.withUnsafeMutableBytes { out in try! codec.encode(block: p, symbolSize: t, repairIndices: k..<(k + r), into: out) }
+            }
+            cache[key]!.repairs = repairs
+        }
+        return Array(cache[key]!.repairs![((index - k) * t)..<((index - k + 1) * t)])
     }
 }
 
 struct EncodedBlock {
     let k: Int
     let source: [UInt8]
-    let repairs: [UInt8]
+    /// Encoded on the first request for a repair symbol of the block.
+    var repairs: [UInt8]?
 }

@@ -122,6 +122,9 @@ public enum ScenarioCatalog {
         if specs.contains(where: { if case .gilbertElliott = $0.downlink.loss { true } else { false } }) { s.wireFactorMax += 0.6 }
         // Half the runs keep only a few blocks in memory: the spill path (P-5a) under every fault.
         if rng.next() % 2 == 0 { s.blocksInMemoryMax = 1 + Int(rng.next() % 6) }
+        // A third of the runs use the product's default profile (one or two 280 KB blocks
+        // here), the rest the compact one (several blocks and windows).
+        if rng.next() % 3 == 0 { s.profile = .default }
         return s
     }
 

@@ -18,7 +18,7 @@ public struct SimulationBundle: Sendable {
 
     /// Packs `payloadBytes` of seeded bytes (stored, not compressed, so the payload has exactly that size).
     public static func make(payloadBytes: Int, seed: UInt64, sequence: UInt64 = 10,
-                            profile: TransportProfile = .default, blocksPerSegment: Int = 64) throws -> SimulationBundle {
+                            profile: TransportProfile = Scenario.compactProfile, blocksPerSegment: Int = 64) throws -> SimulationBundle {
         var rng = SeededRandom(seed: seed)
         let key = try PrivateKey(raw: [UInt8](repeating: 7, count: 32), algorithm: .ed25519)
         let dir = NSTemporaryDirectory() + "fleetcast-sim-\(getpid())-\(seed)-\(sequence)-\(payloadBytes)"
@@ -58,20 +58,26 @@ public struct ReceiverSpec: Sendable {
 
 /// Everything that defines a run. With the seed, it replays exactly.
 public struct Scenario: Sendable {
+    /// The catalog's profile: scenario payloads are a few hundred KB so that a run takes
+    /// milliseconds, and this profile's 90 KB blocks still give them several blocks and
+    /// interleave windows. The product's default (280 KB blocks) is drawn by the sweep and
+    /// used where payloads are large.
+    public static let compactProfile = try! TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 64, repairSymbolsPerBlock: 32)
+
     public var name: String
     public var seed: UInt64
     public var payloadBytes = 200_000
-    public var profile = TransportProfile.default
+    public var profile = Scenario.compactProfile
     public var blocksPerSegment = 64
     public var receivers: [ReceiverSpec]
     public var rateBytesPerSecond = 50_000_000.0
     public var proactiveRepairFraction = 0.05
     /// First-pass NACK epoch length, sender and receivers alike (Specs/protocol.md P-19a).
-    public var nackEpochBlocks = SenderConfig.nackEpochBlocksDefault
+    public var nackEpochBlocks: Int?
     public var carousel = false
     public var deadline: Interval?
     /// Incomplete blocks a receiver holds in memory before spilling (Specs/protocol.md P-5a).
-    public var blocksInMemoryMax = 96
+    public var blocksInMemoryMax: Int?
     /// Forged DATA datagrams per second, sprayed at every receiver with the real session ID.
     public var forgedDataPerSecond = 0.0
     /// Share of forged datagrams aimed at the auth-chain object (which is authenticated per segment, not per symbol).
@@ -90,8 +96,15 @@ public struct Scenario: Sendable {
         self.name = name; self.seed = seed; self.receivers = receivers
     }
 
+    /// The command that replays this run, with whatever differs from the catalog's scenario.
     public var replayCommand: String {
-        "swift run -c release fleetcast simulate --scenario '\(name)' --seed \(seed)"
+        var command = "swift run -c release fleetcast simulate --scenario '\(name)' --seed \(seed)"
+        let catalog = ScenarioCatalog.scenario(named: name, seed: seed)
+        if payloadBytes != catalog?.payloadBytes { command += " --payload-bytes \(payloadBytes)" }
+        if profile != catalog?.profile {
+            command += " --symbols-per-block \(profile.sourceSymbolsPerBlock) --repair \(profile.repairSymbolsPerBlock)"
+        }
+        return command
     }
 }
 
@@ -185,6 +198,7 @@ public final class Simulation {
     let session: SessionID
 
     public init(scenario: Scenario, bundle: SimulationBundle, oldSession: [[UInt8]] = []) {
+        precondition(bundle.manifest.transport == scenario.profile, "the bundle was packed with another profile than the scenario's")
         self.scenario = scenario
         self.bundle = bundle
         self.oldSession = oldSession

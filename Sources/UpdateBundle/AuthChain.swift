@@ -4,7 +4,7 @@ import FleetCrypto
 /// How the payload is cut for transport (Specs/bundle.md §7.1), committed to
 /// by the manifest so that every symbol can be authenticated on arrival.
 public struct TransportProfile: Hashable, Sendable {
-    public static let `default` = try! TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 64, repairSymbolsPerBlock: 32)
+    public static let `default` = try! TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 200, repairSymbolsPerBlock: 56)
 
     /// Bytes per symbol (one symbol per data datagram).
     public let symbolSize: Int

@@ -2,6 +2,7 @@ import ArgumentParser
 import DeliveryCore
 import DeliverySimulation
 import Foundation
+import UpdateBundle
 
 struct Simulate: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -35,6 +36,12 @@ struct Simulate: ParsableCommand {
     @Option(help: "Override the scenario's payload size in bytes.")
     var payloadBytes: Int?
 
+    @Option(help: "Override the transport profile's source symbols per block (k).")
+    var symbolsPerBlock: Int?
+
+    @Option(help: "Override the transport profile's repair ceiling per block (R); k + R <= 256.")
+    var repair: Int?
+
     @Flag(help: "Print the benchmark table: wire and NACK bytes per payload byte against receivers and loss (bench/RESULTS.md).")
     var table = false
 
@@ -45,14 +52,16 @@ struct Simulate: ParsableCommand {
         if table { return try printTable() }
         let old = scenario == "replay" ? try ScenarioCatalog.recordedOldSession() : []
         var failures = 0
-        var bundles: [Int: SimulationBundle] = [:]
+        var bundles: [String: SimulationBundle] = [:]
         for seed in self.seed..<(self.seed + UInt64(max(count, 1))) {
             guard var s = ScenarioCatalog.scenario(named: scenario, seed: seed) else {
                 throw ValidationError("unknown scenario '\(scenario)'; known: \(ScenarioCatalog.names.joined(separator: ", "))")
             }
             if let payloadBytes { s.payloadBytes = payloadBytes }
-            let bundle = try bundles[s.payloadBytes] ?? SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1)
-            bundles[s.payloadBytes] = bundle
+            s.profile = try profile(overriding: s.profile)
+            let key = "\(s.payloadBytes) \(s.profile)"
+            let bundle = try bundles[key] ?? SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, profile: s.profile)
+            bundles[key] = bundle
             let result = Simulation(scenario: s, bundle: bundle, oldSession: old).run()
             if count == 1 || !result.violations.isEmpty { print(result) }
             if counters { print("  sender:   \(result.senderCounters)\n  receivers: \(result.receiverCounters)") }
@@ -66,18 +75,31 @@ struct Simulate: ParsableCommand {
     /// at 0-30% independent loss, next to the ideal 1 / (1 - p).
     private func printTable() throws {
         let size = payloadBytes ?? 2_000_000
-        let bundle = try SimulationBundle.make(payloadBytes: size, seed: 1)
+        let profile = try profile(overriding: .default)
+        let bundle = try SimulationBundle.make(payloadBytes: size, seed: 1, profile: profile)
         print("| receivers | loss | ideal 1/(1-p) | wire bytes / payload | wire / ideal | NACK bytes / payload | all feedback / payload | rounds | all complete |")
         print("|---|---|---|---|---|---|---|---|---|")
         for n in tableReceivers.split(separator: ",").compactMap({ Int($0) }) {
             for p in [0, 1, 5, 10, 20, 30] {
                 var s = ScenarioCatalog.scenario(named: "loss-\(p)-\(n)", seed: seed)!
                 s.payloadBytes = size
+                s.profile = profile
                 let r = Simulation(scenario: s, bundle: bundle).run()
                 let ideal = 1 / (1 - Double(p) / 100)
                 let rounds = r.senderCounters["rounds.busy"] + r.senderCounters["rounds.idle"]
                 print("| \(n) | \(p)% | \(f(ideal)) | \(f(r.wireRatio)) | \(f(r.wireRatio / ideal)) | \(f(r.nackRatio, 5)) | \(f(Double(r.feedbackWireBytes) / Double(r.payloadBytes), 4)) | \(rounds) | \(r.completed.allSatisfy { $0 } ? "yes" : "NO") |")
             }
+        }
+    }
+
+    /// The scenario's profile with `--symbols-per-block` and `--repair` applied.
+    private func profile(overriding base: TransportProfile) throws -> TransportProfile {
+        do {
+            return try TransportProfile(symbolSize: base.symbolSize,
+                                        sourceSymbolsPerBlock: symbolsPerBlock ?? base.sourceSymbolsPerBlock,
+                                        repairSymbolsPerBlock: repair ?? base.repairSymbolsPerBlock)
+        } catch {
+            throw ValidationError("--symbols-per-block/--repair: \(error)")
         }
     }
 

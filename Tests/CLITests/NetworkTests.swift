@@ -127,6 +127,10 @@ final class NetworkFixture {
     func delivered(_ i: Int) -> [UInt8]? {
         FileManager.default.contents(atPath: w.file("out-\(i)/rootfs")).map { [UInt8]($0) }
     }
+
+    /// Whether receiver `i` wrote exactly the image (a Bool, so that a failure does not
+    /// print megabytes of both arrays).
+    func deliveredIntact(_ i: Int) -> Bool { delivered(i) == image }
 }
 
 /// Real `fleetcast send` and `receive` processes on a real (namespaced or
@@ -155,7 +159,7 @@ struct NetworkTests {
         for (i, r) in rs.enumerated() {
             let status = r.wait(seconds: 60)
             #expect(status == 0, "receiver \(i + 1): \(r.output)")
-            #expect(f.delivered(i + 1) == f.image, "receiver \(i + 1) delivered other bytes")
+            #expect(f.deliveredIntact(i + 1), "receiver \(i + 1) delivered other bytes")
         }
         let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as! [String: Any]
         let devices = report["receivers"] as! [[String: Any]]
@@ -165,11 +169,12 @@ struct NetworkTests {
 
     @Test("A receiver killed mid-transfer resumes from its journal and verifies")
     func killAndResume() throws {
-        let f = try NetworkFixture(imageBytes: 6_000_000)
+        let f = try NetworkFixture(imageBytes: 12_000_000)
         let lan = try TestLAN(receivers: 1, loss: [0])
         var r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
-        // 6 MB at 16 Mbit/s: about 3 s, long enough to kill the receiver after its first journal commit.
-        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "16M", "--min-receivers", "1", "--deadline", "60s",
+        // 12 MB at 32 Mbit/s: about 3 s. The receiver commits its journal every 5.7 MB
+        // (ReceiverConfig.commitByteCount), so it is killed after about 1.4 s, mid-transfer.
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "32M", "--min-receivers", "1", "--deadline", "60s",
                                               "--quiet", "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
         let journal = f.w.file("staging-1/journal")
         var waited = 0
@@ -182,7 +187,7 @@ struct NetworkTests {
         r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1-again.log"))
         #expect(r.wait(seconds: 60) == 0, "restarted receiver: \(r.output)")
         #expect(r.output.contains("resuming:"), "the restarted receiver did not resume: \(r.output)")
-        #expect(f.delivered(1) == f.image)
+        #expect(f.deliveredIntact(1), "the restarted receiver delivered other bytes")
         #expect(sender.wait(seconds: 60) == 0, "sender: \(sender.output)")
     }
 
@@ -197,7 +202,7 @@ struct NetworkTests {
         #expect(sender.wait(seconds: 90) == 0, "sender: \(sender.output)")
         for (i, r) in rs.enumerated() {
             #expect(r.wait(seconds: 60) == 0, "receiver \(i + 1): \(r.output)")
-            #expect(f.delivered(i + 1) == f.image)
+            #expect(f.deliveredIntact(i + 1), "receiver \(i + 1) delivered other bytes")
             #expect(r.output.contains("data.badTag="), "no forged symbol was counted: \(r.output)")
         }
         #expect(attacker.wait(seconds: 30) == 0, "injector: \(attacker.output)")
@@ -247,7 +252,7 @@ struct NetworkTests {
         let genuine = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--min-receivers", "1", "--deadline", "60s", "--quiet"],
                                 log: f.w.file("s.log"))
         #expect(r.wait(seconds: 60) == 0, "receiver: \(r.output)")
-        #expect(f.delivered(1) == f.image)
+        #expect(f.deliveredIntact(1), "receiver 1 delivered other bytes")
         #expect(genuine.wait(seconds: 60) == 0, "sender: \(genuine.output)")
         _ = intruder2.wait(seconds: 30)
     }
