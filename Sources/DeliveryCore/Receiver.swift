@@ -27,6 +27,9 @@ public struct ReceiverConfig: Sendable {
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8
+    /// Specs/protocol.md P-18a: a repair promise lapses after this many GRTTs without
+    /// DATA of its block.
+    public var repairPromiseLifetimeGRTTs = 2.0
     /// Specs/protocol.md P-19a: before the POLL, the NACK allowance starts again every
     /// `SenderConfig.nackEpochBlocks(for:)` payload blocks the sender moves on, as the
     /// sender's does. Set, this count replaces it (tests; the sender must agree).
@@ -344,7 +347,7 @@ public struct Receiver {
         s.observeFrontier(object: d.object, block: b)
         // Specs/protocol.md P-18a: the sender's promise of more repair for this block this round.
         if d.pendingRepair > 0 || s.promised[BlockKey(object: d.object, block: b)] != nil {
-            s.promised[BlockKey(object: d.object, block: b)] = Int(d.pendingRepair)
+            s.promised[BlockKey(object: d.object, block: b)] = RepairPromise(count: Int(d.pendingRepair), heardAt: now)
         }
         if s.frontierAdvanced {
             s.frontierAdvanced = false
@@ -359,7 +362,7 @@ public struct Receiver {
             if !s.afterPoll && d.object == .payload && b / s.nackEpochBlocks > s.nackEpoch {
                 s.nackEpoch = b / s.nackEpochBlocks
                 s.nackDatagramsThisRound = 0
-                s.nackedThisRound = s.nackedThisRound.filter { $0.object == .authChain || (s.promised[$0] ?? 0) > 0 }
+                s.nackedThisRound = s.nackedThisRound.filter { $0.object == .authChain || s.isPromising($0, at: now, lifetimeGRTTs: config.repairPromiseLifetimeGRTTs) }
             }
             scheduleNack(&s, at: now)
         }
@@ -588,7 +591,7 @@ public struct Receiver {
                 let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
                 let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
                 guard needed > 0 else { continue }
-                if let promised = s.promised[key], promised >= needed {
+                if let promised = s.promised[key], s.isPromising(key, at: now, lifetimeGRTTs: config.repairPromiseLifetimeGRTTs), promised.count >= needed {
                     counters.add("nack.coveredByPromise")
                     continue
                 }
@@ -632,6 +635,12 @@ public struct Receiver {
         outgoing.append(Transmit(destination: .sender, bytes: d.encoded()))
         counters.add("sent.\(d.kind)")
     }
+}
+
+/// The repair the sender announced for a block (DATA's pending repair) and when.
+struct RepairPromise {
+    var count: Int
+    var heardAt: Instant
 }
 
 enum AcceptOutcome {
@@ -869,7 +878,7 @@ struct Session {
     var nackEpoch = 0
     var frontierAdvanced = false
     var nackedThisRound: Set<BlockKey> = []
-    var promised: [BlockKey: Int] = [:]
+    var promised: [BlockKey: RepairPromise] = [:]
     var nackDatagramsThisRound = 0
     var nackDue: Instant?
     var lastNackAt: Instant?
@@ -986,6 +995,15 @@ struct Session {
             frontier = (position.0, position.1)
             frontierAdvanced = true
         }
+    }
+
+    /// Specs/protocol.md P-18a: does the sender still promise repair for this block? A
+    /// promise lapses when the repair it announced stops arriving for
+    /// `lifetimeGRTTs` (its last symbols were lost, so no DATA with a pending count of 0
+    /// ever came).
+    func isPromising(_ key: BlockKey, at now: Instant, lifetimeGRTTs: Double) -> Bool {
+        guard let p = promised[key], p.count > 0 else { return false }
+        return now < p.heardAt + grtt * lifetimeGRTTs
     }
 
     /// Has the sender moved past this block in the current pass?

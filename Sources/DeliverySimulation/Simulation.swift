@@ -74,6 +74,11 @@ public struct Scenario: Sendable {
     public var proactiveRepairFraction = 0.05
     /// First-pass NACK epoch length, sender and receivers alike (Specs/protocol.md P-19a).
     public var nackEpochBlocks: Int?
+    /// Receivers' P-18a promise lifetime; nil keeps the default.
+    public var repairPromiseLifetimeGRTTs: Double?
+    /// Every receiver loses the last symbol of each batch of NACKed repair (pending repair
+    /// 0 after 1), so that the promise is never closed: the fault behind P-18a's lapse.
+    public var dropsClosingRepair = false
     public var carousel = false
     public var deadline: Interval?
     /// Incomplete blocks a receiver holds in memory before spilling (Specs/protocol.md P-5a).
@@ -151,6 +156,8 @@ public struct SimulationResult: Sendable, CustomStringConvertible {
 /// (Specs/protocol.md), on virtual time, with faults from the scenario and
 /// randomness from its seed. The production state machines run unchanged.
 public final class Simulation {
+    /// The pending-repair count of the sender's latest DATA per payload block (`dropsClosingRepair`).
+    private var lastPendingRepair: [UInt32: UInt16] = [:]
     enum Event {
         case senderWake
         case deliverToReceiver(Int, [UInt8])
@@ -232,6 +239,7 @@ public final class Simulation {
         c.commitBlockCount = 4
         c.blocksInMemoryMax = scenario.blocksInMemoryMax
         c.nackEpochBlocks = scenario.nackEpochBlocks
+        if let lifetime = scenario.repairPromiseLifetimeGRTTs { c.repairPromiseLifetimeGRTTs = lifetime }
         c.inactivityTimeout = Interval.seconds(3)
         c.statusInterval = Interval.milliseconds(500)
         return c
@@ -320,6 +328,14 @@ public final class Simulation {
         nodes[i].started = true
     }
 
+    /// `Scenario.dropsClosingRepair`: is this the last symbol of a batch of NACKed repair
+    /// (pending 0 right after pending 1 for the same block)? Tracks the sender's stream.
+    private func closesRepairBatch(_ bytes: [UInt8]) -> Bool {
+        guard case .data(let d)? = try? Datagram(parsing: bytes), d.object == .payload else { return false }
+        let previous = lastPendingRepair.updateValue(d.pendingRepair, forKey: d.block)
+        return d.pendingRepair == 0 && previous == 1
+    }
+
     private func deliver(_ bytes: [UInt8], to i: Int) {
         for (delay, corrupt) in nodes[i].down.transmit(&rng) {
             var b = bytes
@@ -335,6 +351,7 @@ public final class Simulation {
             sent += 1
             switch t.destination {
             case .group:
+                if scenario.dropsClosingRepair && closesRepairBatch(t.bytes) { continue }
                 for i in nodes.indices { deliver(t.bytes, to: i) }
             case .receiver(let id):
                 let i = Int(id.rawValue) - 1

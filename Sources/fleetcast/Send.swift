@@ -69,6 +69,9 @@ struct Send: ParsableCommand {
     @Flag(help: "No progress line.")
     var quiet = false
 
+    @Option(help: "Append a timeline here: a tab-separated line every 50 ms (elapsed s, round, GRTT ms, data bytes sent, receivers registered, done, failed), for studying where a transfer's time goes.")
+    var progressLog: String?
+
     func validate() throws {
         guard parseBitRate(rate) != nil else { throw ValidationError("--rate wants a positive number with an optional k, M or G suffix (bits/s)") }
         guard (0...0.5).contains(repair) else { throw ValidationError("--repair must be between 0 and 0.5") }
@@ -112,7 +115,10 @@ struct Send: ParsableCommand {
 
             let payload = manifest.payload.size
             let status = StatusLine(enabled: !quiet)
-            try driver.run(progress: { p in
+            let timeline = try progressLog.map { try TimelineLog(path: $0, header: "elapsed_s\tround\tgrtt_ms\tdata_bytes\tregistered\tdone\tfailed") }
+            try driver.run(progressInterval: timeline == nil ? .milliseconds(250) : .milliseconds(50), progress: { p in
+                timeline?.append(String(format: "%.3f\t%u\t%.1f\t%llu\t%d\t%d\t%d", p.elapsed.seconds, p.round, p.grtt.seconds * 1000,
+                                        p.dataBytesSent, p.registered, p.done, p.failed))
                 status.show(String(format: "round %u (GRTT %.0f ms)  %@  sent %@ (%.2fx payload)  receivers %d, done %d, failed %d",
                                    p.round, p.grtt.seconds * 1000, formatRate(p.dataBytesSent, p.elapsed.seconds), formatBytes(p.dataBytesSent),
                                    Double(p.dataBytesSent) / Double(max(payload, 1)), p.registered, p.done, p.failed))
@@ -222,6 +228,25 @@ final class StatusLine {
         FileHandle.standardError.write(Data("\r\(padded)".utf8))
     }
     func finish() { if enabled && width > 0 { FileHandle.standardError.write(Data("\n".utf8)) } }
+}
+
+/// `--progress-log`: one tab-separated line per progress tick, appended to a file,
+/// so that a benchmark can see when each phase of a transfer happened.
+final class TimelineLog {
+    private let handle: FileHandle
+
+    init(path: String, header: String) throws {
+        guard FileManager.default.createFile(atPath: path, contents: Data((header + "\n").utf8)),
+              let handle = FileHandle(forWritingAtPath: path) else {
+            throw ValidationError("cannot write the progress log '\(path)'")
+        }
+        handle.seekToEndOfFile()
+        self.handle = handle
+    }
+
+    func append(_ line: String) { handle.write(Data((line + "\n").utf8)) }
+
+    deinit { try? handle.close() }
 }
 
 /// Set by SIGINT/SIGTERM so the loops end cleanly (the journal stays consistent).

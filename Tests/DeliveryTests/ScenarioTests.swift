@@ -88,6 +88,28 @@ struct ScenarioTests {
                 "first-pass share of repair: \(firstPassShare(with)) with epochs, \(firstPassShare(without)) without (seed 19)")
     }
 
+    @Test("P-18a: a promise whose closing repair was lost lapses, so the block is asked for again in the next epoch, not after the POLL")
+    func promiseLapse() async throws {
+        var base = try #require(ScenarioCatalog.scenario(named: "loss-5-4", seed: 29))
+        base.payloadBytes = 12_000_000  // 134 blocks, epochs of 16
+        base.nackEpochBlocks = 16
+        base.dropsClosingRepair = true
+        let bundle = try await BundleCache.shared.bundle(base.payloadBytes)
+        var forever = base
+        forever.repairPromiseLifetimeGRTTs = 1e6  // the promise never lapses: the old behaviour
+        let without = Simulation(scenario: forever, bundle: bundle).run()
+        let with = Simulation(scenario: base, bundle: bundle).run()
+        for r in [without, with] {
+            #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
+        }
+        // Blocks short of their closing symbol, re-asked for in the first pass or left for the POLL.
+        let afterPoll = { (r: SimulationResult) -> UInt64 in
+            r.senderCounters.all.filter { $0.0.hasPrefix("repair.queued.round") && $0.0 != "repair.queued.round0" }.reduce(0) { $0 + $1.1 }
+        }
+        #expect(afterPoll(with) * 2 < afterPoll(without),
+                "repair symbols queued after the POLL: \(afterPoll(with)) with the lapse, \(afterPoll(without)) without (seed 29)")
+    }
+
     @Test("Burst loss (Gilbert-Elliott) across 16 receivers")
     func bursts() async throws {
         try await run("burst-16", seed: 13)
