@@ -434,6 +434,9 @@ public final class Simulation {
             if !node.spec.downlink.isDead && !result.completed[i] {
                 result.violations.append("receiver \(i) (\(node.spec.downlink)) did not complete: \(node.receiver?.blocksDone ?? 0)/\(sender.totalBlocks) blocks; \(node.receiver?.counters.description ?? "not running")")
             }
+            if let r = node.receiver, r.isComplete, r.authSegmentsHeld > 0 {
+                result.violations.append("receiver \(i) completed but holds \(r.authSegmentsHeld) auth segments (P-5b)")
+            }
             if let r = node.receiver { for (k, v) in r.counters.all { result.receiverCounters.add(k, v) } }
         }
         if ProcessInfo.processInfo.environment["FLEETCAST_SIM_TRACE"] != nil,

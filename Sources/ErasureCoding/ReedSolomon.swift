@@ -31,13 +31,17 @@ public final class ReedSolomonCodec {
     public static let symbolIndexCountMax = 256
     /// ISA-L's vector kernels need at least 16 bytes per symbol.
     public static let symbolByteCountMin = 16
-    /// Decode tables kept for repeated loss patterns (a carousel repeats them).
+    /// Decode tables kept for repeated loss patterns (a carousel repeats them), at most
+    /// this many and this many bytes: a table is 32·k·e bytes, up to 358 KB for k = 200
+    /// and e = 56, and random loss rarely repeats a pattern.
     public static let decodeCacheEntryCountMax = 32
+    public static let decodeCacheByteCountMax = 1 << 20
 
     public let sourceCount: Int
     private var encodeTables: [Range<Int>: [UInt8]] = [:]
     private var decodeCache: [DecodeKey: [UInt8]] = [:]
     private var decodeCacheOrder: [DecodeKey] = []
+    private var decodeCacheBytes = 0
 
     private struct DecodeKey: Hashable {
         var lost: [UInt8]
@@ -168,11 +172,13 @@ public final class ReedSolomonCodec {
             }
         }
         let tables = Self.tables(k: sourceCount, rows: e, matrix: &matrix)
-        if decodeCacheOrder.count == Self.decodeCacheEntryCountMax {
-            decodeCache.removeValue(forKey: decodeCacheOrder.removeFirst())
+        guard tables.count <= Self.decodeCacheByteCountMax else { return tables }
+        while decodeCacheOrder.count == Self.decodeCacheEntryCountMax || decodeCacheBytes + tables.count > Self.decodeCacheByteCountMax {
+            decodeCacheBytes -= decodeCache.removeValue(forKey: decodeCacheOrder.removeFirst())?.count ?? 0
         }
         decodeCache[key] = tables
         decodeCacheOrder.append(key)
+        decodeCacheBytes += tables.count
         return tables
     }
 
