@@ -32,7 +32,13 @@ public struct SenderConfig: Sendable {
     public var burstDuration = Interval.milliseconds(10)
     /// The depth in datagrams is `burstDuration` of the rate within these bounds.
     public static let burstDatagramCountMin = 16
-    public static let burstDatagramCountMax = 512
+    public static let burstDatagramCountMax = 1024
+    /// A second, shallow bucket (`peakBurstDatagramCount` deep) fills at this multiple of
+    /// the rate: catching up after a late wake-up goes at most this much faster than the
+    /// rate, in trains of at most 64 datagrams, instead of as one burst of the deep
+    /// bucket that overflows the queues of a fast path (Specs/protocol.md P-9).
+    public var peakRateFactor = 1.5
+    public static let peakBurstDatagramCount = 64
     public var repairShareMax = 0.5
     public var proactiveRepairFraction = 0.05
     /// Specs/protocol.md P-11a: repair served in a round after the first pass adds this
@@ -171,6 +177,9 @@ public struct Sender {
 
     // Rate control (Specs/protocol.md P-9).
     private var tokens: Double
+    /// The peak bucket: `peakBurstDatagramCount` datagrams deep, filled at `peakRateFactor` x the rate.
+    private var peakTokens: Double
+    private let peakBytes: Double
     /// The bucket's depth: `burstDuration` of the rate, in bounds (P-9).
     private let burstBytes: Double
     private var repairTokens: Double
@@ -219,6 +228,8 @@ public struct Sender {
                                              Double(SenderConfig.burstDatagramCountMax))
         // The depth is for catching up after a late wake-up, not for a burst at the start.
         tokens = min(burstBytes, Double(SenderConfig.burstDatagramCountMin) * datagramWireBytes)
+        peakBytes = Double(SenderConfig.peakBurstDatagramCount) * datagramWireBytes
+        peakTokens = peakBytes
         repairTokens = tokens * config.repairShareMax
         let t = manifest.transport
         nackEpochBlocks = config.nackEpochBlocks ?? SenderConfig.nackEpochBlocks(for: t)
@@ -400,8 +411,9 @@ public struct Sender {
         if let d = config.deadline, let s = startedAt { candidates.append(s + d) }
         if phase == .repairRounds, let end = roundEnds { candidates.append(end) }
         if !control.isEmpty || hasDataReady {
-            let deficit = datagramWireBytes - tokens
-            candidates.append(deficit <= 0 ? now : now + Interval(microseconds: UInt64((deficit / config.rateBytesPerSecond * 1e6).rounded(.up))))
+            let wait = max((datagramWireBytes - tokens) / config.rateBytesPerSecond,
+                           (datagramWireBytes - peakTokens) / (config.rateBytesPerSecond * config.peakRateFactor))
+            candidates.append(wait <= 0 ? now : now + Interval(microseconds: UInt64((wait * 1e6).rounded(.up))))
         }
         return candidates.min()
     }
@@ -420,6 +432,7 @@ public struct Sender {
         if let last = lastRefill, now > last {
             let earned = Double((now - last).microseconds) / 1e6 * config.rateBytesPerSecond
             tokens = min(capacity, tokens + earned)
+            peakTokens = min(peakBytes, peakTokens + earned * config.peakRateFactor)
             repairTokens = min(capacity * config.repairShareMax, repairTokens + earned * config.repairShareMax)
         }
         lastRefill = now
@@ -454,14 +467,15 @@ public struct Sender {
             let t = control[0]
             if t.destination == .group {
                 let cost = Double(t.bytes.count + 28)
-                guard tokens >= cost || tokens >= datagramWireBytes else { return nil }
+                guard (tokens >= cost || tokens >= datagramWireBytes) && peakTokens >= datagramWireBytes else { return nil }
                 tokens -= cost
+                peakTokens -= cost
             }
             control.removeFirst()
             account("control", t)
             return t
         }
-        guard tokens >= datagramWireBytes else { return nil }
+        guard tokens >= datagramWireBytes && peakTokens >= datagramWireBytes else { return nil }
         switch phase {
         case .finished: return nil
         case .closing:
@@ -497,6 +511,7 @@ public struct Sender {
 
     private mutating func spend(_ t: Transmit, _ category: String) -> Transmit {
         tokens -= Double(t.bytes.count + 28)
+        peakTokens -= Double(t.bytes.count + 28)
         account(category, t)
         return t
     }

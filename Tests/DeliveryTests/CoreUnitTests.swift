@@ -38,6 +38,35 @@ struct CoreUnitTests {
         #expect(sent >= rate * 0.09, "and it does use the rate")
     }
 
+    @Test("P-9: after a late wake-up the sender catches up at most 1.5x the rate, in trains of at most 64 datagrams")
+    func peakBucket() async throws {
+        let bundle = try await BundleCache.shared.bundle(12_000_000)
+        let rate = 100_000_000.0  // the sustained bucket holds 10 ms: 692 datagrams
+        var sender = makeSender(bundle, rate: rate)
+        let datagram = Double(1400 + 16 + 28)
+        var now = Instant.zero
+        while let _ = sender.pollTransmit(at: now) {}
+        // The driver oversleeps by 20 ms: one wake-up may send one peak train, no more.
+        now = Instant(microseconds: 20_000)
+        sender.handleTimeout(at: now)
+        var train = 0.0
+        while let t = sender.pollTransmit(at: now) { train += Double(t.bytes.count + 28) }
+        #expect(train <= Double(SenderConfig.peakBurstDatagramCount) * datagram + 1500, "one wake-up sent \(train) bytes")
+        #expect(train >= 0.9 * Double(SenderConfig.peakBurstDatagramCount) * datagram, "and it did catch up: \(train) bytes")
+        // Then it catches up faster than the rate but not beyond 1.5 times it.
+        var sent = train
+        let start = now
+        for _ in 0..<2000 {
+            guard let next = sender.nextDeadline(at: now) else { break }
+            now = max(next, now + Interval(microseconds: 1))
+            while let t = sender.pollTransmit(at: now) { sent += Double(t.bytes.count + 28) }
+            if now.microseconds >= start.microseconds + 4_000 { break }
+        }
+        let elapsed = Double((now - start).microseconds) / 1e6
+        #expect(sent <= 1.5 * rate * elapsed + Double(SenderConfig.peakBurstDatagramCount) * datagram + 1500, "\(sent) bytes in \(elapsed) s")
+        #expect(sent >= 1.3 * rate * elapsed, "catching up: \(sent) bytes in \(elapsed) s")
+    }
+
     @Test("A receiver drops an announce signed by an unknown key and keeps listening")
     func forgedAnnounce() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)
