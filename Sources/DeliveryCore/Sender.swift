@@ -44,7 +44,7 @@ public struct SenderConfig: Sendable {
     /// Specs/protocol.md P-11a: repair served in a round after the first pass adds this
     /// fraction of the need, rounded up (so at least one symbol), against its own loss.
     public var roundRepairMarginFraction = 0.05
-    /// Proactive repair for the auth chain (1.75% of the data, and every payload
+    /// Proactive repair for the auth chain (1.5% of the data, and every payload
     /// symbol waits for it): up to the repair ceiling.
     public var authProactiveRepairFraction = 1.0
     public var interleaveWindow = 8
