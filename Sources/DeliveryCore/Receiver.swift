@@ -130,6 +130,8 @@ public struct Receiver {
         return session?.payload?.done[b] ?? false
     }
     public var nacksSent: Int { session?.nacksSent ?? 0 }
+    /// Incomplete blocks that went to the spill because the memory budget was full (P-5a).
+    public var blocksSpilled: UInt64 { (session?.payload?.evictions ?? 0) + (session?.auth?.evictions ?? 0) }
     /// Authenticated segments whose tags are held (Specs/protocol.md P-5b: none once complete).
     public var authSegmentsHeld: Int { session?.segments.count ?? 0 }
     public var failure: (Status.Reason, String)? { failureInfo }
@@ -800,6 +802,8 @@ struct ObjectState {
     var hotOrder: [Int] = []
     var hotHead = 0
     var hotCount = 0
+    /// Blocks that went cold (P-5a), for the receiver's report.
+    private(set) var evictions: UInt64 = 0
 
     init(layout: ObjectLayout) {
         self.layout = layout
@@ -839,6 +843,7 @@ struct ObjectState {
             p.evict(to: spill, object: layout.object, block: b)
             partial[b] = p
             hotCount -= 1
+            evictions += 1
         }
         if hotHead > 4096 && hotHead * 2 > hotOrder.count {
             hotOrder.removeFirst(hotHead)

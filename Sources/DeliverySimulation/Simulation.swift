@@ -437,7 +437,10 @@ public final class Simulation {
             if let r = node.receiver, r.isComplete, r.authSegmentsHeld > 0 {
                 result.violations.append("receiver \(i) completed but holds \(r.authSegmentsHeld) auth segments (P-5b)")
             }
-            if let r = node.receiver { for (k, v) in r.counters.all { result.receiverCounters.add(k, v) } }
+            if let r = node.receiver {
+                for (k, v) in r.counters.all { result.receiverCounters.add(k, v) }
+                result.receiverCounters.add("blocks.spilled", r.blocksSpilled)
+            }
         }
         if ProcessInfo.processInfo.environment["FLEETCAST_SIM_TRACE"] != nil,
            let last = nodes.indices.max(by: { (nodes[$0].completedAt ?? .zero) < (nodes[$1].completedAt ?? .zero) }) {

@@ -37,6 +37,8 @@ public struct ReceiverProgress: Sendable {
     public var payloadBytes: UInt64
     public var bytesReceived: UInt64
     public var blocksRepaired: UInt64
+    /// Incomplete blocks moved to the spill file when the memory budget was full (P-5a).
+    public var blocksSpilled: UInt64
     public var nacksSent: Int
     /// Datagrams refused, by reason (the core's counter names, without the "dropped." prefix).
     public var rejected: [(String, UInt64)]
@@ -344,7 +346,7 @@ public final class ReceiverDriver {
             .map { (String($0.0.dropFirst("dropped.".count)), $0.1) }
         return ReceiverProgress(elapsed: now - startedAt, joined: manifest != nil, blocksDone: receiver.blocksDone, blocksTotal: total,
                                 payloadBytes: manifest?.payload.size ?? 0, bytesReceived: received,
-                                blocksRepaired: receiver.counters["blocks.repaired"], nacksSent: receiver.nacksSent,
+                                blocksRepaired: receiver.counters["blocks.repaired"], blocksSpilled: receiver.blocksSpilled, nacksSent: receiver.nacksSent,
                                 rejected: rejected, cpuSeconds: MonotonicClock.processCPUSeconds() - cpuAtStart)
     }
 }

@@ -37,6 +37,11 @@ func parseBitRate(_ text: String) -> Double? {
     return Double(text).flatMap { $0 > 0 ? $0 : nil }
 }
 
+/// Parses a size in bytes: "8.6M", "32M", "1G", "65536" (decimal multiples).
+func parseByteCount(_ text: String) -> Int? {
+    parseBitRate(text).flatMap { $0 < Double(Int.max) ? Int($0) : nil }
+}
+
 func reportingTransportFailures(_ body: () throws -> Void) throws {
     do { try reportingFailures(body) } catch let error as TransportError {
         printError("network: \(error.reason)")

@@ -45,6 +45,9 @@ struct Receive: ParsableCommand {
     @Option(help: "Where to leave the verified bundle (default: <staging-dir>/bundle).")
     var bundleOut: String?
 
+    @Option(help: "Memory for incomplete blocks, in bytes with an optional k, M or G suffix; beyond it they wait in a scratch file next to the staged bundle (Specs/protocol.md P-5a). More avoids that disk traffic under heavy loss; the rest of the receiver needs about 40 MiB.")
+    var blockMemory: String = "8.6M"
+
     @Option(help: "Directory to write the verified, decrypted components into.")
     var outputDir: String?
 
@@ -82,6 +85,10 @@ struct Receive: ParsableCommand {
             var config = ReceiverConfig(receiverID: ReceiverID(UInt64(fromBytes: SHA256.hash(Array(name.utf8)))), deviceID: String(name.prefix(Register.textByteCountMax)),
                                         installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
             config.inactivityTimeout = .seconds(10)
+            guard let blockMemoryBytes = parseByteCount(blockMemory), blockMemoryBytes >= 1 << 20 else {
+                throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
+            }
+            config.blockBytesInMemoryMax = blockMemoryBytes
             let staging = try StagingArea(directory: stagingDir)
             if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
             var endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
@@ -143,6 +150,7 @@ struct Receive: ParsableCommand {
                              p.blocksRepaired, p.nacksSent, cpuReceive, cpu - cpuReceive, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
                 let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
                 say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
+                if p.blocksSpilled > 0 { say("  incomplete blocks spilled to disk (memory budget full): \(p.blocksSpilled)") }
                 say(String(format: "  datagrams: %llu in %llu reads (%@)", driver.groupDatagrams, driver.groupMessages,
                            driver.coalescing ? "kernel coalescing (UDP GRO) on" : "one per read"))
                 say("  bundle -> \(kept)")

@@ -144,6 +144,7 @@ struct ScenarioTests {
         let r = try await run("spill", seed: 21)
         #expect(r.completed.allSatisfy { $0 })
         #expect(r.receiverCounters["blocks.repaired"] > 0, "cold blocks were decoded from spilled symbols")
+        #expect(r.receiverCounters["blocks.spilled"] > 0, "blocks went cold: the spill path ran")
     }
 
     @Test("Forged, corrupted, duplicated and reordered datagrams: nothing wrong is accepted")
