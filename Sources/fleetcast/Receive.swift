@@ -72,6 +72,9 @@ struct Receive: ParsableCommand {
     func validate() throws {
         guard (0..<100).contains(simulateLoss) else { throw ValidationError("--simulate-loss is a percentage below 100") }
         guard timeout >= 0 else { throw ValidationError("--timeout must not be negative") }
+        guard let bytes = parseByteCount(blockMemory), bytes >= 1 << 20 else {
+            throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
+        }
     }
 
     func run() throws {
@@ -85,10 +88,7 @@ struct Receive: ParsableCommand {
             var config = ReceiverConfig(receiverID: ReceiverID(UInt64(fromBytes: SHA256.hash(Array(name.utf8)))), deviceID: String(name.prefix(Register.textByteCountMax)),
                                         installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
             config.inactivityTimeout = .seconds(10)
-            guard let blockMemoryBytes = parseByteCount(blockMemory), blockMemoryBytes >= 1 << 20 else {
-                throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
-            }
-            config.blockBytesInMemoryMax = blockMemoryBytes
+            config.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
             let staging = try StagingArea(directory: stagingDir)
             if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
             var endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())

@@ -123,6 +123,7 @@ struct CLITests {
             (["verify", "missing.fcb", "--trusted-key", "vendor.pub"] + base, 20, "io"),
             (["pack", "-o", "x.fcb", "--product", "gw", "--hardware", "h", "--version", "1", "--sequence", "1", "--component", "a=nope.img", "--sign", "vendor.key"], 21, "invalidInput"),
             (["verify", "u.fcb"], 64, "--trusted-key"),
+            (["receive", "--trusted-key", "vendor.pub", "--staging-dir", "st", "--block-memory", "10"], 64, "--block-memory"),
         ]
         for (arguments, status, text) in cases {
             let r = try fleetcast(arguments, in: w.path)
