@@ -367,7 +367,7 @@ public struct Receiver {
             if !s.afterPoll && d.object == .payload && b / s.nackEpochBlocks > s.nackEpoch {
                 s.nackEpoch = b / s.nackEpochBlocks
                 s.nackDatagramsThisRound = 0
-                s.nackedThisRound = s.nackedThisRound.filter { $0.object == .authChain || s.isPromising($0, at: now, lifetimeGRTTs: config.repairPromiseLifetimeGRTTs) }
+                s.nackedThisRound = s.nackedThisRound.filter { $0.object == .authChain || s.promisedRepair($0, at: now) > 0 }
             }
             scheduleNack(&s, at: now)
         }
@@ -600,7 +600,7 @@ public struct Receiver {
                 let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
                 let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
                 guard needed > 0 else { continue }
-                if let promised = s.promised[key], s.isPromising(key, at: now, lifetimeGRTTs: config.repairPromiseLifetimeGRTTs), promised.count >= needed {
+                if s.promisedRepair(key, at: now) >= needed {
                     counters.add("nack.coveredByPromise")
                     continue
                 }
@@ -869,6 +869,8 @@ struct Session {
     var commitBlockCount = 1
     /// Payload blocks per first-pass NACK epoch (P-19a), as the sender computes them.
     var nackEpochBlocks = 1
+    /// GRTTs without DATA of its block after which a repair promise lapses (P-18a).
+    var repairPromiseLifetimeGRTTs = 0.0
     var payload: ObjectState!
     var auth: ObjectState!
     var codecs: [Int: ReedSolomonCodec] = [:]
@@ -925,6 +927,7 @@ struct Session {
             ?? max(ReceiverConfig.blocksInMemoryMin, config.blockBytesInMemoryMax / m.transport.blockByteCount)
         commitBlockCount = config.commitBlockCount ?? max(1, config.commitByteCount / m.transport.blockByteCount)
         nackEpochBlocks = config.nackEpochBlocks ?? SenderConfig.nackEpochBlocks(for: m.transport)
+        repairPromiseLifetimeGRTTs = config.repairPromiseLifetimeGRTTs
         payload = ObjectState(layout: ObjectLayout(object: .payload, size: m.payload.size, profile: m.transport))
         auth = ObjectState(layout: ObjectLayout(object: .authChain, size: m.authentication.size, profile: m.transport))
         layout = AuthChainLayout(geometry: payload.layout.geometry, blocksPerSegment: m.authentication.blocksPerSegment)
@@ -1024,13 +1027,13 @@ struct Session {
         }
     }
 
-    /// Specs/protocol.md P-18a: does the sender still promise repair for this block? A
-    /// promise lapses when the repair it announced stops arriving for
-    /// `lifetimeGRTTs` (its last symbols were lost, so no DATA with a pending count of 0
-    /// ever came).
-    func isPromising(_ key: BlockKey, at now: Instant, lifetimeGRTTs: Double) -> Bool {
-        guard let p = promised[key], p.count > 0 else { return false }
-        return now < p.heardAt + grtt * lifetimeGRTTs
+    /// Specs/protocol.md P-18a: the repair symbols the sender still promises for this
+    /// block, 0 if none. A promise lapses when the repair it announced stops arriving
+    /// for `repairPromiseLifetimeGRTTs` (its last symbols were lost, so no DATA with a
+    /// pending count of 0 ever came).
+    func promisedRepair(_ key: BlockKey, at now: Instant) -> Int {
+        guard let p = promised[key], now < p.heardAt + grtt * repairPromiseLifetimeGRTTs else { return 0 }
+        return p.count
     }
 
     /// Has the sender moved past this block in the current pass?

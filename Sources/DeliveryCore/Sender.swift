@@ -428,12 +428,11 @@ public struct Sender {
 
     private mutating func refill(at now: Instant) {
         if startedAt == nil { startedAt = now }
-        let capacity = burstBytes
         if let last = lastRefill, now > last {
             let earned = Double((now - last).microseconds) / 1e6 * config.rateBytesPerSecond
-            tokens = min(capacity, tokens + earned)
+            tokens = min(burstBytes, tokens + earned)
             peakTokens = min(peakBytes, peakTokens + earned * config.peakRateFactor)
-            repairTokens = min(capacity * config.repairShareMax, repairTokens + earned * config.repairShareMax)
+            repairTokens = min(burstBytes * config.repairShareMax, repairTokens + earned * config.repairShareMax)
         }
         lastRefill = now
     }
@@ -468,8 +467,7 @@ public struct Sender {
             if t.destination == .group {
                 let cost = Double(t.bytes.count + 28)
                 guard (tokens >= cost || tokens >= datagramWireBytes) && peakTokens >= datagramWireBytes else { return nil }
-                tokens -= cost
-                peakTokens -= cost
+                debitTokens(cost)
             }
             control.removeFirst()
             account("control", t)
@@ -510,10 +508,15 @@ public struct Sender {
     }
 
     private mutating func spend(_ t: Transmit, _ category: String) -> Transmit {
-        tokens -= Double(t.bytes.count + 28)
-        peakTokens -= Double(t.bytes.count + 28)
+        debitTokens(Double(t.bytes.count + 28))
         account(category, t)
         return t
+    }
+
+    /// A multicast datagram of `bytes` on the wire spends from both buckets (P-9).
+    private mutating func debitTokens(_ bytes: Double) {
+        tokens -= bytes
+        peakTokens -= bytes
     }
 
     private mutating func account(_ category: String, _ t: Transmit) {

@@ -401,24 +401,21 @@ final class ComponentWriter {
         file = nil
         current += 1
         written = 0
-        unflushed = 0
-        flushedUpTo = 0
+        writebackStartedUpTo = 0
     }
 
-    /// Written bytes of the current file whose writeback has not been started.
-    private var unflushed = 0
-    private var flushedUpTo = 0
+    /// Bytes of the current file whose writeback has been started; the rest of
+    /// `written` has not.
+    private var writebackStartedUpTo: UInt64 = 0
     /// Every this many bytes, writeback of a component file starts in the background
     /// (`sync_file_range`), so that the fsync before release finds little left to write.
     static let writebackChunkByteCount = 8 << 20
 
-    private func startWriteback(after n: Int) {
-        guard let file else { return }
-        unflushed += n
-        guard unflushed >= Self.writebackChunkByteCount else { return }
-        _ = fc_start_writeback(file.fd, Int64(flushedUpTo), Int64(unflushed))  // best effort: the fsync at release is what counts
-        flushedUpTo += unflushed
-        unflushed = 0
+    private func startWriteback() {
+        guard let file, written - writebackStartedUpTo >= UInt64(Self.writebackChunkByteCount) else { return }
+        // Best effort: the fsync at release is what counts.
+        _ = fc_start_writeback(file.fd, Int64(writebackStartedUpTo), Int64(written - writebackStartedUpTo))
+        writebackStartedUpTo = written
     }
 
     func consume(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
@@ -431,8 +428,8 @@ final class ComponentWriter {
             let piece = UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
             if !hashedAsPayload { hash.update(piece) }
             try file?.write(piece)
-            startWriteback(after: n)
             written += UInt64(n)
+            startWriteback()
             offset += n
             if written == components[current].size { try closeCurrent(); try openCurrent() }
         }

@@ -69,7 +69,7 @@ struct Send: ParsableCommand {
     @Flag(help: "No progress line.")
     var quiet = false
 
-    @Option(help: "Append a timeline here: a tab-separated line every 50 ms (elapsed s, round, GRTT ms, data bytes sent, receivers registered, done, failed), for studying where a transfer's time goes.")
+    @Option(help: "Write a timeline here (the file is replaced): a tab-separated line every 50 ms (elapsed s, round, GRTT ms, data bytes sent, receivers registered, done, failed), for studying where a transfer's time goes.")
     var progressLog: String?
 
     func validate() throws {
