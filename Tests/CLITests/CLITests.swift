@@ -37,7 +37,8 @@ func fleetcast(_ arguments: [String], in directory: String) throws -> Run {
 final class Workspace {
     let path = NSTemporaryDirectory() + "fleetcast-cli-" + UUID().uuidString
     init() { try! FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// FLEETCAST_TEST_KEEP=1 keeps the directory (logs, fleet.json, staging) for diagnosing a failed run.
+    deinit { if ProcessInfo.processInfo.environment["FLEETCAST_TEST_KEEP"] == nil { try? FileManager.default.removeItem(atPath: path) } }
     func file(_ name: String) -> String { path + "/" + name }
 }
 
