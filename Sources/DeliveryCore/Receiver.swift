@@ -166,6 +166,10 @@ public struct Receiver {
                 return
             }
             if phase == .receiving { session!.inactivityDeadline = now + config.inactivityTimeout }
+            // Specs/protocol.md P-21: an ANNOUNCE or POLL says the sender is alive, so a CLOSE
+            // heard after the final STATUS was forged: keep repeating the STATUS until ACKed.
+            // (DATA does not count here: a complete receiver no longer checks its tags.)
+            if phase != .receiving, datagram.kind == .announce || datagram.kind == .poll { session!.closeConfirmAt = nil }
             session!.lastHeard = now
         }
         if session == nil, datagram.kind == .data || datagram.kind == .poll {
@@ -196,7 +200,17 @@ public struct Receiver {
         if let due = s.statusDue, due <= now { sendStatus(&s, at: now) }
         let inactive = s.inactivityDeadline.map { $0 <= now } ?? false
         let closed = s.closeConfirmAt.map { $0 <= now } ?? false
-        if phase != .receiving { s.inactivityDeadline = nil; s.closeConfirmAt = nil }
+        if phase != .receiving {
+            s.inactivityDeadline = nil
+            // Specs/protocol.md P-21: a CLOSE followed by quiet: the sender has gone and
+            // will ACK nothing, so the final STATUS stops repeating.
+            if closed {
+                s.closeConfirmAt = nil
+                s.statusDue = nil
+                s.finalAcknowledged = true
+                counters.add("status.closedBeforeAck")
+            }
+        }
         session = s
         if closed && phase == .receiving {
             fail(.sessionClosed, "the sender closed the session before every block arrived", at: now)
@@ -511,13 +525,14 @@ public struct Receiver {
     }
 
     private mutating func handleClose(_ c: Close, at now: Instant) {
-        // Specs/protocol.md P-21: a closed sender will not ACK; stop repeating the final STATUS.
-        // Only after one STATUS went out: a CLOSE (perhaps forged) must not silence it entirely.
-        if phase == .complete, var s = session, !s.finalAcknowledged, s.finalStatusCount > 0 {
-            s.finalAcknowledged = true
-            s.statusDue = nil
-            session = s
-            counters.add("status.closedBeforeAck")
+        // Specs/protocol.md P-21: a closed sender will not ACK, so the final STATUS stops
+        // repeating, but only once the session stays quiet after the CLOSE (P-13a): a
+        // forged CLOSE must not silence a receiver whose STATUS the sender has not heard.
+        if phase == .complete || phase == .failed {
+            if var s = session, !s.finalAcknowledged, s.closeConfirmAt == nil {
+                s.closeConfirmAt = now + max(config.closeConfirmQuiet, s.grtt * 8)
+                session = s
+            }
             return
         }
         guard phase == .receiving, var s = session else { return }

@@ -55,6 +55,9 @@ public struct SenderConfig: Sendable {
     public var backoffGRTTs = 4.0
     public var nackWindowGRTTs = 2.0
     public var idleRoundsMax = 5
+    /// Rounds after `idleRoundsMax` idle ones (the sender only waits, P-12) last at least
+    /// this long: one POLL per interval instead of one every few GRTTs.
+    public var waitingRoundInterval = Interval.milliseconds(100)
     /// A receiver not heard from for this long is gone; until then idle rounds do not end the session.
     public var receiverSilenceMax = Interval.seconds(3)
     public var announceInterval = Interval.seconds(1)
@@ -82,8 +85,14 @@ public struct SenderConfig: Sendable {
     /// Ends the session this long after the first transmission.
     public var deadline: Interval?
     /// If set, "all done" also needs this many registered receivers, and idle rounds
-    /// wait up to `receiverSilenceMax` after the last new one for the rest.
+    /// wait up to `expectedReceiverWaitMax` after the last new one for the rest.
     public var expectedReceivers: Int?
+    /// How long idle rounds wait, after the last new receiver, for expected receivers
+    /// still unheard (Specs/protocol.md P-12). Longer than `receiverSilenceMax`: a
+    /// receiver can hear the whole transfer while its feedback waits for the address
+    /// resolution of the sender (an ARP reply lost on a lossy link costs a second,
+    /// three lost ones three seconds and a new attempt).
+    public var expectedReceiverWaitMax = Interval.seconds(10)
     /// Bytes of blocks kept read (k x T) and, once repair is asked of them, encoded
     /// (R x T more), for blocks in the window and under repair: 64 blocks of the old
     /// 64 + 32 symbols of 1400 bytes.
@@ -360,6 +369,16 @@ public struct Sender {
         closeReason = reason
         closesLeft = config.closeRepeatCount
         counters.add("close.\(reason)")
+        // Specs/protocol.md P-21: every receiver was heard done, but an ACK may have been
+        // lost, and such a receiver repeats its STATUS until the CLOSE has been quiet for
+        // a while. More ACKs, one with each CLOSE, let it stop at once.
+        if reason == .allDone {
+            let done = receivers.values.filter { $0.state == .complete || $0.state == .failed }.sorted { $0.id < $1.id }
+            for _ in 0..<config.closeRepeatCount { for r in done {
+                control.append(Transmit(destination: .receiver(r.id), bytes: Datagram.ack(Ack(session: config.session, receiver: r.id,
+                                                                                               state: r.state == .complete ? .complete : .failed)).encoded()))
+            } }
+        }
     }
 
     // MARK: Time
@@ -380,7 +399,7 @@ public struct Sender {
             }
             // Expected receivers that have not registered yet: wait for them a while too.
             if let expected = config.expectedReceivers, receivers.count < expected,
-               now < (lastNewReceiverAt ?? startedAt ?? now) + config.receiverSilenceMax {
+               now < (lastNewReceiverAt ?? startedAt ?? now) + config.expectedReceiverWaitMax {
                 waitingFor = true
             }
             if idleRounds >= config.idleRoundsMax && !waitingFor { startClosing(.idle); return }
@@ -394,7 +413,8 @@ public struct Sender {
         nacksThisRound = 0
         suppliedThisRound.removeAll()
         for id in receivers.keys { receivers[id]!.nacksThisRound = 0 }
-        roundEnds = now + roundWindow
+        // Specs/protocol.md P-12: a sender that only waits polls at a slower pace.
+        roundEnds = now + (idleRounds >= config.idleRoundsMax ? max(roundWindow, config.waitingRoundInterval) : roundWindow)
         checkAllDone(at: now)  // a STATUS may have arrived during the first pass
         // Receivers known only by their hello have not joined yet: announce again.
         if receivers.values.contains(where: { $0.state == .registered }) { announceDue = now }

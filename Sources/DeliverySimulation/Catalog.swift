@@ -125,6 +125,13 @@ public enum ScenarioCatalog {
         // A third of the runs use the product's default profile (one or two 280 KB blocks
         // here), the rest the compact one (several blocks and windows).
         if rng.next() % 3 == 0 { s.profile = .default }
+        // One run in eight has a receiver the sender cannot hear at first (its ARP replies
+        // lost): it must still be waited for and counted done (P-12).
+        if rng.next() % 8 == 0 {
+            let unheard = Int(rng.next() % UInt64(n))
+            s.receivers[unheard].feedbackLostUntil = Interval(microseconds: rng.next() % 4_000_000)
+            s.wireFactorMax += 1.2
+        }
         return s
     }
 

@@ -51,6 +51,10 @@ public struct ReceiverSpec: Sendable {
     /// Power cuts (staged but unjournalled data is lost), each followed by a restart after `restartDelay`.
     public var powerLossAt: [Interval] = []
     public var restartDelay = Interval.milliseconds(50)
+    /// Feedback sent before this time is lost: the receiver hears the session but the
+    /// sender does not hear it, as when the sender's ARP replies are lost on the
+    /// receiver's lossy downlink (Specs/protocol.md P-12).
+    public var feedbackLostUntil: Interval?
     public init(downlink: LinkModel = .init(), uplink: LinkModel = .init(), joinAt: Interval = .init(microseconds: 0), powerLossAt: [Interval] = []) {
         self.downlink = downlink; self.uplink = uplink; self.joinAt = joinAt; self.powerLossAt = powerLossAt
     }
@@ -81,6 +85,8 @@ public struct Scenario: Sendable {
     public var dropsClosingRepair = false
     public var carousel = false
     public var deadline: Interval?
+    /// The sender's wait for expected receivers still unheard (P-12); nil keeps the default.
+    public var expectedReceiverWaitMax: Interval?
     /// Incomplete blocks a receiver holds in memory before spilling (Specs/protocol.md P-5a).
     public var blocksInMemoryMax: Int?
     /// Forged DATA datagrams per second, sprayed at every receiver with the real session ID.
@@ -217,6 +223,7 @@ public final class Simulation {
         config.carousel = scenario.carousel
         config.deadline = scenario.deadline
         config.expectedReceivers = scenario.receivers.filter { !$0.downlink.isDead }.count
+        if let wait = scenario.expectedReceiverWaitMax { config.expectedReceiverWaitMax = wait }
         config.grttInitial = Interval.milliseconds(2)
         config.announceInterval = Interval.milliseconds(200)
         sender = Sender(config: config, envelope: bundle.envelope, manifest: bundle.manifest,
@@ -373,6 +380,10 @@ public final class Simulation {
         guard var r = nodes[i].receiver else { return }
         while let t = r.pollTransmit() {
             if case .sender = t.destination {
+                // Feedback that cannot reach the sender is left out of the feedback bound,
+                // which is about what a sender hears: an unheard receiver NACKs after every
+                // POLL, as it should, and the sender's idle rounds are short.
+                if let until = nodes[i].spec.feedbackLostUntil, now < Instant.zero + until { continue }
                 result.feedbackWireBytes += UInt64(t.bytes.count + 28)
                 if t.bytes.count > 1 && t.bytes[1] == Datagram.Kind.nack.rawValue { result.nackWireBytes += UInt64(t.bytes.count + 28) }
                 for (delay, corrupt) in nodes[i].up.transmit(&rng) {
@@ -445,6 +456,16 @@ public final class Simulation {
         if ProcessInfo.processInfo.environment["FLEETCAST_SIM_TRACE"] != nil,
            let last = nodes.indices.max(by: { (nodes[$0].completedAt ?? .zero) < (nodes[$1].completedAt ?? .zero) }) {
             print("last to complete: receiver \(last) at \(nodes[last].completedAt ?? .zero): \(nodes[last].receiver?.counters.description ?? "-")")
+        }
+        // The fleet report must count every receiver that completed: a sender that
+        // closed without hearing one reports it missing (Specs/protocol.md P-12).
+        if sender.isFinished, !scenario.carousel, scenario.deadline == nil {
+            let done = Set(sender.receivers.values.filter { $0.state == .complete }.map(\.id))
+            for i in nodes.indices where result.completed[i] {
+                if !done.contains(ReceiverID(UInt64(i + 1))) {
+                    result.violations.append("receiver \(i) completed but the sender closed without counting it done")
+                }
+            }
         }
         result.senderCounters = sender.counters
         result.dataWireBytes = (sender.bytesSent["source"] ?? 0) + (sender.bytesSent["repair"] ?? 0)

@@ -132,6 +132,26 @@ struct ScenarioTests {
         #expect(r.completed.last == true)
     }
 
+    @Test("P-12, P-21: a receiver unheard for 4.5 s (its ARP replies lost) is waited for, completes and is counted done, forged CLOSEs notwithstanding")
+    func unheardReceiver() async throws {
+        var s = try #require(ScenarioCatalog.scenario(named: "loss-5-8", seed: 31))
+        s.receivers[6].feedbackLostUntil = .milliseconds(4500)
+        // Receiver 7 too, but it loses nothing, so it completes unheard in the first pass and
+        // repeats its STATUS while forged CLOSEs (one forgery in ten, P-13a) arrive.
+        s.receivers[7].feedbackLostUntil = .milliseconds(4500)
+        s.receivers[7].downlink = LinkModel()
+        s.forgedDataPerSecond = 200
+        s.wireFactorMax = 2.8  // what it missed in the first pass is sent again for it alone
+        let bundle = try await BundleCache.shared.bundle(s.payloadBytes)
+        let r = Simulation(scenario: s, bundle: bundle).run()
+        #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
+        // The wait that P-12 had before (receiverSilenceMax, 3 s) gives up on it.
+        var short = s
+        short.expectedReceiverWaitMax = .seconds(3)
+        let before = Simulation(scenario: short, bundle: bundle).run()
+        #expect(before.violations.contains { $0.hasPrefix("receiver 6 ") } && before.violations.contains { $0.hasPrefix("receiver 7 ") }, "\(before)")
+    }
+
     @Test("A receiver that loses power twice resumes without re-fetching journalled blocks")
     func restart() async throws {
         let r = try await run("restart", seed: 16)
