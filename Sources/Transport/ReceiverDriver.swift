@@ -47,8 +47,9 @@ public struct ReceiverProgress: Sendable {
 
 /// How a receive ended.
 public enum ReceiveOutcome: Sendable {
-    /// Every block verified and durable: the bundle file at `bundlePath` awaits step 2.
-    case completed(bundlePath: String)
+    /// Every block verified and durable: the bundle file (or, Specs/protocol.md P-29a,
+    /// the payload staged as the component's `.partial` file) awaits step 2.
+    case completed(StagingArea.Staged)
     case failed(Status.Reason, String)
     /// No session joined within the time allowed.
     case timedOut
@@ -240,7 +241,7 @@ public final class ReceiverDriver {
         progress(snapshot(at: MonotonicClock.now()))
         if receiver.isComplete {
             try advanceVerification(blockCountMax: Int.max)  // step 2 takes the rest while staging is open
-            return .completed(bundlePath: try staging.finish())
+            return .completed(try staging.finish())
         }
         let (reason, text) = receiver.failure ?? (.sessionClosed, "session ended")
         return .failed(reason, text)
@@ -294,7 +295,9 @@ public final class ReceiverDriver {
                     verificationError = nil
                     do {
                         // Blocks resumed from the journal are read back as the loop turns.
-                        verification = try PayloadVerification(receiver.verifiedManifest!, keys: keys, outputDirectory: verificationOutput)
+                        // P-29a: a payload staged as the component file is only hashed here.
+                        verification = try PayloadVerification(receiver.verifiedManifest!, keys: keys, outputDirectory: verificationOutput,
+                                                               componentStaged: staging.payloadPath != nil)
                     } catch {
                         receiver.abort(.storage, error.reason, at: MonotonicClock.now())
                     }

@@ -17,6 +17,12 @@ import Glibc
 ///
 /// Blocks are made durable (fdatasync) before the journal that lists them,
 /// so after a crash every listed block is on disk (P-20).
+///
+/// Given `payloadFile`, a manifest whose payload is to be kept as a file of its
+/// own (Specs/protocol.md P-29a: the component file that the payload is, B-16a)
+/// has its payload staged there instead, and `bundle.partial` keeps the header,
+/// the envelope and the auth chain around a hole: every payload byte is written
+/// once.
 public final class StagingArea {
     public let directory: String
     public var partialPath: String { directory + "/bundle.partial" }
@@ -24,16 +30,31 @@ public final class StagingArea {
     public var bundlePath: String { directory + "/bundle" }
     private var fd: Int32 = -1
     public private(set) var header: BundleHeader?
+    /// Where the payload of a manifest is staged on its own, if anywhere (P-29a).
+    private let payloadFile: ((Manifest) -> String?)?
+    /// The prepared session's payload file, when its payload is staged on its own.
+    public private(set) var payloadPath: String?
+    private var payloadFD: Int32 = -1
     /// Named limit: a journal file larger than this is refused as corrupt
     /// (the envelope's limit plus two bitmaps for the largest payload).
     public static let journalByteCountMax = BundleLimits.envelopeByteCountMax + 4 << 20
 
-    public init(directory: String) throws(TransportError) {
+    /// `payloadFile` (P-29a) is for a `ReceiverDriver` that verifies during the transfer
+    /// into the same output directory: that verification releases the file.
+    public init(directory: String, payloadFile: ((Manifest) -> String?)? = nil) throws(TransportError) {
         self.directory = directory
+        self.payloadFile = payloadFile
         if mkdir(directory, 0o700) != 0 && errno != EEXIST { throw .system(.storage, "create \(directory)", -errno) }
     }
 
-    deinit { if fd >= 0 { close(fd) } }
+    deinit { closeFiles() }
+
+    private func closeFiles() {
+        if fd >= 0 { close(fd); fd = -1 }
+        if payloadFD >= 0 { close(payloadFD); payloadFD = -1 }
+        header = nil
+        payloadPath = nil
+    }
 
     // MARK: Journal
 
@@ -47,7 +68,7 @@ public final class StagingArea {
     /// Nil (start afresh) if the partial file does not match the journal's envelope.
     public func resumeState(journal: ProgressJournal, manifest: Manifest) -> ResumeState? {
         let expected = BundleHeader(envelopeLength: journal.envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
-        guard (try? open(for: expected, envelope: journal.envelope, create: false)) != nil else { return nil }
+        guard (try? open(for: expected, envelope: journal.envelope, payloadPath: payloadFile?(manifest), create: false)) != nil else { return nil }
         let auth = BlockGeometry(payloadSize: manifest.authentication.size, profile: manifest.transport)
         var blocks: [Int: [UInt8]] = [:]
         for b in journal.authBlocks where b < auth.blockCount {
@@ -61,6 +82,7 @@ public final class StagingArea {
     public func commit(_ journal: ProgressJournal) throws(TransportError) {
         guard fd >= 0 else { throw TransportError(.journal, "commit before the staging file was prepared") }
         guard fdatasync(fd) == 0 else { throw .system(.storage, "fdatasync \(partialPath)", -errno) }
+        if payloadFD >= 0, let payloadPath { guard fdatasync(payloadFD) == 0 else { throw .system(.storage, "fdatasync \(payloadPath)", -errno) } }
         try writeAtomically(JournalCodec.encode(journal), to: journalPath)
     }
 
@@ -70,39 +92,62 @@ public final class StagingArea {
     /// whose header and envelope match, otherwise starts a new one.
     public func prepare(envelope: [UInt8], manifest: Manifest) throws(TransportError) {
         let h = BundleHeader(envelopeLength: envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
-        if header == h, fd >= 0 { return }
-        if (try? open(for: h, envelope: envelope, create: false)) != nil { return }
+        let separate = payloadFile?(manifest)
+        if header == h, fd >= 0, payloadPath == separate { return }
+        if (try? open(for: h, envelope: envelope, payloadPath: separate, create: false)) != nil { return }
         unlink(journalPath)
-        try open(for: h, envelope: envelope, create: true)
+        try open(for: h, envelope: envelope, payloadPath: separate, create: true)
     }
 
-    private func open(for h: BundleHeader, envelope: [UInt8], create: Bool) throws(TransportError) {
-        if fd >= 0 { close(fd); fd = -1; header = nil }
+    private func open(for h: BundleHeader, envelope: [UInt8], payloadPath separate: String?, create: Bool) throws(TransportError) {
+        closeFiles()
         let flags = create ? (O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC) : (O_RDWR | O_CLOEXEC)
         let f = Glibc.open(partialPath, flags, 0o600)
         guard f >= 0 else { throw .system(.storage, "open \(partialPath)", -errno) }
         fd = f
+        var p: Int32 = -1
+        if let separate {
+            p = Glibc.open(separate, flags, 0o600)
+            guard p >= 0 else { closeFiles(); throw .system(.storage, "open \(separate)", -errno) }
+            payloadFD = p
+        }
         let prefix = h.encoded() + envelope
         if create {
             // Specs/protocol.md P-26a: reserve the whole file now, so that a disk too small
             // is known at join, not after minutes of transfer; a file system that cannot
-            // reserve gets a sparse file of the right size instead.
-            let rc = posix_fallocate(f, 0, off_t(h.totalSize))
-            if rc == ENOSPC || rc == EFBIG {
-                throw .system(.storage, "no room for the \(h.totalSize)-byte bundle in \(directory)", -rc)
+            // reserve gets a sparse file of the right size instead. A payload staged on its
+            // own (P-29a) is reserved in its file, and bundle.partial keeps a hole for it.
+            var ranges: [(file: Int32, offset: UInt64, length: UInt64)] = []
+            if separate == nil {
+                ranges.append((f, 0, h.totalSize))
+            } else {
+                ranges.append((f, 0, h.payloadOffset))
+                ranges.append((f, h.authOffset, UInt64(h.authLength)))
+                ranges.append((p, 0, UInt64(h.payloadLength)))
             }
-            if rc != 0 {
-                guard ftruncate(f, off_t(h.totalSize)) == 0 else { throw .system(.storage, "allocate \(partialPath)", -errno) }
+            for (file, offset, length) in ranges where length > 0 {
+                let rc = posix_fallocate(file, off_t(offset), off_t(length))
+                if rc == ENOSPC || rc == EFBIG {
+                    closeFiles()
+                    throw .system(.storage, "no room for the \(h.totalSize)-byte bundle in \(directory)", -rc)
+                }
             }
+            guard ftruncate(f, off_t(h.totalSize)) == 0 else { closeFiles(); throw .system(.storage, "allocate \(partialPath)", -errno) }
+            if p >= 0 { guard ftruncate(p, off_t(h.payloadLength)) == 0 else { closeFiles(); throw .system(.storage, "allocate \(separate!)", -errno) } }
+            header = h
+            payloadPath = separate
             try write(prefix, at: 0)
         } else {
             var st = stat()
-            guard fstat(f, &st) == 0, UInt64(st.st_size) == h.totalSize, (try? read(at: 0, count: prefix.count)) == prefix else {
-                close(f); fd = -1
+            var payloadStat = stat()
+            guard fstat(f, &st) == 0, UInt64(st.st_size) == h.totalSize, (try? read(at: 0, count: prefix.count)) == prefix,
+                  p < 0 || (fstat(p, &payloadStat) == 0 && UInt64(payloadStat.st_size) == h.payloadLength) else {
+                closeFiles()
                 throw TransportError(.storage, "\(partialPath) belongs to another bundle")
             }
+            header = h
+            payloadPath = separate
         }
-        header = h
     }
 
     /// Writes a verified block (Specs/protocol.md P-20: only verified bytes reach staging).
@@ -111,6 +156,11 @@ public final class StagingArea {
         let base = object == .payload ? h.payloadOffset : h.authOffset
         let limit = object == .payload ? h.payloadLength : h.authLength
         guard offset + UInt64(bytes.count) <= limit else { throw TransportError(.storage, "block beyond the end of the \(object)") }
+        if object == .payload, payloadFD >= 0 {
+            let rc = bytes.withUnsafeBytes { pwriteFully(payloadFD, $0, at: offset) }
+            guard rc == 0 else { throw .system(.storage, "write \(payloadPath ?? "the payload")", rc) }
+            return
+        }
         try write(bytes, at: base + offset)
     }
 
@@ -118,19 +168,41 @@ public final class StagingArea {
     public func readPayload(offset: UInt64, count: Int) throws(TransportError) -> [UInt8] {
         guard let h = header else { throw TransportError(.storage, "read before the staging file was prepared") }
         guard offset + UInt64(count) <= h.payloadLength else { throw TransportError(.storage, "read beyond the end of the payload") }
+        if payloadFD >= 0 {
+            var out = [UInt8](repeating: 0, count: count)
+            let rc = out.withUnsafeMutableBytes { preadFully(payloadFD, $0, at: offset) }
+            guard rc == 0 else { throw .system(.storage, "read \(payloadPath ?? "the payload")", rc) }
+            return out
+        }
         return try read(at: h.payloadOffset + offset, count: count)
     }
 
-    /// Makes the complete file durable and renames it to `bundle`.
-    public func finish() throws(TransportError) -> String {
+    /// What `finish()` leaves: the bundle, or (P-29a) the payload in a file of its own.
+    public enum Staged: Sendable {
+        case bundle(String)
+        case payload(String)
+    }
+
+    /// Makes the complete file durable and renames it to `bundle`; or, when the payload
+    /// was staged on its own (P-29a), makes that file durable and removes the rest
+    /// (bundle.partial has a hole where the payload would be: it is no bundle).
+    public func finish() throws(TransportError) -> Staged {
         guard fd >= 0 else { throw TransportError(.storage, "nothing staged") }
+        if payloadFD >= 0, let payload = payloadPath {
+            guard fsync(payloadFD) == 0 else { throw .system(.storage, "fsync \(payload)", -errno) }
+            closeFiles()
+            unlink(journalPath)
+            unlink(partialPath)
+            syncDirectory()
+            return .payload(payload)
+        }
         guard fsync(fd) == 0 else { throw .system(.storage, "fsync \(partialPath)", -errno) }
-        close(fd); fd = -1; header = nil
+        closeFiles()
         guard rename(partialPath, bundlePath) == 0 else { throw .system(.storage, "rename to \(bundlePath)", -errno) }
         syncDirectory()
         unlink(journalPath)
         syncDirectory()
-        return bundlePath
+        return .bundle(bundlePath)
     }
 
     // MARK: I/O helpers

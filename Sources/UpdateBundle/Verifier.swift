@@ -178,7 +178,25 @@ public final class PayloadVerification {
     private var opener: ChunkOpener?
     private var compressedSeen: UInt64 = 0
 
-    public init(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil) throws(BundleError) {
+    /// Specs/bundle.md B-16: a lone component stored plainly, with the payload's size and
+    /// digest, is the payload byte for byte.
+    public static func componentIsPayload(_ m: Manifest) -> Bool {
+        m.encryption == nil && m.payload.compression == .none && m.components.count == 1
+            && m.components[0].size == m.payload.size && m.components[0].sha256 == m.payload.sha256
+    }
+
+    /// Specs/bundle.md B-16a: where a receiver may stage the payload so that it is the
+    /// component file once released (`<output>/<name>.partial`, renamed by `finish()`),
+    /// or nil when the component is not the payload.
+    public static func stagedComponentPath(_ m: Manifest, outputDirectory: String) -> String? {
+        componentIsPayload(m) ? ComponentWriter.partialPath(directory: outputDirectory, component: m.components[0].name) : nil
+    }
+
+    /// `componentStaged`: the caller stages the payload at `stagedComponentPath` (B-16a)
+    /// and makes it durable; this verification then only hashes it, and `finish()`
+    /// releases that file by renaming it. The caller removes it if verification fails.
+    public init(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil,
+                componentStaged: Bool = false) throws(BundleError) {
         self.verified = verified
         let m = verified.manifest
         geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
@@ -186,12 +204,12 @@ public final class PayloadVerification {
         if let encryption = m.encryption {
             contentKey = try ContentEncryption.unwrap(encryption, bundleID: m.bundleID, keys: keys)
         }
-        // Specs/bundle.md B-16: a lone component stored plainly is the payload byte for
-        // byte; when the manifest gives it the payload's digest, the payload hash checked
+        // Specs/bundle.md B-16: when the component is the payload, the payload hash checked
         // in finish() (before any file is released) is its hash too, and is computed once.
-        let componentIsPayload = m.encryption == nil && m.payload.compression == .none && m.components.count == 1
-            && m.components[0].size == m.payload.size && m.components[0].sha256 == m.payload.sha256
-        output = try ComponentWriter(components: m.components, directory: outputDirectory, hashedAsPayload: componentIsPayload)
+        let componentIsPayload = Self.componentIsPayload(m)
+        precondition(!componentStaged || (componentIsPayload && outputDirectory != nil), "only a payload-sized plain component can be staged (B-16a)")
+        output = try ComponentWriter(components: m.components, directory: outputDirectory, hashedAsPayload: componentIsPayload,
+                                     stagedByCaller: componentStaged)
         inflater = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
         if let contentKey, let encryption = m.encryption {
             opener = try ChunkOpener(key: contentKey, bundleID: m.bundleID, chunkSize: encryption.chunkSize,
@@ -368,12 +386,24 @@ final class ComponentWriter {
     private var temporaries: [(String, String)] = []
     /// The only component is the payload itself, whose hash the caller checks (B-16).
     private let hashedAsPayload: Bool
+    /// The caller wrote the component's `.partial` file (the staged payload, B-16a):
+    /// nothing is written here, and `finish()` renames that file.
+    private let stagedByCaller: Bool
 
-    init(components: [Manifest.Component], directory: String?, hashedAsPayload: Bool = false) throws(BundleError) {
+    static func partialPath(directory: String, component: String) -> String { directory + "/" + component + ".partial" }
+
+    init(components: [Manifest.Component], directory: String?, hashedAsPayload: Bool = false, stagedByCaller: Bool = false) throws(BundleError) {
         precondition(!hashedAsPayload || components.count == 1)
+        precondition(!stagedByCaller || (hashedAsPayload && directory != nil))
         self.components = components
         self.directory = directory
         self.hashedAsPayload = hashedAsPayload
+        self.stagedByCaller = stagedByCaller
+        if stagedByCaller {
+            // Not in `temporaries`: the file is the caller's staging until it is released.
+            current = components.count
+            return
+        }
         try openCurrent()
     }
 
@@ -419,6 +449,7 @@ final class ComponentWriter {
     }
 
     func consume(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        if stagedByCaller { return }  // the payload hash covers it (B-16), the caller staged it (B-16a)
         var offset = 0
         while offset < bytes.count {
             guard current < components.count else {
@@ -440,6 +471,11 @@ final class ComponentWriter {
             throw BundleError(.sizeMismatch, "payload ends inside component '\(components[current].name)'")
         }
         var paths: [String: String] = [:]
+        if stagedByCaller, let directory {
+            let name = components[0].name
+            try commitFile(from: Self.partialPath(directory: directory, component: name), to: directory + "/" + name)
+            paths[name] = directory + "/" + name
+        }
         for (temporary, final) in temporaries {
             try commitFile(from: temporary, to: final)
             paths[String(final.split(separator: "/").last!)] = final

@@ -17,7 +17,9 @@ struct Receive: ParsableCommand {
         --staging-dir with a journal, so a killed receiver resumes where it stopped. On
         completion the whole payload is hashed against the manifest, decrypted and
         decompressed (step 2); the verified bundle is kept (--bundle-out) and the components
-        written (--output-dir).
+        written (--output-dir). With --output-dir alone, a bundle whose only component is its
+        plain payload is not kept: the payload is staged as the component file and released
+        by a rename once its hash matches, so it is written once (--keep-bundle keeps it).
 
         Exit status: 0 verified; 13 expired; 14 incompatible hardware; 15 rollback; 17 hash
         mismatch; 18 not a recipient; 19 decryption failed; 20 storage; 30 no session within
@@ -44,6 +46,9 @@ struct Receive: ParsableCommand {
 
     @Option(help: "Where to leave the verified bundle (default: <staging-dir>/bundle).")
     var bundleOut: String?
+
+    @Flag(help: "Keep the verified bundle in <staging-dir>/bundle even with --output-dir. Without it (and without --bundle-out), a bundle whose only component is its plain payload is staged straight into the component file, so every byte is written once, and no bundle is kept.")
+    var keepBundle = false
 
     @Option(help: "Memory for incomplete blocks, in bytes with an optional k, M or G suffix; beyond it they wait in a scratch file next to the staged bundle (Specs/protocol.md P-5a). More avoids that disk traffic under heavy loss; the rest of the receiver needs about 40 MiB.")
     var blockMemory: String = "8.6M"
@@ -89,8 +94,13 @@ struct Receive: ParsableCommand {
                                         installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
             config.inactivityTimeout = .seconds(10)
             config.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
-            let staging = try StagingArea(directory: stagingDir)
             if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
+            // Specs/protocol.md P-29a: when no bundle is asked for and the component is the
+            // payload (plain, alone), the payload is staged as the component file: written once.
+            let stageComponent = outputDir != nil && bundleOut == nil && !verifyAfterTransfer && !keepBundle
+            let staging = try StagingArea(directory: stagingDir, payloadFile: stageComponent ? { m in
+                PayloadVerification.stagedComponentPath(m, outputDirectory: outputDir!)
+            } : nil)
             var endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
             endpoint.coalesce = !noGRO
             let driver = try ReceiverDriver(config: config, endpoint: endpoint, staging: staging, keys: keys,
@@ -129,18 +139,26 @@ struct Receive: ParsableCommand {
                 let started = MonotonicClock.now()
                 let result: VerifiedBundle
                 let verified: VerifiedManifest
-                if verifyAfterTransfer {
-                    let opened = try UnverifiedBundle(path: staged)
-                    verified = try opened.verifyManifest(trust: trust, device: device)
-                    result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, checkAuthChain: false)
-                } else {
-                    result = try driver.finishVerification()
+                var kept: String?
+                switch staged {
+                case .bundle(let path):
+                    kept = path
+                    if verifyAfterTransfer {
+                        let opened = try UnverifiedBundle(path: path)
+                        verified = try opened.verifyManifest(trust: trust, device: device)
+                        result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, checkAuthChain: false)
+                    } else {
+                        result = try driver.finishVerification()
+                        verified = result.manifest
+                    }
+                case .payload(let path):
+                    // The payload hash decides whether this file becomes the component (B-16a).
+                    do { result = try driver.finishVerification() } catch { unlink(path); throw error }
                     verified = result.manifest
                 }
                 let verifySeconds = (MonotonicClock.now() - started).seconds
-                var kept = staged
-                if let bundleOut {
-                    guard rename(staged, bundleOut) == 0 else { throw TransportError(.storage, "cannot move the bundle to \(bundleOut): \(String(cString: strerror(errno)))") }
+                if let bundleOut, let path = kept {
+                    guard rename(path, bundleOut) == 0 else { throw TransportError(.storage, "cannot move the bundle to \(bundleOut): \(String(cString: strerror(errno)))") }
                     kept = bundleOut
                 }
                 let m = verified.manifest
@@ -153,7 +171,7 @@ struct Receive: ParsableCommand {
                 if p.blocksSpilled > 0 { say("  incomplete blocks spilled to disk (memory budget full): \(p.blocksSpilled)") }
                 say(String(format: "  datagrams: %llu in %llu reads (%@)", driver.groupDatagrams, driver.groupMessages,
                            driver.coalescing ? "kernel coalescing (UDP GRO) on" : "one per read"))
-                say("  bundle -> \(kept)")
+                say("  bundle -> \(kept ?? "not kept (the payload was staged as the component; --keep-bundle keeps it)")")
                 for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
             }
         }

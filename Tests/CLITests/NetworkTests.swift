@@ -99,7 +99,9 @@ final class NetworkFixture {
     let w = Workspace()
     let image: [UInt8]
 
-    init(imageBytes: Int = 3_000_000, seed: UInt8 = 1) throws {
+    /// `encrypted: false` packs the image as the plain, lone payload, which a receiver with
+    /// --output-dir stages as the component file itself (Specs/protocol.md P-29a).
+    init(imageBytes: Int = 3_000_000, seed: UInt8 = 1, encrypted: Bool = true) throws {
         var state = UInt64(seed) &* 0x9E37_79B9_7F4A_7C15
         image = (0..<imageBytes).map { _ in
             state = state &* 6364136223846793005 &+ 1442695040888963407
@@ -112,8 +114,8 @@ final class NetworkFixture {
         }
         for (signer, out) in [("vendor", "update.fcb"), ("intruder", "forged.fcb")] {
             let r = try fleetcast(["pack", "--quiet", "--output", out, "--product", "lab", "--hardware", "lab-board", "--version", "2.0",
-                                   "--sequence", "2", "--component", "rootfs=image", "--sign", signer + ".key", "--recipient", "device.pub",
-                                   "--compression", "none"], in: w.path)
+                                   "--sequence", "2", "--component", "rootfs=image", "--sign", signer + ".key", "--compression", "none"]
+                                   + (encrypted ? ["--recipient", "device.pub"] : []), in: w.path)
             guard r.status == 0 else { throw LabError(text: r.stderr) }
         }
     }
@@ -131,6 +133,20 @@ final class NetworkFixture {
     /// Whether receiver `i` wrote exactly the image (a Bool, so that a failure does not
     /// print megabytes of both arrays).
     func deliveredIntact(_ i: Int) -> Bool { delivered(i) == image }
+
+    /// What each receiver left: a plain lone payload was staged as the component
+    /// (P-29a), so no bundle and no partial file remain; otherwise the bundle is kept.
+    /// Receivers given --verify-after-transfer or --keep-bundle (receivers 2 and 3 of
+    /// `fleet`) always keep it.
+    func expectStaging(receivers: Int, plainPayloadStaged: Bool) {
+        let fm = FileManager.default
+        for i in 1...receivers {
+            let staged = plainPayloadStaged && !(receivers > 1 && (i == 2 || i == 3))
+            #expect(fm.fileExists(atPath: w.file("staging-\(i)/bundle")) == !staged, "receiver \(i): bundle kept: \(!staged) expected")
+            #expect(!fm.fileExists(atPath: w.file("staging-\(i)/bundle.partial")) && !fm.fileExists(atPath: w.file("out-\(i)/rootfs.partial")),
+                    "receiver \(i) left partial files")
+        }
+    }
 }
 
 /// Real `fleetcast send` and `receive` processes on a real (namespaced or
@@ -144,13 +160,16 @@ struct NetworkTests {
         return p
     }
 
-    @Test("1 and 8 receivers at 0% and 10% loss all verify the exact bytes", arguments: [(1, 0.0), (1, 10.0), (8, 0.0), (8, 10.0)])
-    func fleet(receivers: Int, loss: Double) throws {
-        let f = try NetworkFixture()
+    /// Half the cases carry a plain bundle, staged straight into the component file (P-29a).
+    @Test("1 and 8 receivers at 0% and 10% loss all verify the exact bytes", arguments: [(1, 0.0, true), (1, 10.0, false), (8, 0.0, false), (8, 10.0, true)])
+    func fleet(receivers: Int, loss: Double, encrypted: Bool) throws {
+        let f = try NetworkFixture(encrypted: encrypted)
         let lan = try TestLAN(receivers: receivers, loss: [Double](repeating: loss, count: receivers))
         // Receiver 2 runs step 2 after the transfer (reading the staged bundle back); the others during it (B-15b).
+        // Receiver 3 keeps the bundle, so it writes a plain payload twice (P-29a).
         let rs = try (1...receivers).map { i in
-            try start(lan, on: "r\(i)", f.receiveArguments(i) + (i == 2 ? ["--verify-after-transfer"] : []), log: f.w.file("r\(i).log"))
+            try start(lan, on: "r\(i)", f.receiveArguments(i) + (i == 2 ? ["--verify-after-transfer"] : i == 3 ? ["--keep-bundle"] : []),
+                      log: f.w.file("r\(i).log"))
         }
         let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "200M", "--min-receivers", "\(receivers)",
                                               "--deadline", "60s", "--report", f.w.file("fleet.json"), "--quiet"], log: f.w.file("s.log"))
@@ -165,11 +184,12 @@ struct NetworkTests {
         let devices = report["receivers"] as! [[String: Any]]
         #expect(devices.count == receivers && devices.allSatisfy { $0["outcome"] as? String == "done" }, "\(devices)")
         if loss > 0 { #expect(rs.contains { $0.output.contains("blocks repaired") && !$0.output.contains(" 0 blocks repaired") }, "no repair seen at \(loss)% loss") }
+        f.expectStaging(receivers: receivers, plainPayloadStaged: !encrypted)
     }
 
-    @Test("A receiver killed mid-transfer resumes from its journal and verifies")
-    func killAndResume() throws {
-        let f = try NetworkFixture(imageBytes: 12_000_000)
+    @Test("A receiver killed mid-transfer resumes from its journal and verifies", arguments: [true, false])
+    func killAndResume(encrypted: Bool) throws {
+        let f = try NetworkFixture(imageBytes: 12_000_000, encrypted: encrypted)
         let lan = try TestLAN(receivers: 1, loss: [0])
         var r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
         // 12 MB at 32 Mbit/s: about 3 s. The receiver commits its journal every 5.7 MB
@@ -189,6 +209,7 @@ struct NetworkTests {
         #expect(r.output.contains("resuming:"), "the restarted receiver did not resume: \(r.output)")
         #expect(f.deliveredIntact(1), "the restarted receiver delivered other bytes")
         #expect(sender.wait(seconds: 60) == 0, "sender: \(sender.output)")
+        f.expectStaging(receivers: 1, plainPayloadStaged: !encrypted)
     }
 
     @Test("Forged, corrupted and absurd datagrams on the LAN are dropped; the genuine bytes arrive")

@@ -208,6 +208,45 @@ struct RejectionTests {
         #expect(failure { try [UInt8](repeating: 0, count: 10).withUnsafeBytes { try v.consume(block: 0, bytes: $0) } } == .sizeMismatch)
     }
 
+    @Test("B-16a: a payload staged as the component file is released by rename when its hash matches, and never when it does not")
+    func stagedComponent() throws {
+        let f = Fixture(imageSize: 50_000)
+        let path = try f.pack("staged.fcb") { $0.compression = .none; $0.recipients = [] }
+        let bundle = try UnverifiedBundle(path: path)
+        let verified = try bundle.verifyManifest(trust: f.trust, device: f.devicePolicy)
+        let m = verified.manifest
+        let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
+        let payload = Array(readBytes(path)[Int(bundle.header.payloadOffset)...].prefix(Int(m.payload.size)))
+        // An encrypted bundle's component is not its payload: it cannot be staged.
+        let encrypted = try UnverifiedBundle(path: try f.pack()).verifyManifest(trust: f.trust, device: f.devicePolicy).manifest
+        #expect(PayloadVerification.stagedComponentPath(encrypted, outputDirectory: "/x") == nil)
+
+        func stageAndFeed(corrupting: Int?, into out: String) throws -> VerifiedBundle {
+            try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+            // The caller (the receiver's staging) writes the file; verification only hashes.
+            let staged = try #require(PayloadVerification.stagedComponentPath(m, outputDirectory: out))
+            #expect(staged == out + "/rootfs.img.partial")
+            var bytes = payload
+            if let b = corrupting { bytes[Int(geometry.byteRange(ofBlock: b).lowerBound) + 7] ^= 0x01 }
+            writeBytes(staged, bytes)
+            let v = try PayloadVerification(verified, keys: f.keys, outputDirectory: out, componentStaged: true)
+            for b in 0..<geometry.blockCount {
+                let range = geometry.byteRange(ofBlock: b)
+                try Array(bytes[Int(range.lowerBound)..<Int(range.upperBound)]).withUnsafeBytes { try v.consume(block: b, bytes: $0) }
+            }
+            return try v.finish()
+        }
+        let out = f.dir.file("staged-out")
+        let good = try stageAndFeed(corrupting: nil, into: out)
+        #expect(good.componentPaths["rootfs.img"] == out + "/rootfs.img")
+        #expect(readBytes(out + "/rootfs.img") == f.image)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: out) == ["rootfs.img"], "the .partial file became the component")
+
+        let badOut = f.dir.file("staged-bad")
+        #expect(failure { _ = try stageAndFeed(corrupting: geometry.blockCount - 1, into: badOut) } == .hashMismatch)
+        #expect(!FileManager.default.fileExists(atPath: badOut + "/rootfs.img"), "nothing is released when the hash differs")
+    }
+
     @Test("A component larger than the writeback chunk (8 MiB) is written whole and exact")
     func largeComponentWriteback() throws {
         let f = Fixture(imageSize: 20_000_000)
