@@ -42,7 +42,7 @@ struct Send: ParsableCommand {
     @Option(help: "Multicast TTL / hop limit (1 keeps packets on the LAN).")
     var ttl: Int = 1
 
-    @Option(help: "Sending rate in bits/s, including headers: 900M, 1G, 50M.")
+    @Option(help: "Sending rate in bits/s of IP datagrams (IP and UDP headers included, Ethernet's not): 900M, 1G, 50M. About 975M fills a gigabit Ethernet link; a little above the link is fine, the socket waits.")
     var rate: String = "900M"
 
     @Option(help: "Proactive repair sent with the first pass, as a share of the source symbols (0-0.5).")
