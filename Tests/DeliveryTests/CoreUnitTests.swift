@@ -19,6 +19,32 @@ func receiverConfig(_ bundle: SimulationBundle, trusting key: PublicKey? = nil) 
 
 @Suite("Sender and receiver units")
 struct CoreUnitTests {
+    @Test("B-14: a rebuilt block passes only if every rebuilt source symbol matches its tag")
+    func rebuiltSymbolTags() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let m = bundle.manifest
+        let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
+        let layout = AuthChainLayout(geometry: geometry, blocksPerSegment: m.authentication.blocksPerSegment)
+        let start = Int(layout.segmentOffset(0))
+        let segment = try AuthSegment(parsing: Array(bundle.authChain[start..<(start + layout.segmentSize(0))]), index: 0, layout: layout)
+        let b = 1, k = geometry.sourceSymbols(inBlock: b), size = m.transport.symbolSize
+        let range = geometry.byteRange(ofBlock: b)
+        var padded = Array(bundle.payload[Int(range.lowerBound)..<Int(range.upperBound)])
+        padded += [UInt8](repeating: 0, count: k * size - padded.count)
+        var present = [Bool](repeating: true, count: k)
+        for i in [0, 5, k - 1] { present[i] = false }  // as if these three were rebuilt
+        let check = { (bytes: [UInt8]) in bytes.withUnsafeBytes { Receiver.rebuiltSymbolsMatch($0, present: present, block: b, symbolSize: size, segment: segment) } }
+        #expect(check(padded), "the genuine block")
+        var wrong = padded
+        wrong[5 * size + 100] ^= 0x01  // a rebuilt symbol came out wrong
+        #expect(!check(wrong))
+        wrong = padded
+        wrong[(k - 1) * size] ^= 0x80
+        #expect(!check(wrong))
+        // The same bytes as block 2: the tags bind the block index.
+        #expect(!padded.withUnsafeBytes { Receiver.rebuiltSymbolsMatch($0, present: present, block: 2, symbolSize: size, segment: segment) })
+    }
+
     @Test("The token bucket holds the sender to its rate (Specs/protocol.md P-9)")
     func rate() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)
