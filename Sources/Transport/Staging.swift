@@ -129,7 +129,8 @@ public final class StagingArea {
                 let rc = posix_fallocate(file, off_t(offset), off_t(length))
                 if rc == ENOSPC || rc == EFBIG {
                     closeFiles()
-                    throw .system(.storage, "no room for the \(h.totalSize)-byte bundle in \(directory)", -rc)
+                    let place = file == p ? "for its \(h.payloadLength)-byte payload in \(separate!)" : "in \(directory)"
+                    throw .system(.storage, "no room for the \(h.totalSize)-byte bundle \(place)", -rc)
                 }
             }
             guard ftruncate(f, off_t(h.totalSize)) == 0 else { closeFiles(); throw .system(.storage, "allocate \(partialPath)", -errno) }
