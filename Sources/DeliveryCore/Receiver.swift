@@ -24,6 +24,12 @@ public struct ReceiverConfig: Sendable {
     public var blocksInMemoryMax: Int?
     /// Whatever the budget, this many blocks may be hot (the interleave window fits).
     public static let blocksInMemoryMin = 8
+    /// Bytes of verified auth-chain segments kept in memory (Specs/protocol.md P-5c).
+    /// Beyond it, with an `AuthChainReader`, the least recently used segment whose
+    /// bytes are staged leaves memory and is read back (and hashed again) when a
+    /// symbol of its blocks arrives. 16 segments of the default profile (4.2 MB), where
+    /// a 1 GiB payload's whole chain is 15.8 MB and a 4 GiB one's 63 MB.
+    public var segmentBytesInMemoryMax = 16 * 264_240
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8
@@ -107,10 +113,13 @@ public struct Receiver {
 
     /// Where the symbols of incomplete blocks go once the session's `blocksInMemoryMax` blocks are held.
     private let spill: SymbolSpill
+    /// Reads staged auth-chain bytes back, so that segments may leave memory (P-5c); nil keeps them all.
+    private let authReader: AuthChainReader?
 
-    public init(config: ReceiverConfig, resume: ResumeState? = nil, spill: SymbolSpill = MemorySpill()) {
+    public init(config: ReceiverConfig, resume: ResumeState? = nil, spill: SymbolSpill = MemorySpill(), authReader: AuthChainReader? = nil) {
         self.config = config
         self.spill = spill
+        self.authReader = authReader
         self.rng = SeededRandom(seed: config.seed)
         self.resume = resume
     }
@@ -386,10 +395,17 @@ public struct Receiver {
             scheduleNack(&s, at: now)
         }
 
+        // Specs/protocol.md P-5c: segments beyond the budget leave memory here, where every
+        // store event of earlier datagrams has been carried out: while the chain arrives
+        // (it comes first, P-7) as well as during the payload.
+        evictSegmentsIfNeeded(&s)
         if d.object == .payload {
             // A done block's symbols are dropped before their tag is computed (its
             // segment may be released, P-5b).
             if s.payload.done[b] { counters.add(.dataBlockDone); return }
+            // Specs/protocol.md P-5c: a segment that left memory comes back when a symbol of
+            // its blocks needs it.
+            guard reloadSegmentIfEvicted(&s, block: b, at: now) else { return }
             guard let authentic = s.tagMatches(d) else {
                 // Specs/protocol.md P-5: never decode an unauthenticated symbol; hold a bounded few.
                 if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
@@ -443,6 +459,7 @@ public struct Receiver {
             // matched theirs on arrival. A block whose k source symbols all arrived is
             // already authenticated byte for byte.
             if reconstructed {
+                guard reloadSegmentIfEvicted(&s, block: b, at: now) else { return }
                 let seg = s.segments[b / s.layout!.blocksPerSegment]!
                 let authentic = padded.withUnsafeBytes {
                     Self.rebuiltSymbolsMatch($0, present: partial.presentSources, block: b, symbolSize: symbolSize, segment: seg)
@@ -465,6 +482,50 @@ public struct Receiver {
             s.advanceSegments(counters: &counters)
             emitVerifiedAuthBlocks(&s)
         }
+    }
+
+    /// Specs/protocol.md P-5c: while the segments held exceed the budget, the least
+    /// recently used one whose bytes are all staged leaves memory (its hash stays).
+    private mutating func evictSegmentsIfNeeded(_ s: inout Session) {
+        guard authReader != nil, let layout = s.layout else { return }
+        while s.segmentBytesHeld > config.segmentBytesInMemoryMax {
+            let staged = s.segments.keys.filter { j in
+                let range = layout.segmentOffset(j)..<(layout.segmentOffset(j) + UInt64(layout.segmentSize(j)))
+                return s.authBlocks(covering: range).allSatisfy { s.authBlocksEmitted.contains($0) }
+            }
+            // Least recently used first; among segments no symbol has used yet (the chain
+            // arrives before the payload), the last ones, which the payload needs last.
+            guard let j = staged.min(by: { (s.segmentUse[$0, default: 0], -$0) < (s.segmentUse[$1, default: 0], -$1) }) else { return }
+            s.segmentBytesHeld -= s.segments[j]!.bytes.count
+            s.segments[j] = nil
+            s.evictedSegments.insert(j)
+            counters.add("segments.evicted")
+        }
+    }
+
+    /// Reads segment j of block b back from staging if it left memory (P-5c), checking
+    /// it against the hash it had when it verified. False if it cannot be: the session
+    /// has then failed with reason `storage`.
+    private mutating func reloadSegmentIfEvicted(_ s: inout Session, block b: Int, at now: Instant) -> Bool {
+        guard let layout = s.layout else { return true }
+        let j = b / layout.blocksPerSegment
+        s.useClock += 1
+        s.segmentUse[j] = s.useClock
+        guard s.evictedSegments.contains(j) else { return true }
+        let offset = layout.segmentOffset(j), count = layout.segmentSize(j)
+        guard let bytes = authReader?.readAuthChain(offset: offset, count: count), bytes.count == count,
+              SHA256.hash(bytes) == s.segmentHashes[j], let segment = try? AuthSegment(parsing: bytes, index: j, layout: layout) else {
+            counters.add("segments.reloadFailed")
+            session = s
+            fail(.storage, "authentication segment \(j) read back from staging does not match its hash", at: now)
+            s = session!
+            return false
+        }
+        s.evictedSegments.remove(j)
+        s.segments[j] = segment
+        s.segmentBytesHeld += count
+        counters.add("segments.reloaded")
+        return true
     }
 
     /// Specs/bundle.md B-14: whether every source symbol the decoder rebuilt (those not
@@ -909,6 +970,13 @@ struct Session {
     var codecs: [Int: ReedSolomonCodec] = [:]
     var authBytes: [Int: [UInt8]] = [:]
     var segments: [Int: AuthSegment] = [:]
+    /// P-5c: bytes of `segments`, the segments that left memory, the hash each had when it
+    /// verified (to check a reload), and when each was last used (least recently used leaves).
+    var segmentBytesHeld = 0
+    var evictedSegments = Set<Int>()
+    var segmentHashes: [Int: [UInt8]] = [:]
+    var segmentUse: [Int: UInt64] = [:]
+    var useClock: UInt64 = 0
     var nextSegment = 0
     var expectedSegmentHash: [UInt8] = []
     var segmentsAdvanced = false
@@ -993,7 +1061,8 @@ struct Session {
     func tagMatches(_ d: DataSymbol) -> Bool? {
         let b = Int(d.block), i = Int(d.symbolIndex)
         let j = b / layout!.blocksPerSegment
-        guard let segment = segments[j] else { return j < nextSegment ? true : nil }
+        // A segment that left memory (P-5c) must be read back first: unknown until then.
+        guard let segment = segments[j] else { return j < nextSegment && !evictedSegments.contains(j) ? true : nil }
         let tag = d.symbol.withUnsafeBytes { BlockAuthentication.tag(block: b, symbol: i, bytes: $0) }
         return tag[...] == segment.tag(block: b, symbol: i)
     }
@@ -1009,8 +1078,12 @@ struct Session {
     mutating func releaseSegmentIfDone(containing b: Int) {
         guard let layout else { return }
         let j = b / layout.blocksPerSegment
-        guard j < nextSegment, segments[j] != nil, layout.blocks(inSegment: j).allSatisfy({ payload.done[$0] }) else { return }
-        segments[j] = nil
+        guard j < nextSegment, segments[j] != nil || evictedSegments.contains(j),
+              layout.blocks(inSegment: j).allSatisfy({ payload.done[$0] }) else { return }
+        if let released = segments.removeValue(forKey: j) { segmentBytesHeld -= released.bytes.count }
+        evictedSegments.remove(j)
+        segmentHashes[j] = nil
+        segmentUse[j] = nil
     }
 
     /// Specs/protocol.md P-16, Specs/bundle.md B-13: authenticate segments in order.
@@ -1037,6 +1110,8 @@ struct Session {
                 return
             }
             segments[j] = segment
+            segmentBytesHeld += bytes.count
+            segmentHashes[j] = expectedSegmentHash
             expectedSegmentHash = segment.nextHash
             nextSegment += 1
             if payload.layout.blockCount > 0 { releaseSegmentIfDone(containing: layout.blocks(inSegment: j).lowerBound) }
@@ -1100,6 +1175,13 @@ struct Session {
 /// consecutive slots by index, so a run of symbols moves in one call.
 /// Contents need not survive a restart: the journal lists only whole
 /// verified blocks.
+/// Reads back auth-chain bytes that the receiver handed to storage in `.store`
+/// events, so that verified segments can leave memory (Specs/protocol.md P-5c).
+/// Nil for bytes it cannot read.
+public protocol AuthChainReader: AnyObject {
+    func readAuthChain(offset: UInt64, count: Int) -> [UInt8]?
+}
+
 public protocol SymbolSpill: AnyObject {
     /// Stores `bytes` (a whole number of symbols) in the slots from `index` on.
     func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer)

@@ -42,6 +42,13 @@ public struct SimulationBundle: Sendable {
     }
 }
 
+/// A node's stored auth chain, as the receiver's `AuthChainReader` (P-5c).
+final class StoredAuthChain: AuthChainReader {
+    private let read: (UInt64, Int) -> [UInt8]?
+    init(_ read: @escaping (UInt64, Int) -> [UInt8]?) { self.read = read }
+    func readAuthChain(offset: UInt64, count: Int) -> [UInt8]? { read(offset, count) }
+}
+
 /// One receiver's situation in a scenario.
 public struct ReceiverSpec: Sendable {
     public var downlink: LinkModel
@@ -89,6 +96,8 @@ public struct Scenario: Sendable {
     public var expectedReceiverWaitMax: Interval?
     /// Incomplete blocks a receiver holds in memory before spilling (Specs/protocol.md P-5a).
     public var blocksInMemoryMax: Int?
+    /// Bytes of verified segments a receiver holds before they leave memory (P-5c).
+    public var segmentBytesInMemoryMax: Int?
     /// Forged DATA datagrams per second, sprayed at every receiver with the real session ID.
     public var forgedDataPerSecond = 0.0
     /// Share of forged datagrams aimed at the auth-chain object (which is authenticated per segment, not per symbol).
@@ -179,9 +188,24 @@ public final class Simulation {
     /// A receiver's durable and volatile storage (Specs/protocol.md P-20).
     struct Storage {
         var journal: ProgressJournal?
-        var durableAuth: [Int: [UInt8]] = [:]
-        var volatileAuth: [Int: [UInt8]] = [:]
+        /// A class, so that the receiver's `AuthChainReader` can read it while the node's
+        /// receiver is being mutated (P-5c).
+        let auth = AuthStorage()
+        var durableAuth: [Int: [UInt8]] {
+            get { auth.durable }
+            nonmutating set { auth.durable = newValue }
+        }
+        var volatileAuth: [Int: [UInt8]] {
+            get { auth.volatile }
+            nonmutating set { auth.volatile = newValue }
+        }
         var storedPayloadBlocks = Set<Int>()
+    }
+
+    /// Auth-chain blocks a node stored: durable (journalled) and not yet.
+    final class AuthStorage {
+        var durable: [Int: [UInt8]] = [:]
+        var volatile: [Int: [UInt8]] = [:]
     }
 
     struct Node {
@@ -245,6 +269,7 @@ public final class Simulation {
                                seed: scenario.seed &+ UInt64(i) &* 0x9E37_79B9 &+ UInt64(nodes[i].incarnation) << 48)
         c.commitBlockCount = 4
         c.blocksInMemoryMax = scenario.blocksInMemoryMax
+        if let budget = scenario.segmentBytesInMemoryMax { c.segmentBytesInMemoryMax = budget }
         c.nackEpochBlocks = scenario.nackEpochBlocks
         if let lifetime = scenario.repairPromiseLifetimeGRTTs { c.repairPromiseLifetimeGRTTs = lifetime }
         c.inactivityTimeout = Interval.seconds(3)
@@ -331,8 +356,30 @@ public final class Simulation {
         }
         nodes[i].journalledAtRestart = Set(resume?.progress.payloadBlocks ?? [])
         nodes[i].storage.storedPayloadBlocks = []
-        nodes[i].receiver = Receiver(config: receiverConfig(i), resume: resume)
+        let stored = nodes[i].storage.auth
+        let blockBytes = UInt64(scenario.profile.blockByteCount)
+        nodes[i].receiver = Receiver(config: receiverConfig(i), resume: resume, authReader: StoredAuthChain { offset, count in
+            Self.read(stored, offset: offset, count: count, blockBytes: blockBytes)
+        })
         nodes[i].started = true
+    }
+
+    /// Auth-chain bytes node i has stored (durable or not yet: a power cut resets the
+    /// receiver too), for segments read back after leaving memory (P-5c).
+    private static func read(_ stored: AuthStorage, offset: UInt64, count: Int, blockBytes: UInt64) -> [UInt8]? {
+        var out: [UInt8] = []
+        out.reserveCapacity(count)
+        var at = offset
+        while out.count < count {
+            let b = Int(at / blockBytes)
+            guard let block = stored.volatile[b] ?? stored.durable[b] else { return nil }
+            let start = Int(at - UInt64(b) * blockBytes)
+            guard start < block.count else { return nil }
+            let n = min(block.count - start, count - out.count)
+            out += block[start..<(start + n)]
+            at += UInt64(n)
+        }
+        return out
     }
 
     /// `Scenario.dropsClosingRepair`: is this the last symbol of a batch of NACKed repair

@@ -123,7 +123,7 @@ public final class ReceiverDriver {
             } catch { resumeNote = "journal's bundle is no longer acceptable (\(error.reason)); starting afresh" }
         }
         spill = try FileSpill(directory: staging.directory)
-        receiver = Receiver(config: config, resume: resume, spill: spill)
+        receiver = Receiver(config: config, resume: resume, spill: spill, authReader: staging)
 
         groupSocket = try UDPSocket(family: endpoint.group.family)
         try groupSocket.allowAddressReuse()

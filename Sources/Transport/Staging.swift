@@ -249,6 +249,15 @@ public final class StagingArea {
     }
 }
 
+/// Verified segments that left the receiver's memory are read back from the staged
+/// auth chain (Specs/protocol.md P-5c); the core hashes them again.
+extension StagingArea: AuthChainReader {
+    public func readAuthChain(offset: UInt64, count: Int) -> [UInt8]? {
+        guard let h = header, offset + UInt64(count) <= UInt64(h.authLength) else { return nil }
+        return try? read(at: h.authOffset + offset, count: count)
+    }
+}
+
 /// The journal's bytes (Specs/protocol.md §8.2): magic "FCJ1", the envelope,
 /// two block bitmaps (auth chain, payload), and a SHA-256 of all before it.
 public enum JournalCodec {

@@ -167,6 +167,30 @@ struct ScenarioTests {
         #expect(r.receiverCounters["blocks.spilled"] > 0, "blocks went cold: the spill path ran")
     }
 
+    @Test("P-5c: with room for one segment, verified segments leave memory and are read back and rechecked; every receiver completes with the right bytes")
+    func segmentEviction() async throws {
+        // 34 blocks in segments of 2: 17 segments of 3.2 KB; the budget holds one.
+        let link = LinkModel(loss: .bernoulli(0.1), corruptProbability: 0.002)
+        var specs = Array(repeating: ReceiverSpec(downlink: link), count: 6)
+        specs.append(ReceiverSpec(downlink: link, powerLossAt: [.milliseconds(30)]))
+        var s = Scenario(name: "segment-eviction", seed: 33, receivers: specs)
+        s.payloadBytes = 3_000_000
+        s.blocksPerSegment = 2
+        s.segmentBytesInMemoryMax = 4_000
+        s.forgedDataPerSecond = 2000
+        s.wireFactorMax = 1.6 + 1.2
+        let bundle = try SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, blocksPerSegment: 2)
+        let r = Simulation(scenario: s, bundle: bundle).run()
+        #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
+        #expect(r.receiverCounters["segments.evicted"] > 0 && r.receiverCounters["segments.reloaded"] > 0, "\(r.receiverCounters)")
+        #expect(r.receiverCounters["segments.reloadFailed"] == 0)
+        // Without the budget, nothing leaves.
+        var all = s
+        all.segmentBytesInMemoryMax = nil
+        let kept = Simulation(scenario: all, bundle: bundle).run()
+        #expect(kept.violations.isEmpty && kept.receiverCounters["segments.evicted"] == 0, "\(kept)")
+    }
+
     @Test("Forged, corrupted, duplicated and reordered datagrams: nothing wrong is accepted")
     func attack() async throws {
         let r = try await run("attack", seed: 17)
