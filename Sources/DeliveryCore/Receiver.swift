@@ -157,7 +157,14 @@ public struct Receiver {
     // MARK: Polling
 
     public mutating func pollTransmit() -> Transmit? { outgoing.isEmpty ? nil : outgoing.removeFirst() }
-    public mutating func pollEvent() -> ReceiverEvent? { events.isEmpty ? nil : events.removeFirst() }
+    /// The caller carries out each event as it takes it (before its next call into the
+    /// receiver): P-5c relies on it to know which auth-chain bytes are staged.
+    public mutating func pollEvent() -> ReceiverEvent? {
+        guard !events.isEmpty else { return nil }
+        let e = events.removeFirst()
+        if case .store(.authChain, let block, _, _) = e { session?.authBlocksStored.insert(block) }
+        return e
+    }
 
     // MARK: Events in
 
@@ -395,9 +402,9 @@ public struct Receiver {
             scheduleNack(&s, at: now)
         }
 
-        // Specs/protocol.md P-5c: segments beyond the budget leave memory here, where every
-        // store event of earlier datagrams has been carried out: while the chain arrives
-        // (it comes first, P-7) as well as during the payload.
+        // Specs/protocol.md P-5c: segments beyond the budget leave memory here, while the
+        // chain arrives (it comes first, P-7) as well as during the payload; only those whose
+        // bytes the driver has stored (it took their `.store` events).
         evictSegmentsIfNeeded(&s)
         if d.object == .payload {
             // A done block's symbols are dropped before their tag is computed (its
@@ -491,7 +498,7 @@ public struct Receiver {
         while s.segmentBytesHeld > config.segmentBytesInMemoryMax {
             let staged = s.segments.keys.filter { j in
                 let range = layout.segmentOffset(j)..<(layout.segmentOffset(j) + UInt64(layout.segmentSize(j)))
-                return s.authBlocks(covering: range).allSatisfy { s.authBlocksEmitted.contains($0) }
+                return s.authBlocks(covering: range).allSatisfy { s.authBlocksStored.contains($0) }
             }
             // Least recently used first; among segments no symbol has used yet (the chain
             // arrives before the payload), the last ones, which the payload needs last.
@@ -983,6 +990,8 @@ struct Session {
     /// Auth blocks whose every segment verified since the last look, with their bytes.
     var verifiedAuthBlocks: [(Int, [UInt8])] = []
     var authBlocksEmitted = Set<Int>()
+    /// Auth blocks whose `.store` event the driver has taken, and so carried out (P-5c).
+    var authBlocksStored = Set<Int>()
     var pendingSymbols: [DataSymbol] = []
     var uncommitted = 0
     // Feedback state.

@@ -132,6 +132,12 @@ public enum ScenarioCatalog {
             s.receivers[unheard].feedbackLostUntil = Interval(microseconds: rng.next() % 4_000_000)
             s.wireFactorMax += 1.2
         }
+        // One run in four cuts the chain into segments of 1-3 blocks and leaves room for
+        // under 8 KB of them, so that verified segments leave memory and are read back (P-5c).
+        if rng.next() % 4 == 0 {
+            s.blocksPerSegment = 1 + Int(rng.next() % 3)
+            s.segmentBytesInMemoryMax = Int(rng.next() % 8192)
+        }
         return s
     }
 

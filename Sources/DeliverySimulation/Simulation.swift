@@ -236,6 +236,7 @@ public final class Simulation {
 
     public init(scenario: Scenario, bundle: SimulationBundle, oldSession: [[UInt8]] = []) {
         precondition(bundle.manifest.transport == scenario.profile, "the bundle was packed with another profile than the scenario's")
+        precondition(bundle.manifest.authentication.blocksPerSegment == scenario.blocksPerSegment, "the bundle was packed with other segments than the scenario's")
         self.scenario = scenario
         self.bundle = bundle
         self.oldSession = oldSession

@@ -59,8 +59,9 @@ struct Simulate: ParsableCommand {
             }
             if let payloadBytes { s.payloadBytes = payloadBytes }
             s.profile = try profile(overriding: s.profile)
-            let key = "\(s.payloadBytes) \(s.profile)"
-            let bundle = try bundles[key] ?? SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, profile: s.profile)
+            let key = "\(s.payloadBytes) \(s.profile) \(s.blocksPerSegment)"
+            let bundle = try bundles[key] ?? SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, profile: s.profile,
+                                                                   blocksPerSegment: s.blocksPerSegment)
             bundles[key] = bundle
             let result = Simulation(scenario: s, bundle: bundle, oldSession: old).run()
             if count == 1 || !result.violations.isEmpty { print(result) }

@@ -9,10 +9,10 @@ import WireFormat
 actor BundleCache {
     static let shared = BundleCache()
     private var bundles: [String: SimulationBundle] = [:]
-    func bundle(_ size: Int, profile: TransportProfile = Scenario.compactProfile) throws -> SimulationBundle {
-        let key = "\(size) \(profile)"
+    func bundle(_ size: Int, profile: TransportProfile = Scenario.compactProfile, blocksPerSegment: Int = 64) throws -> SimulationBundle {
+        let key = "\(size) \(profile) \(blocksPerSegment)"
         if let b = bundles[key] { return b }
-        let b = try SimulationBundle.make(payloadBytes: size, seed: 1, profile: profile)
+        let b = try SimulationBundle.make(payloadBytes: size, seed: 1, profile: profile, blocksPerSegment: blocksPerSegment)
         bundles[key] = b
         return b
     }
@@ -219,7 +219,8 @@ struct ScenarioTests {
         var failures: [String] = []
         for seed in UInt64(1000 + shard * 40)..<UInt64(1000 + (shard + 1) * 40) {
             let scenario = ScenarioCatalog.sweep(seed: seed)
-            let result = Simulation(scenario: scenario, bundle: try await BundleCache.shared.bundle(scenario.payloadBytes, profile: scenario.profile)).run()
+            let result = Simulation(scenario: scenario, bundle: try await BundleCache.shared.bundle(scenario.payloadBytes, profile: scenario.profile,
+                                                                                                 blocksPerSegment: scenario.blocksPerSegment)).run()
             if !result.violations.isEmpty { failures.append(result.description) }
         }
         #expect(failures.isEmpty, "\(failures.count) failing seeds:\n\(failures.joined(separator: "\n"))")
