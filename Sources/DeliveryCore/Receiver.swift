@@ -516,8 +516,13 @@ public struct Receiver {
     private mutating func reloadSegmentIfEvicted(_ s: inout Session, block b: Int, at now: Instant) -> Bool {
         guard let layout = s.layout else { return true }
         let j = b / layout.blocksPerSegment
-        s.useClock += 1
-        s.segmentUse[j] = s.useClock
+        // Symbols come in runs of one segment: stamping the first of a run keeps the order
+        // of last use without a dictionary write per symbol on this hot path.
+        if s.lastUsedSegment != j {
+            s.useClock += 1
+            s.segmentUse[j] = s.useClock
+            s.lastUsedSegment = j
+        }
         guard s.evictedSegments.contains(j) else { return true }
         let offset = layout.segmentOffset(j), count = layout.segmentSize(j)
         guard let bytes = authReader?.readAuthChain(offset: offset, count: count), bytes.count == count,
@@ -984,6 +989,7 @@ struct Session {
     var segmentHashes: [Int: [UInt8]] = [:]
     var segmentUse: [Int: UInt64] = [:]
     var useClock: UInt64 = 0
+    var lastUsedSegment = -1
     var nextSegment = 0
     var expectedSegmentHash: [UInt8] = []
     var segmentsAdvanced = false
@@ -1178,12 +1184,6 @@ struct Session {
     }
 }
 
-/// Where a receiver keeps the authenticated symbols of incomplete blocks it
-/// no longer holds in memory (Specs/protocol.md P-5a): the real driver uses
-/// a sparse scratch file, the simulator memory. Symbols of one block occupy
-/// consecutive slots by index, so a run of symbols moves in one call.
-/// Contents need not survive a restart: the journal lists only whole
-/// verified blocks.
 /// Reads back auth-chain bytes that the receiver handed to storage in `.store`
 /// events, so that verified segments can leave memory (Specs/protocol.md P-5c).
 /// Nil for bytes it cannot read.
@@ -1191,6 +1191,12 @@ public protocol AuthChainReader: AnyObject {
     func readAuthChain(offset: UInt64, count: Int) -> [UInt8]?
 }
 
+/// Where a receiver keeps the authenticated symbols of incomplete blocks it
+/// no longer holds in memory (Specs/protocol.md P-5a): the real driver uses
+/// a sparse scratch file, the simulator memory. Symbols of one block occupy
+/// consecutive slots by index, so a run of symbols moves in one call.
+/// Contents need not survive a restart: the journal lists only whole
+/// verified blocks.
 public protocol SymbolSpill: AnyObject {
     /// Stores `bytes` (a whole number of symbols) in the slots from `index` on.
     func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer)

@@ -351,7 +351,7 @@ public struct Sender {
                 rec.finishedAt = now
                 counters.add("receivers.\(rec.state.rawValue)")
             }
-            control.append(Transmit(destination: .receiver(s.receiver), bytes: Datagram.ack(Ack(session: config.session, receiver: s.receiver, state: s.state)).encoded()))
+            control.append(ack(s.receiver, s.state))
         }
         receivers[s.receiver] = rec
         checkAllDone(at: now)
@@ -361,6 +361,11 @@ public struct Sender {
         guard phase == .repairRounds, !receivers.isEmpty else { return }
         if let expected = config.expectedReceivers, receivers.count < expected { return }
         if receivers.values.allSatisfy({ $0.state == .complete || $0.state == .failed }) { startClosing(.allDone) }
+    }
+
+    /// ACK of a receiver's final STATUS (unicast, Specs/protocol.md P-13, P-21).
+    private func ack(_ receiver: ReceiverID, _ state: Status.State) -> Transmit {
+        Transmit(destination: .receiver(receiver), bytes: Datagram.ack(Ack(session: config.session, receiver: receiver, state: state)).encoded())
     }
 
     private mutating func startClosing(_ reason: Close.Reason) {
@@ -374,10 +379,8 @@ public struct Sender {
         // a while. More ACKs, one with each CLOSE, let it stop at once.
         if reason == .allDone {
             let done = receivers.values.filter { $0.state == .complete || $0.state == .failed }.sorted { $0.id < $1.id }
-            for _ in 0..<config.closeRepeatCount { for r in done {
-                control.append(Transmit(destination: .receiver(r.id), bytes: Datagram.ack(Ack(session: config.session, receiver: r.id,
-                                                                                               state: r.state == .complete ? .complete : .failed)).encoded()))
-            } }
+            let acks = done.map { ack($0.id, $0.state == .complete ? .complete : .failed) }
+            for _ in 0..<config.closeRepeatCount { control.append(contentsOf: acks) }
         }
     }
 

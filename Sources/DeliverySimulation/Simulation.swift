@@ -42,13 +42,6 @@ public struct SimulationBundle: Sendable {
     }
 }
 
-/// A node's stored auth chain, as the receiver's `AuthChainReader` (P-5c).
-final class StoredAuthChain: AuthChainReader {
-    private let read: (UInt64, Int) -> [UInt8]?
-    init(_ read: @escaping (UInt64, Int) -> [UInt8]?) { self.read = read }
-    func readAuthChain(offset: UInt64, count: Int) -> [UInt8]? { read(offset, count) }
-}
-
 /// One receiver's situation in a scenario.
 public struct ReceiverSpec: Sendable {
     public var downlink: LinkModel
@@ -188,24 +181,35 @@ public final class Simulation {
     /// A receiver's durable and volatile storage (Specs/protocol.md P-20).
     struct Storage {
         var journal: ProgressJournal?
-        /// A class, so that the receiver's `AuthChainReader` can read it while the node's
-        /// receiver is being mutated (P-5c).
-        let auth = AuthStorage()
-        var durableAuth: [Int: [UInt8]] {
-            get { auth.durable }
-            nonmutating set { auth.durable = newValue }
-        }
-        var volatileAuth: [Int: [UInt8]] {
-            get { auth.volatile }
-            nonmutating set { auth.volatile = newValue }
-        }
+        let auth: AuthStorage
         var storedPayloadBlocks = Set<Int>()
     }
 
-    /// Auth-chain blocks a node stored: durable (journalled) and not yet.
-    final class AuthStorage {
+    /// Auth-chain blocks a node stored, durable (journalled) and not yet, and the
+    /// receiver's `AuthChainReader` over them (P-5c). A class, so that the receiver can
+    /// read it while the node holding it is being mutated.
+    final class AuthStorage: AuthChainReader {
         var durable: [Int: [UInt8]] = [:]
         var volatile: [Int: [UInt8]] = [:]
+        let blockBytes: UInt64
+        init(blockBytes: Int) { self.blockBytes = UInt64(blockBytes) }
+
+        /// Either kind of block serves: a power cut resets the receiver too.
+        func readAuthChain(offset: UInt64, count: Int) -> [UInt8]? {
+            var out: [UInt8] = []
+            out.reserveCapacity(count)
+            var at = offset
+            while out.count < count {
+                let b = Int(at / blockBytes)
+                guard let block = volatile[b] ?? durable[b] else { return nil }
+                let start = Int(at - UInt64(b) * blockBytes)
+                guard start < block.count else { return nil }
+                let n = min(block.count - start, count - out.count)
+                out += block[start..<(start + n)]
+                at += UInt64(n)
+            }
+            return out
+        }
     }
 
     struct Node {
@@ -213,7 +217,7 @@ public final class Simulation {
         var receiver: Receiver?
         var down: LinkState
         var up: LinkState
-        var storage = Storage()
+        var storage: Storage
         var wake: Instant?
         var completedAt: Instant?
         var journalledAtRestart: Set<Int> = []
@@ -253,7 +257,10 @@ public final class Simulation {
         config.announceInterval = Interval.milliseconds(200)
         sender = Sender(config: config, envelope: bundle.envelope, manifest: bundle.manifest,
                         source: InMemoryObjects(authChain: bundle.authChain, payload: bundle.payload))
-        nodes = scenario.receivers.map { Node(spec: $0, down: LinkState(model: $0.downlink), up: LinkState(model: $0.uplink)) }
+        nodes = scenario.receivers.map {
+            Node(spec: $0, down: LinkState(model: $0.downlink), up: LinkState(model: $0.uplink),
+                 storage: Storage(auth: AuthStorage(blockBytes: scenario.profile.blockByteCount)))
+        }
         result = SimulationResult(scenario: scenario.name, seed: scenario.seed, receiverCount: scenario.receivers.count,
                                   completed: [Bool](repeating: false, count: scenario.receivers.count),
                                   completionTimes: [Interval?](repeating: nil, count: scenario.receivers.count))
@@ -327,7 +334,7 @@ public final class Simulation {
             guard nodes[i].receiver != nil, !(nodes[i].receiver!.isComplete) else { return }
             nodes[i].receiver = nil
             nodes[i].wake = nil
-            nodes[i].storage.volatileAuth = [:]
+            nodes[i].storage.auth.volatile = [:]
             result.restarts += 1
             queue.push(now + nodes[i].spec.restartDelay, .restart(i))
         case .restart(let i):
@@ -353,34 +360,12 @@ public final class Simulation {
 
     private func start(_ i: Int) {
         let resume: ResumeState? = nodes[i].storage.journal.map { journal in
-            ResumeState(progress: journal, authBlockBytes: nodes[i].storage.durableAuth.filter { journal.authBlocks.contains($0.key) })
+            ResumeState(progress: journal, authBlockBytes: nodes[i].storage.auth.durable.filter { journal.authBlocks.contains($0.key) })
         }
         nodes[i].journalledAtRestart = Set(resume?.progress.payloadBlocks ?? [])
         nodes[i].storage.storedPayloadBlocks = []
-        let stored = nodes[i].storage.auth
-        let blockBytes = UInt64(scenario.profile.blockByteCount)
-        nodes[i].receiver = Receiver(config: receiverConfig(i), resume: resume, authReader: StoredAuthChain { offset, count in
-            Self.read(stored, offset: offset, count: count, blockBytes: blockBytes)
-        })
+        nodes[i].receiver = Receiver(config: receiverConfig(i), resume: resume, authReader: nodes[i].storage.auth)
         nodes[i].started = true
-    }
-
-    /// Auth-chain bytes node i has stored (durable or not yet: a power cut resets the
-    /// receiver too), for segments read back after leaving memory (P-5c).
-    private static func read(_ stored: AuthStorage, offset: UInt64, count: Int, blockBytes: UInt64) -> [UInt8]? {
-        var out: [UInt8] = []
-        out.reserveCapacity(count)
-        var at = offset
-        while out.count < count {
-            let b = Int(at / blockBytes)
-            guard let block = stored.volatile[b] ?? stored.durable[b] else { return nil }
-            let start = Int(at - UInt64(b) * blockBytes)
-            guard start < block.count else { return nil }
-            let n = min(block.count - start, count - out.count)
-            out += block[start..<(start + n)]
-            at += UInt64(n)
-        }
-        return out
     }
 
     /// `Scenario.dropsClosingRepair`: is this the last symbol of a batch of NACKed repair
@@ -469,12 +454,12 @@ public final class Simulation {
                 }
                 nodes[i].storage.storedPayloadBlocks.insert(block)
             } else {
-                nodes[i].storage.volatileAuth[block] = bytes
+                nodes[i].storage.auth.volatile[block] = bytes
             }
         case .commit(let progress):
             // fsync, then the atomic journal write.
-            nodes[i].storage.durableAuth.merge(nodes[i].storage.volatileAuth) { $1 }
-            nodes[i].storage.volatileAuth = [:]
+            nodes[i].storage.auth.durable.merge(nodes[i].storage.auth.volatile) { $1 }
+            nodes[i].storage.auth.volatile = [:]
             nodes[i].storage.journal = progress
         case .completed:
             nodes[i].completedAt = now

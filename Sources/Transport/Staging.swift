@@ -154,28 +154,24 @@ public final class StagingArea {
     /// Writes a verified block (Specs/protocol.md P-20: only verified bytes reach staging).
     public func store(_ object: ObjectID, offset: UInt64, bytes: [UInt8]) throws(TransportError) {
         guard let h = header else { throw TransportError(.storage, "store before the staging file was prepared") }
-        let base = object == .payload ? h.payloadOffset : h.authOffset
         let limit = object == .payload ? h.payloadLength : h.authLength
         guard offset + UInt64(bytes.count) <= limit else { throw TransportError(.storage, "block beyond the end of the \(object)") }
-        if object == .payload, payloadFD >= 0 {
-            let rc = bytes.withUnsafeBytes { pwriteFully(payloadFD, $0, at: offset) }
-            guard rc == 0 else { throw .system(.storage, "write \(payloadPath ?? "the payload")", rc) }
-            return
-        }
-        try write(bytes, at: base + offset)
+        let place = object == .payload ? payloadPlace(h) : (fd: fd, path: partialPath, base: h.authOffset)
+        try write(bytes, at: place.base + offset, to: place.fd, path: place.path)
     }
 
     /// Reads back `count` payload bytes from `offset` (a staged block).
     public func readPayload(offset: UInt64, count: Int) throws(TransportError) -> [UInt8] {
         guard let h = header else { throw TransportError(.storage, "read before the staging file was prepared") }
         guard offset + UInt64(count) <= h.payloadLength else { throw TransportError(.storage, "read beyond the end of the payload") }
-        if payloadFD >= 0 {
-            var out = [UInt8](repeating: 0, count: count)
-            let rc = out.withUnsafeMutableBytes { preadFully(payloadFD, $0, at: offset) }
-            guard rc == 0 else { throw .system(.storage, "read \(payloadPath ?? "the payload")", rc) }
-            return out
-        }
-        return try read(at: h.payloadOffset + offset, count: count)
+        let place = payloadPlace(h)
+        return try read(at: place.base + offset, count: count, from: place.fd, path: place.path)
+    }
+
+    /// Where payload byte 0 lies: its own file (P-29a), or bundle.partial at the payload offset.
+    private func payloadPlace(_ h: BundleHeader) -> (fd: Int32, path: String, base: UInt64) {
+        if payloadFD >= 0, let payloadPath { return (payloadFD, payloadPath, 0) }
+        return (fd, partialPath, h.payloadOffset)
     }
 
     /// What `finish()` leaves: the bundle, or (P-29a) the payload in a file of its own.
@@ -208,15 +204,16 @@ public final class StagingArea {
 
     // MARK: I/O helpers
 
-    private func write(_ bytes: [UInt8], at offset: UInt64) throws(TransportError) {
-        let rc = bytes.withUnsafeBytes { pwriteFully(fd, $0, at: offset) }
-        guard rc == 0 else { throw .system(.storage, "write \(partialPath)", rc) }
+    /// Writes to bundle.partial unless told another file (the payload's, P-29a).
+    private func write(_ bytes: [UInt8], at offset: UInt64, to f: Int32? = nil, path: String? = nil) throws(TransportError) {
+        let rc = bytes.withUnsafeBytes { pwriteFully(f ?? fd, $0, at: offset) }
+        guard rc == 0 else { throw .system(.storage, "write \(path ?? partialPath)", rc) }
     }
 
-    private func read(at offset: UInt64, count: Int) throws(TransportError) -> [UInt8] {
+    private func read(at offset: UInt64, count: Int, from f: Int32? = nil, path: String? = nil) throws(TransportError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)
-        let rc = out.withUnsafeMutableBytes { preadFully(fd, $0, at: offset) }
-        guard rc == 0 else { throw .system(.storage, "read \(partialPath)", rc) }
+        let rc = out.withUnsafeMutableBytes { preadFully(f ?? fd, $0, at: offset) }
+        guard rc == 0 else { throw .system(.storage, "read \(path ?? partialPath)", rc) }
         return out
     }
 
