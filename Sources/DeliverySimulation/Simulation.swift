@@ -143,6 +143,11 @@ public struct SimulationResult: Sendable, CustomStringConvertible {
     public var receiverCounters = Counters()
     public var violations: [String] = []
     public var replayCommand = ""
+    /// SHA-256 (hex, first 16 bytes) over every datagram delivered (when, to whom, the
+    /// bytes) and every storage event a receiver emitted, in order: two runs with equal
+    /// digests behaved identically on the wire and on disk. Refactors of the cores are
+    /// checked with it (`fleetcast simulate --digests`).
+    public var traceDigest = ""
 
     /// The information-theoretic minimum: the object bytes over the fraction the worst receiver's link let through.
     public var idealWireBytes: Double {
@@ -237,6 +242,17 @@ public final class Simulation {
     var nodes: [Node]
     var result: SimulationResult
     let session: SessionID
+    /// Hashes the run's observable behaviour (`SimulationResult.traceDigest`).
+    private var trace = SHA256()
+
+    private func record(_ tag: UInt8, _ node: Int, _ bytes: [UInt8] = []) {
+        var header: [UInt8] = [tag]
+        for shift in stride(from: 56, through: 0, by: -8) { header.append(UInt8(truncatingIfNeeded: now.microseconds >> UInt64(shift))) }
+        header += [UInt8(truncatingIfNeeded: node >> 8), UInt8(truncatingIfNeeded: node), UInt8(truncatingIfNeeded: bytes.count >> 16),
+                   UInt8(truncatingIfNeeded: bytes.count >> 8), UInt8(truncatingIfNeeded: bytes.count)]
+        trace.update(header)
+        trace.update(bytes)
+    }
 
     public init(scenario: Scenario, bundle: SimulationBundle, oldSession: [[UInt8]] = []) {
         precondition(bundle.manifest.transport == scenario.profile, "the bundle was packed with another profile than the scenario's")
@@ -318,9 +334,11 @@ public final class Simulation {
             driveSender()
         case .deliverToReceiver(let i, let bytes):
             guard nodes[i].receiver != nil else { return }
+            record(1, i, bytes)
             nodes[i].receiver!.handleDatagram(bytes, at: now)
             drainReceiver(i)
-        case .deliverToSender(_, let bytes):
+        case .deliverToSender(let i, let bytes):
+            record(2, i, bytes)
             sender.handleDatagram(bytes, at: now)
             driveSender()
         case .receiverWake(let i):
@@ -441,8 +459,10 @@ public final class Simulation {
     private func apply(_ e: ReceiverEvent, node i: Int) {
         switch e {
         case .joined(_, let manifest):
+            record(3, i)
             if manifest != bundle.manifest { result.violations.append("receiver \(i) joined a session with another manifest (sequence \(manifest.sequence))") }
         case .store(let object, let block, let offset, let bytes):
+            record(4, i, [object.rawValue] + withUnsafeBytes(of: UInt64(block).bigEndian, Array.init) + withUnsafeBytes(of: offset.bigEndian, Array.init))
             let truth = object == .payload ? bundle.payload : bundle.authChain
             let end = Int(offset) + bytes.count
             if end > truth.count || Array(truth[Int(offset)..<end]) != bytes {
@@ -457,19 +477,24 @@ public final class Simulation {
                 nodes[i].storage.auth.volatile[block] = bytes
             }
         case .commit(let progress):
+            record(5, i, progress.authBlocks.flatMap { withUnsafeBytes(of: UInt32($0).bigEndian, Array.init) } + [0xFF]
+                   + progress.payloadBlocks.flatMap { withUnsafeBytes(of: UInt32($0).bigEndian, Array.init) })
             // fsync, then the atomic journal write.
             nodes[i].storage.auth.durable.merge(nodes[i].storage.auth.volatile) { $1 }
             nodes[i].storage.auth.volatile = [:]
             nodes[i].storage.journal = progress
         case .completed:
+            record(6, i)
             nodes[i].completedAt = now
         case .failed(let reason, let text):
+            record(7, i, [reason.rawValue])
             if !nodes[i].spec.downlink.isDead { result.violations.append("receiver \(i) failed: \(reason) \(text)") }
         }
     }
 
     private func finish() {
         result.duration = now - .zero
+        result.traceDigest = trace.finalize().prefix(16).map { String(format: "%02x", $0) }.joined()
         // The worst receiver's realized loss rate sets the minimum (the definition).
         result.worstLoss = nodes.filter { !$0.spec.downlink.isDead }.map { $0.down.realizedLoss }.max() ?? 0
         for (i, node) in nodes.enumerated() {

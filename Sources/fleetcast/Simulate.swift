@@ -33,6 +33,9 @@ struct Simulate: ParsableCommand {
     @Flag(help: "Print protocol counters of each run.")
     var counters = false
 
+    @Flag(help: "Print one line per run: the seed and a digest of everything it put on the wire and on disk, to check that a change of the code left behaviour exactly as it was.")
+    var digests = false
+
     @Option(help: "Override the scenario's payload size in bytes.")
     var payloadBytes: Int?
 
@@ -64,7 +67,8 @@ struct Simulate: ParsableCommand {
                                                                    blocksPerSegment: s.blocksPerSegment)
             bundles[key] = bundle
             let result = Simulation(scenario: s, bundle: bundle, oldSession: old).run()
-            if count == 1 || !result.violations.isEmpty { print(result) }
+            if digests { print("seed \(seed) \(result.traceDigest) \(String(format: "%.6f", result.duration.seconds)) s data \(result.dataWireBytes) feedback \(result.feedbackWireBytes)") }
+            if (count == 1 && !digests) || !result.violations.isEmpty { print(result) }
             if counters { print("  sender:   \(result.senderCounters)\n  receivers: \(result.receiverCounters)") }
             if !result.violations.isEmpty { failures += 1 }
         }
