@@ -9,6 +9,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "fleetcast", targets: ["fleetcast"]),
+        .library(name: "BundleFormat", targets: ["BundleFormat"]),
         .library(name: "UpdateBundle", targets: ["UpdateBundle"]),
         .library(name: "ErasureCoding", targets: ["ErasureCoding"]),
         .library(name: "SeededRandom", targets: ["SeededRandom"]),
@@ -36,16 +37,20 @@ let package = Package(
         // Every datagram of Specs/protocol.md: strict parse, big-endian write.
         .target(name: "WireFormat"),
         // Steps B and 1 as sans-I/O state machines (Specs/protocol.md).
-        .target(name: "DeliveryCore", dependencies: ["WireFormat", "ErasureCoding", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
+        .target(name: "DeliveryCore", dependencies: ["WireFormat", "ErasureCoding", "BundleFormat", "FleetCrypto", "SeededRandom"]),
         // Deterministic discrete-event network and storage simulator (tests, bench, `fleetcast simulate`).
         .target(name: "DeliverySimulation", dependencies: ["DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
         // The few socket and clock system calls Swift's Glibc module does not export (sendmmsg, recvmmsg, ppoll).
         .target(name: "CSocket"),
         // Real UDP multicast and the real clock: drives Sender/Receiver, stages to disk (../shared/DESIGN.md decision 9).
         .target(name: "Transport", dependencies: ["CSocket", "DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
-        // Step A: manifest, COSE_Sign1, pack / open / verify, block authentication chain.
+        // The bundle's formats as pure values: manifest, COSE_Sign1, the authentication
+        // chain's layout and tags, key unwrapping, trust and device policy. No file I/O:
+        // the delivery core sees block authentication through this module alone.
+        .target(name: "BundleFormat", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR"]),
+        // Step A and step 2 on files: pack, open, verify, decrypt, decompress, release.
         .target(name: "CFileIO"),
-        .target(name: "UpdateBundle", dependencies: ["FleetCrypto", "ErasureCoding", "CBOR", "CZlib", "CFileIO"]),
+        .target(name: "UpdateBundle", dependencies: ["BundleFormat", "FleetCrypto", "ErasureCoding", "CBOR", "CZlib", "CFileIO"]),
 
         .executableTarget(
             name: "fleetcast",

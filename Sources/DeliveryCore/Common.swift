@@ -1,4 +1,4 @@
-import UpdateBundle
+import BundleFormat
 import WireFormat
 
 /// A point on the driver's monotonic clock, in microseconds. The core never

@@ -1,7 +1,7 @@
 import ErasureCoding
 import FleetCrypto
 import SeededRandom
-import UpdateBundle
+import BundleFormat
 import WireFormat
 
 /// How a receiver behaves; every limit has a name and a default (Specs/protocol.md §6).

@@ -1,5 +1,5 @@
 import ErasureCoding
-import UpdateBundle
+import BundleFormat
 import WireFormat
 
 /// Where the sender reads the bytes of the two objects. A file-backed source

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ErasureCoding
 import FleetCrypto
 
@@ -204,7 +207,7 @@ public enum Packer {
         }
         for c in r.components {
             guard Manifest.isSafeComponentName(c.name) else {
-                throw BundleError(.invalidInput, "component name '\(c.name)' must be letters, digits, '.', '_' or '-', not starting with '.'")
+                throw BundleError(.invalidInput, "component name '\(c.name)' must be letters, digits, '.', '_' or '-', not starting with '.' and not ending in '\(Manifest.temporarySuffix)' (the suffix of temporaries, Specs/bundle.md B-6a)")
             }
             try text(c.installTarget, "install target")
         }
@@ -339,19 +342,5 @@ final class TransferSink {
         try records.write(record)
         blockCount += 1
         fill = 0
-    }
-}
-
-#if canImport(Glibc)
-import Glibc
-#endif
-
-extension Manifest {
-    /// Component names become file names on the device: a conservative alphabet.
-    public static func isSafeComponentName(_ name: String) -> Bool {
-        guard !name.isEmpty, name.utf8.count <= BundleLimits.textByteCountMax, name.first != "." else { return false }
-        return name.utf8.allSatisfy { c in
-            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2E || c == 0x5F || c == 0x2D
-        }
     }
 }

@@ -1,39 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CFileIO
 import ErasureCoding
 import FleetCrypto
-
-/// Whose signatures the device trusts, and how many it requires.
-public struct TrustPolicy: Sendable {
-    public var trustedKeys: [PublicKey]
-    /// The device's own minimum; the manifest's threshold applies too, whichever is larger.
-    public var threshold: Int
-    public init(trustedKeys: [PublicKey], threshold: Int = 1) {
-        self.trustedKeys = trustedKeys
-        self.threshold = threshold
-    }
-}
-
-/// What the device knows of itself when it judges an update.
-public struct DevicePolicy: Sendable {
-    /// Unix seconds, injected (the verifier never reads a clock).
-    public var now: UInt64
-    public var hardwareID: String?
-    /// The anti-rollback counter of the installed software; the update's must be larger.
-    public var installedSequence: UInt64?
-    public var productID: String?
-    public init(now: UInt64, hardwareID: String? = nil, installedSequence: UInt64? = nil, productID: String? = nil) {
-        self.now = now; self.hardwareID = hardwareID; self.installedSequence = installedSequence; self.productID = productID
-    }
-}
-
-/// A manifest whose signatures and policy checks passed. Only
-/// `UnverifiedBundle.verifyManifest` makes one.
-public struct VerifiedManifest: Sendable {
-    public let manifest: Manifest
-    public let manifestBytes: [UInt8]
-    /// Key IDs of the trusted keys whose signatures verified.
-    public let validSignerKeyIDs: [[UInt8]]
-}
 
 /// A bundle whose every byte was checked against a verified manifest and,
 /// if encrypted, decrypted. Only `verifyPayload` makes one: the installer
@@ -42,49 +12,6 @@ public struct VerifiedBundle: Sendable {
     public let manifest: VerifiedManifest
     /// Where each component was written, if an output directory was given.
     public let componentPaths: [String: String]
-}
-
-/// Checks the manifest envelope: signatures first, then the device policy.
-public enum ManifestVerifier {
-    public static func verify(envelope: [UInt8], trust: TrustPolicy, device: DevicePolicy) throws(BundleError) -> VerifiedManifest {
-        let (manifestBytes, signatures) = try COSE.parseEnvelope(envelope)
-        // Specs/bundle.md §4.3 B-8: signatures over the exact bytes before any field is trusted.
-        // Count distinct trusted keys with a valid signature over the exact bytes.
-        var valid: [[UInt8]] = []
-        for signature in signatures {
-            for key in trust.trustedKeys where key.keyID == signature.keyID && !valid.contains(key.keyID) {
-                if signature.verify(with: key, detachedPayload: manifestBytes) { valid.append(key.keyID) }
-            }
-        }
-        guard !valid.isEmpty else {
-            let trustedIDs = Set(trust.trustedKeys.map(\.keyID))
-            let fromTrusted = signatures.filter { trustedIDs.contains($0.keyID) }.map { $0.keyID.hexString }
-            if !fromTrusted.isEmpty {
-                throw BundleError(.signatureInvalid, "signature by trusted key \(fromTrusted.joined(separator: ", ")) does not verify: the manifest or signature was altered")
-            }
-            throw BundleError(.signatureInvalid, "no signature from a trusted key (signed by \(signatures.map { $0.keyID.hexString }), trusted \(trust.trustedKeys.map { $0.keyID.hexString }))")
-        }
-        let manifest = try Manifest(decoding: manifestBytes)
-        let authorised = valid.filter { manifest.signerKeyIDs.contains($0) }
-        let required = max(trust.threshold, manifest.signatureThreshold)
-        guard authorised.count >= required else {
-            throw BundleError(.signatureInvalid, "\(authorised.count) valid signature(s) from authorised trusted keys, \(required) required")
-        }
-        // Specs/bundle.md §8 step 3: freeze, mix-and-match and rollback.
-        guard device.now < manifest.expiresAt else {
-            throw BundleError(.expired, "manifest expired at \(manifest.expiresAt), now is \(device.now)")
-        }
-        if let product = device.productID, product != manifest.productID {
-            throw BundleError(.incompatibleHardware, "update is for product '\(manifest.productID)', device is '\(product)'")
-        }
-        if let hardware = device.hardwareID, !manifest.hardwareIDs.contains(hardware) {
-            throw BundleError(.incompatibleHardware, "hardware '\(hardware)' is not among \(manifest.hardwareIDs)")
-        }
-        if let installed = device.installedSequence, manifest.sequence <= installed {
-            throw BundleError(.rollback, "sequence \(manifest.sequence) is not newer than the installed \(installed)")
-        }
-        return VerifiedManifest(manifest: manifest, manifestBytes: manifestBytes, validSignerKeyIDs: authorised)
-    }
 }
 
 /// A bundle file opened and parsed, nothing trusted yet.
@@ -482,19 +409,5 @@ final class ComponentWriter {
         }
         temporaries = []
         return paths
-    }
-}
-
-#if canImport(Glibc)
-import Glibc
-#endif
-
-extension VerifiedManifest {
-    /// Checks, before any payload arrives, that `keys` can unwrap the content
-    /// key (Specs/bundle.md §6.2): a device that is not a recipient learns it
-    /// at once instead of after the whole download. Plain bundles pass.
-    public func checkRecipient(keys: DecryptionKeys) throws(BundleError) {
-        guard let encryption = manifest.encryption else { return }
-        _ = try ContentEncryption.unwrap(encryption, bundleID: manifest.bundleID, keys: keys)
     }
 }

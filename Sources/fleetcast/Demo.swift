@@ -7,10 +7,10 @@ struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run step A and step 2 end to end on a generated image, then show forgeries refused.",
         discussion: """
-        Generates a vendor signing key and three device keys, packs a generated firmware
-        image into a signed bundle encrypted for the devices, verifies and decrypts it as
-        each device, then tampers with it in seven ways and shows each one refused with its
-        reason. Everything happens in a scratch directory that is removed afterwards
+        Generates a vendor signing key and three device keys, packs a generated firmware \
+        image into a signed bundle encrypted for the devices, verifies and decrypts it as \
+        each device, then tampers with it in seven ways and shows each one refused with its \
+        reason. Everything happens in a scratch directory that is removed afterwards \
         (unless --keep). Exits 0 only if every step behaved as expected.
         """
     )

@@ -11,9 +11,9 @@ struct Inject: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Lab tool: forge datagrams into a running session (tests the receivers' defences).",
         discussion: """
-        Listens on the group until it hears a session, then for --duration seconds sends, at
-        --rate datagrams per second: DATA with the real session ID and random symbols, copies of
-        genuine DATA with one bit flipped, POLLs with absurd timing, and CLOSEs. Receivers must drop
+        Listens on the group until it hears a session, then for --duration seconds sends, at \
+        --rate datagrams per second: DATA with the real session ID and random symbols, copies of \
+        genuine DATA with one bit flipped, POLLs with absurd timing, and CLOSEs. Receivers must drop \
         every forgery (and count it) and still deliver the genuine bytes. Use only inside a lab.
         """,
         shouldDisplay: false

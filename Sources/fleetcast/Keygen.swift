@@ -6,9 +6,9 @@ struct Keygen: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Generate a signing key, a device encryption key, or a group key.",
         discussion: """
-        Signing keys (ed25519, p256) sign manifests; keep NAME.key secret, give NAME.pub to
-        devices as a trusted key. Device keys (x25519, p256) let a device decrypt: the vendor
-        packs to NAME.pub, the device keeps NAME.key. A group key (--type group) is a shared
+        Signing keys (ed25519, p256) sign manifests; keep NAME.key secret, give NAME.pub to \
+        devices as a trusted key. Device keys (x25519, p256) let a device decrypt: the vendor \
+        packs to NAME.pub, the device keeps NAME.key. A group key (--type group) is a shared \
         256-bit secret in NAME.groupkey. Private files are created with mode 0600.
 
         Examples:

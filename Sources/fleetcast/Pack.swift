@@ -7,15 +7,16 @@ struct Pack: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Pack images into a signed, optionally encrypted update bundle (step A).",
         discussion: """
-        Each --component is NAME=PATH or NAME=PATH:TARGET (TARGET defaults to NAME). The
-        payload is zlib-compressed, encrypted with a fresh AES-256 key if any --recipient or
-        --group-key is given (the key is wrapped for each), cut into FEC blocks, and every
+        Each --component is NAME=PATH or NAME=PATH:TARGET (TARGET defaults to NAME). The \
+        payload is zlib-compressed, encrypted with a fresh AES-256 key if any --recipient or \
+        --group-key is given (the key is wrapped for each), cut into FEC blocks, and every \
         symbol the sender may ever send gets a tag in a hash chain the signature covers.
 
         Example:
           fleetcast pack --output update.fcb --product gateway --hardware gw-rev-a \\
             --version 2.1.0 --sequence 42 --expires-in 30d \\
-            --component rootfs=build/rootfs.img --sign vendor.key --recipient device-0001.pub
+            --component rootfs=build/rootfs.img --sign vendor.key \\
+            --recipient device-0001.pub
         """
     )
 

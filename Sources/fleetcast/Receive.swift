@@ -10,24 +10,25 @@ struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Receive a bundle from a multicast session, verify it, and keep it (steps 1 and 2).",
         discussion: """
-        Joins the group and waits for an announce whose manifest verifies against the trusted
-        keys and this device's policy (hardware, anti-rollback, expiry); anything else is
-        refused before a byte is stored. Every arriving symbol is checked against the signed
-        authentication chain; missing symbols are NACKed by unicast. Verified blocks go to
-        --staging-dir with a journal, so a killed receiver resumes where it stopped. On
-        completion the whole payload is hashed against the manifest, decrypted and
-        decompressed (step 2); the verified bundle is kept (--bundle-out) and the components
-        written (--output-dir). With --output-dir alone, a bundle whose only component is its
-        plain payload is not kept: the payload is staged as the component file and released
+        Joins the group and waits for an announce whose manifest verifies against the trusted \
+        keys and this device's policy (hardware, anti-rollback, expiry); anything else is \
+        refused before a byte is stored. Every arriving symbol is checked against the signed \
+        authentication chain; missing symbols are NACKed by unicast. Verified blocks go to \
+        --staging-dir with a journal, so a killed receiver resumes where it stopped. On \
+        completion the whole payload is hashed against the manifest, decrypted and \
+        decompressed (step 2); the verified bundle is kept (--bundle-out) and the components \
+        written (--output-dir). With --output-dir alone, a bundle whose only component is its \
+        plain payload is not kept: the payload is staged as the component file and released \
         by a rename once its hash matches, so it is written once (--keep-bundle keeps it).
 
-        Exit status: 0 verified; 13 expired; 14 incompatible hardware; 15 rollback; 17 hash
-        mismatch; 18 not a recipient; 19 decryption failed; 20 storage; 30 no session within
+        Exit status: 0 verified; 13 expired; 14 incompatible hardware; 15 rollback; 17 hash \
+        mismatch; 18 not a recipient; 19 decryption failed; 20 storage; 30 no session within \
         --timeout; 31 the session ended before this device completed; 33 network error.
 
         Example:
-          fleetcast receive --interface eth1 --trusted-key vendor.pub --hardware-id board-7 \\
-              --installed-sequence 41 --device-key device.key --output-dir /var/lib/update
+          fleetcast receive --interface eth1 --trusted-key vendor.pub \\
+              --hardware-id board-7 --installed-sequence 41 \\
+              --device-key device.key --output-dir /var/lib/update
         """
     )
 

@@ -10,16 +10,16 @@ struct Send: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Broadcast a bundle to a fleet over UDP multicast (step B).",
         discussion: """
-        Announces the signed manifest, multicasts the authentication chain and the payload
-        as FEC symbols at --rate, then serves repair in rounds for the receivers' NACKs until
-        every registered receiver reports done (or --deadline, or the fleet goes silent).
-        The sender needs no key: receivers verify everything. Feedback comes back by unicast
+        Announces the signed manifest, multicasts the authentication chain and the payload \
+        as FEC symbols at --rate, then serves repair in rounds for the receivers' NACKs until \
+        every registered receiver reports done (or --deadline, or the fleet goes silent). \
+        The sender needs no key: receivers verify everything. Feedback comes back by unicast \
         to this host's address and the socket's port (--bind, --feedback-port).
 
-        Progress shows the round, the rate, the bytes sent against the payload, and the
+        Progress shows the round, the rate, the bytes sent against the payload, and the \
         receivers registered, done and failed. --report writes a JSON fleet report.
 
-        Exit status: 0 every receiver completed; 32 some receiver failed or went silent;
+        Exit status: 0 every receiver completed; 32 some receiver failed or went silent; \
         33 network error; 10-21 bundle problems (see `fleetcast --help`).
 
         Examples:

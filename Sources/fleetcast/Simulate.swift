@@ -8,7 +8,7 @@ struct Simulate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the delivery protocol in the deterministic network simulator.",
         discussion: """
-        One seed decides every loss, delay, duplicate, corruption, forgery and power cut, so a
+        One seed decides every loss, delay, duplicate, corruption, forgery and power cut, so a \
         run replays exactly: a failing test prints the command that reproduces it. Scenarios:
         \(ScenarioCatalog.names.joined(separator: ", ")) (P = loss percent, N = receivers).
 
@@ -16,7 +16,7 @@ struct Simulate: ParsableCommand {
           fleetcast simulate --scenario loss-10-16 --seed 7
           fleetcast simulate --scenario sweep --seed 1 --count 500     # seeds 1...500
 
-        FLEETCAST_SIM_TRACE=1 prints the event queue every 200,000 events and the
+        FLEETCAST_SIM_TRACE=1 prints the event queue every 200,000 events and the \
         counters of the last receiver to complete (for runs that take long).
         """
     )

@@ -7,11 +7,11 @@ struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Verify a bundle as a device would (step 2) and optionally extract it.",
         discussion: """
-        Checks, in order: the signatures against the trusted keys and threshold, expiry,
-        product and hardware compatibility, anti-rollback, then every payload byte (each
-        block and symbol against the authentication chain, the payload hash), decrypts and
-        decompresses, and checks each component's size and hash. Components are written to
-        --output-dir only after every check passed. Each failure has its own exit status
+        Checks, in order: the signatures against the trusted keys and threshold, expiry, \
+        product and hardware compatibility, anti-rollback, then every payload byte (each \
+        block and symbol against the authentication chain, the payload hash), decrypts and \
+        decompresses, and checks each component's size and hash. Components are written to \
+        --output-dir only after every check passed. Each failure has its own exit status \
         (see `fleetcast --help`).
         """
     )

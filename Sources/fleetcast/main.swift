@@ -8,14 +8,14 @@ struct Fleetcast: ParsableCommand {
         commandName: "fleetcast",
         abstract: "Build, inspect and verify signed, encrypted software update data sets.",
         discussion: """
-        Step A (vendor): `keygen` makes signing and device keys, `pack` turns images into a
-        signed bundle. Devices: `verify` checks signatures, expiry, hardware, anti-rollback,
-        sizes and every hash, decrypts, and writes the components. `demo` runs it all on a
+        Step A (vendor): `keygen` makes signing and device keys, `pack` turns images into a \
+        signed bundle. Devices: `verify` checks signatures, expiry, hardware, anti-rollback, \
+        sizes and every hash, decrypts, and writes the components. `demo` runs it all on a \
         generated image and shows forged bundles being refused.
 
-        Exit status: 0 success; 10 malformed; 11 unknown critical field; 12 signature;
-        13 expired; 14 incompatible hardware; 15 rollback; 16 size mismatch; 17 hash
-        mismatch; 18 not a recipient; 19 decryption failed; 20 I/O; 21 invalid input;
+        Exit status: 0 success; 10 malformed; 11 unknown critical field; 12 signature; \
+        13 expired; 14 incompatible hardware; 15 rollback; 16 size mismatch; 17 hash \
+        mismatch; 18 not a recipient; 19 decryption failed; 20 I/O; 21 invalid input; \
         64 usage.
         """,
         subcommands: [Keygen.self, Pack.self, Inspect.self, Verify.self, Send.self, Receive.self, Demo.self, Simulate.self, Inject.self]

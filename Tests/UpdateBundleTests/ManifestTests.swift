@@ -110,4 +110,21 @@ struct ManifestTests {
             #expect((0..<g.blockCount).reduce(UInt64(0)) { $0 + UInt64(g.byteRange(ofBlock: $1).count) } == payload)
         }
     }
+
+    /// Specs/bundle.md B-6a: `x.partial` is the temporary of `x`; a component of that
+    /// name could be clobbered by it or taken for it.
+    @Test("A component name that collides with a temporary (x beside x.partial) is refused by pack and by decoding")
+    func temporaryNameCollision() throws {
+        #expect(failure { _ = try f.pack { $0.components.append(.init(name: "rootfs.img.partial", path: f.imagePath, installTarget: "data")) } } == .invalidInput)
+        #expect(failure { _ = try f.pack { $0.components[0].name = "boot.partial" } } == .invalidInput)
+        let m = try baseManifest()
+        #expect(verify(cbor: edit(m) { entries in
+            let i = entries.firstIndex { $0.key == .int(8) }!
+            var component = entries[i].value.arrayValue![0].mapValue!
+            let n = component.firstIndex { $0.key == .int(1) }!
+            component[n].value = .text("rootfs.img.partial")
+            entries[i].value = .array([.map(component)])
+        }) == .malformed)
+        #expect(Manifest.isSafeComponentName("rootfs.partial.img") && !Manifest.isSafeComponentName(".partial"))
+    }
 }

@@ -13,17 +13,17 @@ public struct GroupKey: Sendable, Hashable {
 
 /// Wrapping and unwrapping of the content key, and the chunk framing of
 /// the encrypted payload (Specs/bundle.md §6).
-enum ContentEncryption {
-    static let contentKeyByteCount = 32
+package enum ContentEncryption {
+    package static let contentKeyByteCount = 32
 
-    static func kek(method: Manifest.Recipient.Method, secret: [UInt8], bundleID: [UInt8], keyID: [UInt8], ephemeral: [UInt8]?) throws(BundleError) -> [UInt8] {
+    package static func kek(method: Manifest.Recipient.Method, secret: [UInt8], bundleID: [UInt8], keyID: [UInt8], ephemeral: [UInt8]?) throws(BundleError) -> [UInt8] {
         let label = method == .groupKey ? "fleetcast group kek v1" : "fleetcast ecdh-es kek v1"
         let info = Array(label.utf8) + [UInt8(method.rawValue), UInt8(keyID.count)] + keyID + (ephemeral ?? [])
         do { return try HKDF.sha256(inputKeyMaterial: secret, salt: bundleID, info: info, outputByteCount: 32) }
         catch { throw BundleError(.decryptionFailed, "HKDF: \(error)") }
     }
 
-    static func wrap(contentKey: [UInt8], bundleID: [UInt8], device: PublicKey) throws(BundleError) -> Manifest.Recipient {
+    package static func wrap(contentKey: [UInt8], bundleID: [UInt8], device: PublicKey) throws(BundleError) -> Manifest.Recipient {
         let method: Manifest.Recipient.Method
         switch device.algorithm {
         case .p256: method = .ecdhP256
@@ -42,7 +42,7 @@ enum ContentEncryption {
         } catch let error as BundleError { throw error } catch { fatalError("unreachable") }
     }
 
-    static func wrap(contentKey: [UInt8], bundleID: [UInt8], group: GroupKey) throws(BundleError) -> Manifest.Recipient {
+    package static func wrap(contentKey: [UInt8], bundleID: [UInt8], group: GroupKey) throws(BundleError) -> Manifest.Recipient {
         let kek = try kek(method: .groupKey, secret: group.bytes, bundleID: bundleID, keyID: group.keyID, ephemeral: nil)
         do {
             return Manifest.Recipient(method: .groupKey, keyID: group.keyID, ephemeralPublicKey: nil,
@@ -51,7 +51,7 @@ enum ContentEncryption {
     }
 
     /// Finds a recipient entry for one of the device's keys and unwraps the content key.
-    static func unwrap(_ info: Manifest.EncryptionInfo, bundleID: [UInt8], keys: DecryptionKeys) throws(BundleError) -> [UInt8] {
+    package static func unwrap(_ info: Manifest.EncryptionInfo, bundleID: [UInt8], keys: DecryptionKeys) throws(BundleError) -> [UInt8] {
         var matched = false
         for recipient in info.recipients {
             var secret: [UInt8]?
@@ -75,10 +75,10 @@ enum ContentEncryption {
     }
 
     /// nonce(i) = 0x00000000 || u64 i  (the content key is fresh per bundle).
-    static func nonce(chunk i: UInt64) -> [UInt8] { [0, 0, 0, 0] + bigEndian64(i) }
+    package static func nonce(chunk i: UInt64) -> [UInt8] { [0, 0, 0, 0] + bigEndian64(i) }
 
     /// aad(i) = "FLCE" || bundle ID || u64 i || u8 last: binds order and the end of the stream.
-    static func aad(bundleID: [UInt8], chunk i: UInt64, last: Bool) -> [UInt8] {
+    package static func aad(bundleID: [UInt8], chunk i: UInt64, last: Bool) -> [UInt8] {
         Array("FLCE".utf8) + bundleID + bigEndian64(i) + [last ? 1 : 0]
     }
 }
@@ -94,8 +94,8 @@ public struct DecryptionKeys: Sendable {
 }
 
 /// Sizes of the payload as transferred.
-enum PayloadLayout {
-    static func transferredSize(compressedSize: UInt64, encryption: Manifest.EncryptionInfo?) throws(BundleError) -> UInt64 {
+package enum PayloadLayout {
+    package static func transferredSize(compressedSize: UInt64, encryption: Manifest.EncryptionInfo?) throws(BundleError) -> UInt64 {
         guard let encryption else { return compressedSize }
         let chunk = UInt64(encryption.chunkSize)
         let chunks = (compressedSize + chunk - 1) / chunk
