@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "SeededRandom", targets: ["SeededRandom"]),
         .library(name: "Transport", targets: ["Transport"]),
         .library(name: "DeliveryCore", targets: ["DeliveryCore"]),
+        .library(name: "DeviceAgent", targets: ["DeviceAgent"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -40,10 +41,15 @@ let package = Package(
         .target(name: "DeliveryCore", dependencies: ["WireFormat", "ErasureCoding", "BundleFormat", "FleetCrypto", "SeededRandom"]),
         // Deterministic discrete-event network and storage simulator (tests, bench, `fleetcast simulate`).
         .target(name: "DeliverySimulation", dependencies: ["DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
+        // The device side as a library a device agent embeds: offers judged by the current
+        // policy, staging and resume journal, step 2 and release (Specs/agent.md). Pure
+        // logic plus file I/O; no sockets (Transport), no CLI, no simulator, no C library.
+        .target(name: "DeviceAgent", dependencies: ["DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
         // The few socket and clock system calls Swift's Glibc module does not export (sendmmsg, recvmmsg, ppoll).
         .target(name: "CSocket"),
-        // Real UDP multicast and the real clock: drives Sender/Receiver, stages to disk (../shared/DESIGN.md decision 9).
-        .target(name: "Transport", dependencies: ["CSocket", "DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
+        // Real UDP multicast and the real clock, and the pumps that feed datagrams and time into
+        // a sender or a receiving endpoint (../shared/DESIGN.md decision 9). No device policy, no staging.
+        .target(name: "Transport", dependencies: ["CSocket", "DeliveryCore", "WireFormat", "BundleFormat", "SeededRandom"]),
         // The bundle's formats as pure values: manifest, COSE_Sign1, the authentication
         // chain's layout and tags, key unwrapping, trust and device policy. No file I/O:
         // the delivery core sees block authentication through this module alone.
@@ -55,7 +61,7 @@ let package = Package(
         .executableTarget(
             name: "fleetcast",
             dependencies: [
-                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "Transport", "WireFormat", "SeededRandom",
+                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "DeviceAgent", "Transport", "WireFormat", "SeededRandom",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -83,6 +83,42 @@ void fc_addr_any(int family, uint16_t port, fc_addr *out) {
     }
 }
 
+int fc_addr_parts(const fc_addr *addr, uint8_t bytes[16], uint16_t *port, uint32_t *scope_id) {
+    if (addr->storage.ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)&addr->storage;
+        memcpy(bytes, &v4->sin_addr, 4);
+        *port = ntohs(v4->sin_port);
+        *scope_id = 0;
+        return AF_INET;
+    }
+    if (addr->storage.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)&addr->storage;
+        memcpy(bytes, &v6->sin6_addr, 16);
+        *port = ntohs(v6->sin6_port);
+        *scope_id = v6->sin6_scope_id;
+        return AF_INET6;
+    }
+    return 0;
+}
+
+void fc_addr_from_parts(int family, const uint8_t bytes[16], uint16_t port, uint32_t scope_id, fc_addr *out) {
+    memset(out, 0, sizeof(*out));
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&out->storage;
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons(port);
+        memcpy(&v6->sin6_addr, bytes, 16);
+        v6->sin6_scope_id = scope_id;
+        out->length = sizeof(*v6);
+    } else {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&out->storage;
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons(port);
+        memcpy(&v4->sin_addr, bytes, 4);
+        out->length = sizeof(*v4);
+    }
+}
+
 int fc_udp_open(int family) {
     int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     return fd < 0 ? -errno : fd;

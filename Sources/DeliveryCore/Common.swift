@@ -25,17 +25,82 @@ public struct Interval: Comparable, Hashable, Sendable {
     public var seconds: Double { Double(microseconds) / 1e6 }
 }
 
-/// Where a datagram goes. The driver maps `.sender` to the feedback address
-/// from the announce, `.receiver` to the address that receiver's feedback came from.
-public enum Destination: Hashable, Sendable {
-    case group
-    case sender
-    case receiver(ReceiverID)
+/// A UDP peer as a plain value: what a datagram came from and where one goes.
+/// The cores pick destinations themselves (the feedback address an announce
+/// names, the address a receiver's feedback came from), so no driver parses a
+/// datagram to route it; drivers convert to and from their sockets' addresses.
+/// The address is held in two integers, not an array: one is made per datagram.
+public struct PeerAddress: Hashable, Sendable, CustomStringConvertible {
+    public enum Family: Sendable, Hashable { case ipv4, ipv6 }
+    public let family: Family
+    /// The address in network order: IPv6 bytes 0-7 and 8-15; IPv4 in the low 32 bits of `low`.
+    public let high: UInt64
+    public let low: UInt64
+    public let port: UInt16
+    /// The IPv6 interface scope of a link-local address (0 elsewhere).
+    public let scopeID: UInt32
+
+    public init(family: Family, high: UInt64 = 0, low: UInt64, port: UInt16, scopeID: UInt32 = 0) {
+        precondition(family == .ipv6 || (high == 0 && low <= UInt64(UInt32.max)), "an IPv4 address has 32 bits")
+        self.family = family; self.high = high; self.low = low; self.port = port; self.scopeID = family == .ipv6 ? scopeID : 0
+    }
+
+    /// From address bytes in network order: 4 for IPv4, 16 for IPv6.
+    public init(family: Family, address: some Collection<UInt8>, port: UInt16, scopeID: UInt32 = 0) {
+        let bytes = Array(address)
+        precondition(bytes.count == (family == .ipv4 ? 4 : 16), "an IPv4 address has 4 bytes, an IPv6 one 16")
+        let word = { (r: Range<Int>) in bytes[r].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        self.init(family: family, high: family == .ipv6 ? word(0..<8) : 0, low: family == .ipv6 ? word(8..<16) : word(0..<4),
+                  port: port, scopeID: scopeID)
+    }
+
+    /// The address bytes in network order.
+    public var addressBytes: [UInt8] {
+        let words = family == .ipv6 ? [high, low] : [low << 32]
+        return words.flatMap { w in (0..<8).map { UInt8(truncatingIfNeeded: w >> (56 - 8 * $0)) } }.prefix(family == .ipv6 ? 16 : 4).map { $0 }
+    }
+
+    /// 198.18.0.0/15 (RFC 2544's benchmarking range), for tests and the simulator.
+    public static func benchmark(_ host: UInt16, port: UInt16 = 4711) -> PeerAddress {
+        PeerAddress(family: .ipv4, low: 0xC612_0000 | UInt64(host), port: port)
+    }
+
+    public var description: String {
+        let bytes = addressBytes
+        switch family {
+        case .ipv4: return bytes.map(String.init).joined(separator: ".") + ":\(port)"
+        case .ipv6:
+            let groups = stride(from: 0, to: 16, by: 2).map { String(UInt16(bytes[$0]) << 8 | UInt16(bytes[$0 + 1]), radix: 16) }
+            return "[" + groups.joined(separator: ":") + (scopeID != 0 ? "%\(scopeID)" : "") + "]:\(port)"
+        }
+    }
 }
 
+/// Where a datagram goes: the session's multicast group, or one peer by unicast
+/// (a receiver's feedback to its sender, a sender's ACK to a receiver).
+public enum Destination: Hashable, Sendable {
+    case group
+    case peer(PeerAddress)
+}
+
+/// A datagram for the driver to send.
 public struct Transmit: Sendable {
     public var destination: Destination
     public var bytes: [UInt8]
+    public init(destination: Destination, bytes: [UInt8]) { self.destination = destination; self.bytes = bytes }
+}
+
+/// A core's timers as data (quinn's `TimerTable`): one optional deadline per
+/// timer, so that the next wake-up is one minimum and no timer hides in a field.
+struct TimerTable<Timer: CaseIterable & RawRepresentable> where Timer.RawValue == Int {
+    private var deadlines = [Instant?](repeating: nil, count: Timer.allCases.count)
+    subscript(timer: Timer) -> Instant? {
+        get { deadlines[timer.rawValue] }
+        set { deadlines[timer.rawValue] = newValue }
+    }
+    /// Whether `timer` is set and due at `now`.
+    func isDue(_ timer: Timer, at now: Instant) -> Bool { deadlines[timer.rawValue].map { $0 <= now } ?? false }
+    var next: Instant? { deadlines.compactMap { $0 }.min() }
 }
 
 /// The blocks of one object under the bundle's transport profile (Specs/bundle.md §7.1).
@@ -52,55 +117,6 @@ public struct ObjectLayout: Sendable {
 
     public func sourceSymbols(_ block: Int) -> Int { geometry.sourceSymbols(inBlock: block) }
     public func symbolCount(_ block: Int) -> Int { geometry.symbolCount(inBlock: block) }
-}
-
-/// A named counter set: every drop and every rejection has a name (Specs/protocol.md P-1).
-public struct Counters: Sendable, CustomStringConvertible {
-    /// The counters a receiver bumps once per datagram, kept in fields instead
-    /// of the dictionary so that the hot path hashes no string; they read
-    /// back under their names like any other.
-    public enum Hot: Int, CaseIterable, Sendable {
-        case acceptedPayload, acceptedAuth, dataDuplicate, dataBlockDone
-        public var name: String {
-            switch self {
-            case .acceptedPayload: "accepted.payload"
-            case .acceptedAuth: "accepted.auth"
-            case .dataDuplicate: "dropped.data.duplicate"
-            case .dataBlockDone: "dropped.data.blockDone"
-            }
-        }
-    }
-    private(set) var values: [String: UInt64] = [:]
-    private var hot: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-    public init() {}
-    public mutating func add(_ name: String, _ n: UInt64 = 1) {
-        if let h = Hot.allCases.first(where: { $0.name == name }) { add(h, n) } else { values[name, default: 0] += n }
-    }
-    public mutating func add(_ counter: Hot, _ n: UInt64 = 1) {
-        switch counter {
-        case .acceptedPayload: hot.0 += n
-        case .acceptedAuth: hot.1 += n
-        case .dataDuplicate: hot.2 += n
-        case .dataBlockDone: hot.3 += n
-        }
-    }
-    public subscript(counter: Hot) -> UInt64 {
-        switch counter {
-        case .acceptedPayload: hot.0
-        case .acceptedAuth: hot.1
-        case .dataDuplicate: hot.2
-        case .dataBlockDone: hot.3
-        }
-    }
-    public subscript(name: String) -> UInt64 {
-        if let h = Hot.allCases.first(where: { $0.name == name }) { return self[h] }
-        return values[name] ?? 0
-    }
-    public var all: [(String, UInt64)] {
-        let hotValues = Hot.allCases.filter { self[$0] > 0 }.map { ($0.name, self[$0]) }
-        return (values.map { ($0.key, $0.value) } + hotValues).sorted { $0.0 < $1.0 }
-    }
-    public var description: String { all.map { "\($0.0)=\($0.1)" }.joined(separator: " ") }
 }
 
 /// The share of the full NACK backoff a group of this size uses (Specs/protocol.md
@@ -124,3 +140,25 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+/// What a receiving socket loop drives (Transport's `ReceiverPump`, or a device
+/// maker's own loop): datagrams and time in, datagrams out, and work that is
+/// not network, done between reads. The loop owns the sockets and the clock;
+/// the endpoint owns every decision.
+public protocol DatagramEndpoint: AnyObject {
+    /// A datagram that arrived from `peer` (its source address) at `now`.
+    func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant)
+    /// Called when `nextDeadline` has passed.
+    func handleTimeout(at now: Instant)
+    /// The next datagram to send, or nil.
+    func pollTransmit() -> Transmit?
+    /// When `handleTimeout` next has something to do.
+    var nextDeadline: Instant? { get }
+    /// Whether `performPendingWork` has something to do now (the loop then reads the
+    /// sockets without waiting, and calls it).
+    var hasPendingWork: Bool { get }
+    /// A bounded slice of that work (a few milliseconds), so that the sockets wait little.
+    func performPendingWork(at now: Instant)
+    /// Nothing more to receive or send: the loop may end.
+    var isDone: Bool { get }
+}

@@ -139,8 +139,9 @@ public struct SimulationResult: Sendable, CustomStringConvertible {
     public var payloadBytes: UInt64 = 0
     public var worstLoss = 0.0
     public var duration = Interval(microseconds: 0)
-    public var senderCounters = Counters()
-    public var receiverCounters = Counters()
+    public var senderStats = SenderStats()
+    /// The sum over every receiver's last incarnation.
+    public var receiverStats = ReceiverStats()
     public var violations: [String] = []
     public var replayCommand = ""
     /// SHA-256 (hex, first 16 bytes) over every datagram delivered (when, to whom, the
@@ -173,7 +174,7 @@ public final class Simulation {
     private var lastPendingRepair: [UInt32: UInt16] = [:]
     enum Event {
         case senderWake
-        case deliverToReceiver(Int, [UInt8])
+        case deliverToReceiver(Int, [UInt8], from: PeerAddress)
         case deliverToSender(Int, [UInt8])
         case receiverWake(Int)
         case join(Int)
@@ -242,6 +243,8 @@ public final class Simulation {
     var nodes: [Node]
     var result: SimulationResult
     let session: SessionID
+    /// Which node an address is (the sender's ACKs go by address).
+    let nodeIndex: [PeerAddress: Int]
     /// Hashes the run's observable behaviour (`SimulationResult.traceDigest`).
     private var trace = SHA256()
 
@@ -252,7 +255,9 @@ public final class Simulation {
                    UInt8(truncatingIfNeeded: bytes.count >> 8), UInt8(truncatingIfNeeded: bytes.count)]
         trace.update(header)
         trace.update(bytes)
+        if Simulation.dump { print("T \(tag) \(now) n\(node) \(bytes.count) \(bytes.map { String($0, radix: 16) }.joined(separator: ","))") }
     }
+    nonisolated(unsafe) static let dump = ProcessInfo.processInfo.environment["FLEETCAST_SIM_DUMP"] != nil
 
     public init(scenario: Scenario, bundle: SimulationBundle, oldSession: [[UInt8]] = []) {
         precondition(bundle.manifest.transport == scenario.profile, "the bundle was packed with another profile than the scenario's")
@@ -273,6 +278,7 @@ public final class Simulation {
         config.announceInterval = Interval.milliseconds(200)
         sender = Sender(config: config, envelope: bundle.envelope, manifest: bundle.manifest,
                         source: InMemoryObjects(authChain: bundle.authChain, payload: bundle.payload))
+        nodeIndex = Dictionary(uniqueKeysWithValues: scenario.receivers.indices.map { (Self.address(ofReceiver: $0), $0) })
         nodes = scenario.receivers.map {
             Node(spec: $0, down: LinkState(model: $0.downlink), up: LinkState(model: $0.uplink),
                  storage: Storage(auth: AuthStorage(blockBytes: scenario.profile.blockByteCount)))
@@ -286,10 +292,19 @@ public final class Simulation {
         result.worstLoss = 0
     }
 
+    /// Every simulated device: the bundle's hardware, sequence 9 installed, the clock just after the bundle was made.
+    public static let devicePolicy = DevicePolicy(now: SimulationBundle.createdAt + 1, hardwareID: SimulationBundle.hardwareID, installedSequence: 9)
+
+    /// The sender's address and each receiver's, in 198.18.0.0/15 (addresses route
+    /// nothing here: every receiver's feedback reaches the one sender).
+    static let senderAddress = PeerAddress.benchmark(1)
+    static func address(ofReceiver i: Int) -> PeerAddress { .benchmark(UInt16(i + 2)) }
+    /// Forged and replayed traffic comes from here.
+    static let attackerAddress = PeerAddress.benchmark(0xFFFF)
+
     func receiverConfig(_ i: Int) -> ReceiverConfig {
-        var c = ReceiverConfig(receiverID: ReceiverID(UInt64(i + 1)), deviceID: "device-\(i)", installedVersion: "9.0",
+        var c = ReceiverConfig(receiverID: ReceiverID(UInt64(i + 1)), deviceID: "device-\(i)", installedVersion: "9.0", installedSequence: 9,
                                trust: TrustPolicy(trustedKeys: [bundle.trustedKey]),
-                               device: DevicePolicy(now: SimulationBundle.createdAt + 1, hardwareID: SimulationBundle.hardwareID, installedSequence: 9),
                                seed: scenario.seed &+ UInt64(i) &* 0x9E37_79B9 &+ UInt64(nodes[i].incarnation) << 48)
         c.commitBlockCount = 4
         c.blocksInMemoryMax = scenario.blocksInMemoryMax
@@ -332,14 +347,14 @@ public final class Simulation {
         case .senderWake:
             if senderWake == now { senderWake = nil }
             driveSender()
-        case .deliverToReceiver(let i, let bytes):
+        case .deliverToReceiver(let i, let bytes, let source):
             guard nodes[i].receiver != nil else { return }
             record(1, i, bytes)
-            nodes[i].receiver!.handleDatagram(bytes, at: now)
+            nodes[i].receiver!.handleDatagram(bytes, from: source, at: now)
             drainReceiver(i)
         case .deliverToSender(let i, let bytes):
             record(2, i, bytes)
-            sender.handleDatagram(bytes, at: now)
+            sender.handleDatagram(bytes, from: Self.address(ofReceiver: i), at: now)
             driveSender()
         case .receiverWake(let i):
             guard nodes[i].receiver != nil else { return }
@@ -368,10 +383,10 @@ public final class Simulation {
             let forged = rng.next() % 10 == 0 ? Datagram.close(Close(session: session, reason: .aborted)).encoded()
                 : Datagram.data(DataSymbol(session: session, object: object, block: UInt32(rng.next() % UInt64(max(blocks, 1))),
                                            symbolIndex: UInt8(rng.next() % UInt64(scenario.profile.sourceSymbolsPerBlock)), symbol: symbol)).encoded()
-            for i in nodes.indices { deliver(forged, to: i) }
+            for i in nodes.indices { deliver(forged, to: i, from: Self.attackerAddress) }
             queue.push(now + Interval(microseconds: UInt64(1e6 / scenario.forgedDataPerSecond)), .attack)
         case .replay(let n):
-            for i in nodes.indices { deliver(oldSession[n], to: i) }
+            for i in nodes.indices { deliver(oldSession[n], to: i, from: Self.attackerAddress) }
             if n + 1 < oldSession.count { queue.push(now + Interval(microseconds: 20), .replay(n + 1)) }
         }
     }
@@ -394,11 +409,11 @@ public final class Simulation {
         return d.pendingRepair == 0 && previous == 1
     }
 
-    private func deliver(_ bytes: [UInt8], to i: Int) {
+    private func deliver(_ bytes: [UInt8], to i: Int, from source: PeerAddress = Simulation.senderAddress) {
         for (delay, corrupt) in nodes[i].down.transmit(&rng) {
             var b = bytes
             if corrupt { b[Int(rng.next() % UInt64(b.count))] ^= UInt8(1 << (rng.next() % 8)) }
-            queue.push(now + delay, .deliverToReceiver(i, b))
+            queue.push(now + delay, .deliverToReceiver(i, b, from: source))
         }
     }
 
@@ -411,10 +426,8 @@ public final class Simulation {
             case .group:
                 if scenario.dropsClosingRepair && closesRepairBatch(t.bytes) { continue }
                 for i in nodes.indices { deliver(t.bytes, to: i) }
-            case .receiver(let id):
-                let i = Int(id.rawValue) - 1
-                if nodes.indices.contains(i) { deliver(t.bytes, to: i) }
-            case .sender: break
+            case .peer(let address):
+                if let i = nodeIndex[address] { deliver(t.bytes, to: i) }
             }
             if sent > 10_000 { break }  // bounded per wake; the rest on the next wake
         }
@@ -429,8 +442,16 @@ public final class Simulation {
 
     private func drainReceiver(_ i: Int) {
         guard var r = nodes[i].receiver else { return }
-        while let t = r.pollTransmit() {
-            if case .sender = t.destination {
+        // Actions can queue datagrams (accepting an offer sends REGISTER) and datagrams
+        // none: carry both out until neither is left.
+        var more = true
+        while more {
+            more = false
+            while let t = r.pollTransmit() {
+                more = true
+                // Every receiver datagram is feedback for the one sender, whatever address the
+                // (possibly forged) announce named.
+                guard case .peer = t.destination else { continue }
                 // Feedback that cannot reach the sender is left out of the feedback bound,
                 // which is about what a sender hears: an unheard receiver NACKs after every
                 // POLL, as it should, and the sender's idle rounds are short.
@@ -443,8 +464,11 @@ public final class Simulation {
                     queue.push(now + delay, .deliverToSender(i, b))
                 }
             }
+            while let a = r.pollAction() {
+                more = true
+                apply(a, to: &r, node: i)
+            }
         }
-        while let e = r.pollEvent() { apply(e, node: i) }
         nodes[i].receiver = r
         if let next = r.nextDeadline {
             let at = max(next, now + Interval(microseconds: 1))
@@ -455,12 +479,21 @@ public final class Simulation {
         }
     }
 
-    /// Executes storage events and checks the invariants on everything a receiver accepts.
-    private func apply(_ e: ReceiverEvent, node i: Int) {
-        switch e {
-        case .joined(_, let manifest):
-            record(3, i)
-            if manifest != bundle.manifest { result.violations.append("receiver \(i) joined a session with another manifest (sequence \(manifest.sequence))") }
+    /// Carries out a receiver's actions as a device would, and checks the invariants
+    /// on everything it accepts: offers are judged by `devicePolicy`, storage is
+    /// memory that a power cut clears down to the last commit, and step 2's verdict
+    /// comes at once (the bytes were checked as they were stored).
+    private func apply(_ action: ReceiverAction, to r: inout Receiver, node i: Int) {
+        switch action {
+        case .offer(let offer):
+            do {
+                let verified = try offer.manifest.admit(under: Self.devicePolicy)
+                record(3, i)
+                if verified.manifest != bundle.manifest { result.violations.append("receiver \(i) joined a session with another manifest (sequence \(verified.manifest.sequence))") }
+                r.accept(verified, at: now)
+            } catch {
+                r.decline(Self.declineReason(error), error.reason, at: now)
+            }
         case .store(let object, let block, let offset, let bytes):
             record(4, i, [object.rawValue] + withUnsafeBytes(of: UInt64(block).bigEndian, Array.init) + withUnsafeBytes(of: offset.bigEndian, Array.init))
             let truth = object == .payload ? bundle.payload : bundle.authChain
@@ -476,6 +509,7 @@ public final class Simulation {
             } else {
                 nodes[i].storage.auth.volatile[block] = bytes
             }
+            r.handleStored(object, block: block)
         case .commit(let progress):
             record(5, i, progress.authBlocks.flatMap { withUnsafeBytes(of: UInt32($0).bigEndian, Array.init) } + [0xFF]
                    + progress.payloadBlocks.flatMap { withUnsafeBytes(of: UInt32($0).bigEndian, Array.init) })
@@ -483,12 +517,22 @@ public final class Simulation {
             nodes[i].storage.auth.durable.merge(nodes[i].storage.auth.volatile) { $1 }
             nodes[i].storage.auth.volatile = [:]
             nodes[i].storage.journal = progress
-        case .completed:
+        case .verify:
             record(6, i)
             nodes[i].completedAt = now
+            r.handleVerdict(.verified, at: now)
         case .failed(let reason, let text):
             record(7, i, [reason.rawValue])
             if !nodes[i].spec.downlink.isDead { result.violations.append("receiver \(i) failed: \(reason) \(text)") }
+        }
+    }
+
+    /// The STATUS reason a device sends when its policy refuses an offer (P-4).
+    public static func declineReason(_ error: BundleError) -> Status.Reason {
+        switch error.code {
+        case .expired: .expired
+        case .rollback: .rollback
+        default: .incompatibleHardware
         }
     }
 
@@ -501,33 +545,30 @@ public final class Simulation {
             result.completed[i] = node.receiver?.isComplete ?? false
             result.completionTimes[i] = node.completedAt.map { $0 - .zero }
             if !node.spec.downlink.isDead && !result.completed[i] {
-                result.violations.append("receiver \(i) (\(node.spec.downlink)) did not complete: \(node.receiver?.blocksDone ?? 0)/\(sender.totalBlocks) blocks; \(node.receiver?.counters.description ?? "not running")")
+                result.violations.append("receiver \(i) (\(node.spec.downlink)) did not complete: \(node.receiver?.blocksDone ?? 0)/\(sender.totalBlocks) blocks; \(node.receiver?.stats.description ?? "not running")")
             }
             if let r = node.receiver, r.isComplete, r.authSegmentsHeld > 0 {
                 result.violations.append("receiver \(i) completed but holds \(r.authSegmentsHeld) auth segments (P-5b)")
             }
-            if let r = node.receiver {
-                for (k, v) in r.counters.all { result.receiverCounters.add(k, v) }
-                result.receiverCounters.add("blocks.spilled", r.blocksSpilled)
-            }
+            if let r = node.receiver { result.receiverStats = result.receiverStats + r.stats }
         }
         if ProcessInfo.processInfo.environment["FLEETCAST_SIM_TRACE"] != nil,
            let last = nodes.indices.max(by: { (nodes[$0].completedAt ?? .zero) < (nodes[$1].completedAt ?? .zero) }) {
-            print("last to complete: receiver \(last) at \(nodes[last].completedAt ?? .zero): \(nodes[last].receiver?.counters.description ?? "-")")
+            print("last to complete: receiver \(last) at \(nodes[last].completedAt ?? .zero): \(nodes[last].receiver?.stats.description ?? "-")")
         }
         // The fleet report must count every receiver that completed: a sender that
         // closed without hearing one reports it missing (Specs/protocol.md P-12).
         if sender.isFinished, !scenario.carousel, scenario.deadline == nil {
-            let done = Set(sender.receivers.values.filter { $0.state == .complete }.map(\.id))
+            let done = Set(sender.receivers.values.filter { $0.state == .verified }.map(\.id))
             for i in nodes.indices where result.completed[i] {
                 if !done.contains(ReceiverID(UInt64(i + 1))) {
                     result.violations.append("receiver \(i) completed but the sender closed without counting it done")
                 }
             }
         }
-        result.senderCounters = sender.counters
-        result.dataWireBytes = (sender.bytesSent["source"] ?? 0) + (sender.bytesSent["repair"] ?? 0)
-        result.controlWireBytes = sender.bytesSent["control"] ?? 0
+        result.senderStats = sender.stats
+        result.dataWireBytes = sender.stats.dataBytes
+        result.controlWireBytes = sender.stats.controlBytes
         if !scenario.carousel && !nodes.isEmpty && result.completed.contains(true) {
             let ratio = Double(result.dataWireBytes) / result.idealWireBytes
             if ratio > scenario.wireFactorMax {

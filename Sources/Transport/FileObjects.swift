@@ -1,5 +1,5 @@
 import DeliveryCore
-import UpdateBundle
+import BundleFormat
 import WireFormat
 #if canImport(Glibc)
 import Glibc

@@ -34,7 +34,10 @@ public struct SenderProgress: Sendable {
     public var datagramsSent: UInt64
     public var sendStalls: UInt64
     public var registered: Int
-    public var done: Int
+    /// Every block in, step 2 running on the device.
+    public var received: Int
+    /// Step 2 passed on the device.
+    public var verified: Int
     public var failed: Int
     public var cpuSeconds: Double
 }
@@ -48,10 +51,6 @@ public final class SenderDriver {
     public let socket: UDPSocket
     public let grantedBuffers: (receive: Int, send: Int)
     private let objects: FileObjects?
-    /// Where each receiver's feedback came from, for unicast replies (ACK).
-    private var receiverAddresses: [ReceiverID: SocketAddress] = [:]
-    /// Named limit: the address table is bounded like the core's receiver table.
-    public static let addressTableCountMax = 4096
     private let batch = SendBatch()
     private let incoming = ReceiveBatch()
     private var stats = (datagrams: UInt64(0), stalls: UInt64(0))
@@ -119,9 +118,8 @@ public final class SenderDriver {
 
     private func destination(_ d: Destination) -> SocketAddress? {
         switch d {
-        case .group: return endpoint.group
-        case .receiver(let id): return receiverAddresses[id]
-        case .sender: return nil  // never produced by the sender core
+        case .group: endpoint.group
+        case .peer(let peer): SocketAddress(peer)
         }
     }
 
@@ -132,34 +130,20 @@ public final class SenderDriver {
             let now = MonotonicClock.now()
             for i in 0..<incoming.count {
                 guard let bytes = incoming.datagram(i) else { continue }
-                noteSource(of: bytes, from: incoming.source(i))
-                sender.handleDatagram(bytes, at: now)
+                // The core keeps each receiver's address (P-22): the datagram is parsed once.
+                sender.handleDatagram(bytes, from: incoming.peer(i), at: now)
             }
         }
     }
 
-    /// Learns the address of a receiver from its feedback (parsed again by the core).
-    private func noteSource(of bytes: [UInt8], from source: SocketAddress) {
-        guard let d = try? Datagram(parsing: bytes) else { return }
-        let id: ReceiverID
-        switch d {
-        case .register(let r): id = r.receiver
-        case .nack(let n): id = n.receiver
-        case .status(let s): id = s.receiver
-        case .announce, .data, .poll, .close, .ack: return
-        }
-        if receiverAddresses[id] == nil && receiverAddresses.count >= Self.addressTableCountMax { return }
-        receiverAddresses[id] = source
-    }
-
     public func snapshot(at now: Instant) -> SenderProgress {
         let fleet = sender.fleet(at: now)
-        let sent = sender.bytesSent
-        let data = (sent["source"] ?? 0) + (sent["repair"] ?? 0)
-        let total = sent.filter { $0.key != "feedbackReceived" }.values.reduce(0, +)
-        return SenderProgress(elapsed: now - startedAt, round: sender.round, grtt: sender.currentGRTT, dataBytesSent: data, controlBytesSent: total - data,
-                              feedbackBytesReceived: sent["feedbackReceived"] ?? 0, datagramsSent: stats.datagrams, sendStalls: stats.stalls,
-                              registered: fleet.count, done: fleet.filter { $0.standing == .done }.count,
+        let sent = sender.stats
+        return SenderProgress(elapsed: now - startedAt, round: sender.round, grtt: sender.currentGRTT, dataBytesSent: sent.dataBytes,
+                              controlBytesSent: sent.controlBytes, feedbackBytesReceived: sent.feedbackBytes,
+                              datagramsSent: stats.datagrams, sendStalls: stats.stalls, registered: fleet.count,
+                              received: fleet.filter { $0.standing == .received }.count,
+                              verified: fleet.filter { $0.standing == .verified }.count,
                               failed: fleet.filter { $0.standing == .failed }.count,
                               cpuSeconds: MonotonicClock.processCPUSeconds() - cpuAtStart)
     }

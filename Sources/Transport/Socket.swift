@@ -43,7 +43,9 @@ public struct SocketAddress: Hashable, Sendable, CustomStringConvertible {
         return SocketAddress(raw: a)
     }
 
-    public var family: Family { fc_addr_family(withUnsafePointer(to: raw) { $0 }) == AF_INET6 ? .ipv6 : .ipv4 }
+    // The pointer must not escape the closure: a pointer returned from
+    // `withUnsafePointer` dangles (and read the family of an IPv6 group as IPv4).
+    public var family: Family { withUnsafePointer(to: raw) { fc_addr_family($0) } == AF_INET6 ? .ipv6 : .ipv4 }
     var systemFamily: Int32 { family == .ipv6 ? AF_INET6 : AF_INET }
     public var port: UInt16 { withUnsafePointer(to: raw) { fc_addr_port($0) } }
     public var isMulticast: Bool { withUnsafePointer(to: raw) { fc_addr_is_multicast($0) != 0 } }
@@ -52,6 +54,29 @@ public struct SocketAddress: Hashable, Sendable, CustomStringConvertible {
         var text = [CChar](repeating: 0, count: 80)
         withUnsafePointer(to: raw) { fc_addr_format($0, &text, Int32(text.count)) }
         return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// The address as the cores see it.
+    public var peer: PeerAddress {
+        var bytes = (UInt64(0), UInt64(0))
+        var port: UInt16 = 0, scope: UInt32 = 0
+        let family = withUnsafeMutableBytes(of: &bytes) { b in
+            withUnsafePointer(to: raw) { fc_addr_parts($0, b.baseAddress!.assumingMemoryBound(to: UInt8.self), &port, &scope) }
+        }
+        // `bytes` holds the address in network order; read it back as big-endian words.
+        let high = UInt64(bigEndian: bytes.0), low = UInt64(bigEndian: bytes.1)
+        return family == AF_INET6 ? PeerAddress(family: .ipv6, high: high, low: low, port: port, scopeID: scope)
+            : PeerAddress(family: .ipv4, low: high >> 32, port: port)
+    }
+
+    /// The socket address of a core's peer.
+    public init(_ peer: PeerAddress) {
+        var bytes = peer.family == .ipv6 ? (peer.high.bigEndian, peer.low.bigEndian) : ((peer.low << 32).bigEndian, UInt64(0))
+        var a = fc_addr()
+        withUnsafeBytes(of: &bytes) { b in
+            fc_addr_from_parts(peer.family == .ipv6 ? AF_INET6 : AF_INET, b.baseAddress!.assumingMemoryBound(to: UInt8.self), peer.port, peer.scopeID, &a)
+        }
+        raw = a
     }
 
     /// The meaningful bytes (the length prefix of the sockaddr), for equality and hashing.
@@ -183,6 +208,7 @@ public final class UDPSocket {
         }
         guard rc >= 0 else { throw .system(.socket, "recvmmsg", rc) }
         batch.messageCount = Int(rc)
+        batch.generation &+= 1
         batch.index()
         return batch.count
     }
@@ -294,6 +320,18 @@ public final class ReceiveBatch {
     }
 
     public func source(_ i: Int) -> SocketAddress { SocketAddress(raw: sources[datagrams[i].message]) }
+
+    /// The i-th datagram's source as the cores see it; computed once per message
+    /// (a coalesced message's datagrams share their source).
+    public func peer(_ i: Int) -> PeerAddress {
+        let m = datagrams[i].message
+        if let cached = peerCache, cached.message == m, cached.generation == generation { return cached.peer }
+        let p = SocketAddress(raw: sources[m]).peer
+        peerCache = (m, generation, p)
+        return p
+    }
+    private var peerCache: (message: Int, generation: UInt64, peer: PeerAddress)?
+    fileprivate var generation: UInt64 = 0
 }
 
 /// The driver's clock: CLOCK_MONOTONIC as an `Instant`.

@@ -4,41 +4,26 @@ import Glibc
 import Darwin
 #endif
 
-/// A file descriptor with the few operations pack and verify need. Errors
-/// carry the path and errno's text; short reads at end of file are normal.
-final class File {
-    let path: String
-    let fd: Int32
+/// A file descriptor with the few operations pack, verify and staging need.
+/// Errors carry the path and errno's text; short reads at end of file are normal.
+/// Files are made by `SafeDirectory` (never through a link, temporaries
+/// exclusively) or opened for reading by path.
+public final class File {
+    public let path: String
+    public let fd: Int32
 
-    private init(path: String, fd: Int32) { self.path = path; self.fd = fd }
+    /// Takes ownership of an open descriptor.
+    init(adopting fd: Int32, path: String) { self.path = path; self.fd = fd }
 
-    static func open(reading path: String) throws(BundleError) -> File {
+    public static func open(reading path: String) throws(BundleError) -> File {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .io("open \(path)") }
-        return File(path: path, fd: fd)
-    }
-
-    /// Creates (or truncates) a file with the given mode.
-    static func create(_ path: String, mode: mode_t = 0o644) throws(BundleError) -> File {
-        let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
-        guard fd >= 0 else { throw .io("create \(path)") }
-        return File(path: path, fd: fd)
-    }
-
-    /// A read-write scratch file, unlinked at once so nothing is left behind.
-    static func scratch(near path: String) throws(BundleError) -> File {
-        let directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-        var template = Array(((directory.isEmpty ? "." : directory) + "/.fleetcast-scratch-XXXXXX").utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw .io("scratch file in \(directory.isEmpty ? "." : directory)") }
-        let name = String(cString: template)
-        unlink(name)
-        return File(path: name, fd: fd)
+        return File(adopting: fd, path: path)
     }
 
     deinit { close(fd) }
 
-    var size: UInt64 {
+    public var size: UInt64 {
         get throws(BundleError) {
             var st = stat()
             guard fstat(fd, &st) == 0 else { throw .io("stat \(path)") }
@@ -60,7 +45,7 @@ final class File {
     }
 
     /// Reads exactly `count` bytes at `offset`.
-    func read(at offset: UInt64, count: Int) throws(BundleError) -> [UInt8] {
+    public func read(at offset: UInt64, count: Int) throws(BundleError) -> [UInt8] {
         var buffer = [UInt8](repeating: 0, count: count)
         var total = 0
         while total < count {
@@ -72,7 +57,7 @@ final class File {
         return buffer
     }
 
-    func write(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
+    public func write(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
         var done = 0
         while done < bytes.count {
             let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
@@ -81,7 +66,7 @@ final class File {
         }
     }
 
-    func write(_ bytes: [UInt8]) throws(BundleError) {
+    public func write(_ bytes: [UInt8]) throws(BundleError) {
         let result = bytes.withUnsafeBytes { b in Result { () throws(BundleError) in try write(b) } }
         try result.get()
     }
@@ -90,8 +75,52 @@ final class File {
         guard lseek(fd, off_t(offset), SEEK_SET) >= 0 else { throw .io("seek \(path)") }
     }
 
-    func sync() throws(BundleError) {
+    public func sync() throws(BundleError) {
         guard fsync(fd) == 0 else { throw .io("fsync \(path)") }
+    }
+
+    /// fdatasync: the data and the size, not every attribute.
+    public func syncData() throws(BundleError) {
+        guard fdatasync(fd) == 0 else { throw .io("fdatasync \(path)") }
+    }
+
+    /// Writes all of `bytes` at `offset`.
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(BundleError) {
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+            if n < 0 { if errno == EINTR { continue }; throw .io("write \(path)") }
+            guard n > 0 else { throw BundleError(.io, "write \(path): no progress") }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(BundleError) {
+        try bytes.withUnsafeBytes { b in Result { () throws(BundleError) in try write(b, at: offset) } }.get()
+    }
+
+    /// Reads exactly `buffer.count` bytes at `offset` into `buffer`.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BundleError) {
+        var total = 0
+        while total < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + total, buffer.count - total, off_t(offset) + off_t(total))
+            if n < 0 { if errno == EINTR { continue }; throw .io("read \(path)") }
+            if n == 0 { throw BundleError(.sizeMismatch, "\(path): ends at \(offset + UInt64(total)), expected \(buffer.count) bytes at \(offset)") }
+            total += n
+        }
+    }
+
+    /// Reserves `[offset, offset + length)` on disk (posix_fallocate). False when the
+    /// file system cannot reserve (a sparse file then does); throws when there is no room.
+    public func reserve(offset: UInt64, length: UInt64, what: String) throws(BundleError) -> Bool {
+        guard length > 0 else { return true }
+        let rc = posix_fallocate(fd, off_t(offset), off_t(length))
+        if rc == ENOSPC || rc == EFBIG { throw BundleError(.io, "no room \(what): \(String(cString: strerror(rc)))") }
+        return rc == 0
+    }
+
+    public func truncate(to size: UInt64) throws(BundleError) {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw .io("set the size of \(path)") }
     }
 }
 
@@ -99,13 +128,4 @@ extension BundleError {
     static func io(_ what: String) -> BundleError {
         BundleError(.io, "\(what): \(String(cString: strerror(errno)))")
     }
-}
-
-/// Renames atomically and syncs the directory, so a crash leaves either no
-/// file or the whole file.
-func commitFile(from temporary: String, to final: String) throws(BundleError) {
-    guard rename(temporary, final) == 0 else { throw .io("rename \(temporary) to \(final)") }
-    let directory = final.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-    let fd = Glibc.open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-    if fd >= 0 { fsync(fd); close(fd) }
 }

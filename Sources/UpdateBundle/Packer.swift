@@ -63,8 +63,13 @@ public enum Packer {
             contentKey = request.encrypted ? try random(ContentEncryption.contentKeyByteCount) : nil
         } catch { throw BundleError(.invalidInput, "no randomness: \(error)") }
 
-        let payloadFile = try File.scratch(near: outputPath)
-        let recordsFile = try File.scratch(near: outputPath)
+        // Scratch files and the temporary bundle live beside the output, reached under the
+        // directory's descriptor: never through a link, never clobbering (B-3).
+        let directory = try SafeDirectory(path: Self.directory(of: outputPath))
+        let outputName = String(outputPath.split(separator: "/", omittingEmptySubsequences: false).last ?? "")
+        guard !outputName.isEmpty, outputName != ".", outputName != ".." else { throw BundleError(.invalidInput, "'\(outputPath)' names a directory, not a bundle file") }
+        let payloadFile = try directory.scratch("fleetcast-scratch")
+        let recordsFile = try directory.scratch("fleetcast-scratch")
         let transfer = try TransferSink(payload: payloadFile, records: recordsFile, profile: request.transport)
         let sealer: ChunkSealer? = if let contentKey {
             try ChunkSealer(key: contentKey, bundleID: bundleID, chunkSize: request.encryptionChunkSize, next: transfer)
@@ -154,8 +159,8 @@ public enum Packer {
         }
 
         // Assemble: header, envelope, payload, chain; then rename into place (Specs/bundle.md §3 B-3).
-        let temporary = outputPath + ".partial"
-        let output = try File.create(temporary)
+        let temporary = outputName + ".partial"
+        let output = try directory.createExclusive(temporary, mode: 0o644)
         do throws(BundleError) {
             try output.write(BundleHeader(envelopeLength: envelope.count, payloadLength: transfer.payloadSize, authLength: layout.totalSize).encoded())
             try output.write(envelope)
@@ -174,12 +179,18 @@ public enum Packer {
                 try output.write(segment)
             }
             try output.sync()
-            try commitFile(from: temporary, to: outputPath)
+            try directory.rename(temporary, to: outputName)
         } catch {
-            _ = temporary.withCString { unlink($0) }
+            directory.remove(temporary)
             throw error
         }
         return manifest
+    }
+
+    /// The directory part of a path ("." for a bare name).
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
     }
 
     private static func segmentBytes(_ j: Int, layout: AuthChainLayout, records: File, next: [UInt8]) throws(BundleError) -> [UInt8] {

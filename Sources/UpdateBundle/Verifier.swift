@@ -122,8 +122,9 @@ public final class PayloadVerification {
     /// `componentStaged`: the caller stages the payload at `stagedComponentPath` (B-16a)
     /// and makes it durable; this verification then only hashes it, and `finish()`
     /// releases that file by renaming it. The caller removes it if verification fails.
+    /// Components are released with `componentMode` (default 0600).
     public init(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil,
-                componentStaged: Bool = false) throws(BundleError) {
+                componentStaged: Bool = false, componentMode: mode_t = 0o600) throws(BundleError) {
         self.verified = verified
         let m = verified.manifest
         geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
@@ -135,7 +136,7 @@ public final class PayloadVerification {
         // in finish() (before any file is released) is its hash too, and is computed once.
         let componentIsPayload = Self.componentIsPayload(m)
         precondition(!componentStaged || (componentIsPayload && outputDirectory != nil), "only a payload-sized plain component can be staged (B-16a)")
-        output = try ComponentWriter(components: m.components, directory: outputDirectory, hashedAsPayload: componentIsPayload,
+        output = try ComponentWriter(components: m.components, directory: outputDirectory, mode: componentMode, hashedAsPayload: componentIsPayload,
                                      stagedByCaller: componentStaged)
         inflater = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
         if let contentKey, let encryption = m.encryption {
@@ -303,13 +304,19 @@ final class ChunkOpener {
 /// Splits the decompressed stream into components, hashes each, and writes
 /// them to temporary files that are renamed into place only by `finish()`
 /// (Specs/bundle.md §5 B-10, B-11).
+///
+/// Files are made under the output directory's descriptor, never through a link;
+/// temporaries (`<name>.partial`, a suffix no component name may have, B-6a) are
+/// created exclusively with `mode` (0600: decrypted firmware is for this device).
 final class ComponentWriter {
     private let components: [Manifest.Component]
-    private let directory: String?
+    private let directory: SafeDirectory?
+    private let mode: mode_t
     private var current = 0
     private var written: UInt64 = 0
     private var hash = SHA256()
     private var file: File?
+    /// (temporary, final) names inside `directory`.
     private var temporaries: [(String, String)] = []
     /// The only component is the payload itself, whose hash the caller checks (B-16).
     private let hashedAsPayload: Bool
@@ -317,13 +324,16 @@ final class ComponentWriter {
     /// nothing is written here, and `finish()` renames that file.
     private let stagedByCaller: Bool
 
-    static func partialPath(directory: String, component: String) -> String { directory + "/" + component + ".partial" }
+    static func partialName(component: String) -> String { component + Manifest.temporarySuffix }
+    static func partialPath(directory: String, component: String) -> String { directory + "/" + partialName(component: component) }
 
-    init(components: [Manifest.Component], directory: String?, hashedAsPayload: Bool = false, stagedByCaller: Bool = false) throws(BundleError) {
+    init(components: [Manifest.Component], directory: String?, mode: mode_t = 0o600, hashedAsPayload: Bool = false,
+         stagedByCaller: Bool = false) throws(BundleError) {
         precondition(!hashedAsPayload || components.count == 1)
         precondition(!stagedByCaller || (hashedAsPayload && directory != nil))
         self.components = components
-        self.directory = directory
+        self.directory = try directory.map { (d) throws(BundleError) in try SafeDirectory(path: d) }
+        self.mode = mode
         self.hashedAsPayload = hashedAsPayload
         self.stagedByCaller = stagedByCaller
         if stagedByCaller {
@@ -335,15 +345,15 @@ final class ComponentWriter {
     }
 
     deinit {
-        for (temporary, _) in temporaries { _ = temporary.withCString { unlink($0) } }
+        for (temporary, _) in temporaries { directory?.remove(temporary) }
     }
 
     private func openCurrent() throws(BundleError) {
         while current < components.count {
             if let directory {
-                let final = directory + "/" + components[current].name
-                let temporary = final + ".partial"
-                file = try File.create(temporary)
+                let final = components[current].name
+                let temporary = Self.partialName(component: final)
+                file = try directory.createExclusive(temporary, mode: mode)
                 temporaries.append((temporary, final))
             }
             guard components[current].size == 0 else { return }
@@ -400,12 +410,12 @@ final class ComponentWriter {
         var paths: [String: String] = [:]
         if stagedByCaller, let directory {
             let name = components[0].name
-            try commitFile(from: Self.partialPath(directory: directory, component: name), to: directory + "/" + name)
-            paths[name] = directory + "/" + name
+            try directory.rename(Self.partialName(component: name), to: name)
+            paths[name] = directory.file(name)
         }
         for (temporary, final) in temporaries {
-            try commitFile(from: temporary, to: final)
-            paths[String(final.split(separator: "/").last!)] = final
+            try directory!.rename(temporary, to: final)
+            paths[final] = directory!.file(final)
         }
         temporaries = []
         return paths

@@ -261,7 +261,7 @@ public struct Poll: Equatable, Sendable {
 
 /// CLOSE (Specs/protocol.md §3.4).
 public struct Close: Equatable, Sendable {
-    public enum Reason: UInt8, Sendable { case allDone = 0, deadline, idle, aborted }
+    public enum Reason: UInt8, Sendable, CaseIterable { case allDone = 0, deadline, idle, aborted }
     public var session: SessionID
     public var reason: Reason
     public init(session: SessionID, reason: Reason) { self.session = session; self.reason = reason }
@@ -366,9 +366,17 @@ public struct Nack: Equatable, Sendable {
 
 /// STATUS (Specs/protocol.md §3.7).
 public struct Status: Equatable, Sendable {
-    public enum State: UInt8, Sendable { case receiving = 1, complete, failed }
-    public enum Reason: UInt8, Sendable {
+    /// `received`: every block is in and durable, step 2 runs; `complete`: step 2
+    /// passed, the update is verified (Specs/protocol.md §3.7, P-21).
+    public enum State: UInt8, Sendable, CaseIterable { case receiving = 1, complete, failed, received }
+    public enum Reason: UInt8, Sendable, CaseIterable {
         case none = 0, expired, incompatibleHardware, rollback, notARecipient, storage, sessionClosed, timedOut
+        /// Step 2 found a hash or size that disagrees with the signed manifest.
+        case verificationFailed
+        /// Step 2 could not decrypt or decompress the payload.
+        case decryptionFailed
+        /// The device's own decision (its embedder's policy, no room, not now).
+        case declined
     }
     public var session: SessionID
     public var receiver: ReceiverID

@@ -1,7 +1,9 @@
 import ArgumentParser
 import DeliveryCore
+import DeviceAgent
 import Foundation
 import Transport
+import UpdateBundle
 
 /// Options shared by `send` and `receive`: where the session lives on the network.
 struct NetworkOptions: ParsableArguments {
@@ -46,6 +48,12 @@ func reportingTransportFailures(_ body: () throws -> Void) throws {
     do { try reportingFailures(body) } catch let error as TransportError {
         printError("network: \(error.reason)")
         throw ExitCode(error.code == .storage || error.code == .journal ? 20 : NetworkExit.network)
+    } catch let error as StorageError {
+        printError("storage: \(error.reason)")
+        throw ExitCode(BundleError(.io, "").exitCode)
+    } catch let error as ReceiveFailure {
+        printError("\(error.reason.rawValue): \(error.text)")
+        throw ExitCode(Receive.exitCode(error.reason))
     }
 }
 

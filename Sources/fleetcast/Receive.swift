@@ -1,5 +1,6 @@
 import ArgumentParser
 import DeliveryCore
+import DeviceAgent
 import FleetCrypto
 import Foundation
 import Transport
@@ -11,19 +12,30 @@ struct Receive: ParsableCommand {
         abstract: "Receive a bundle from a multicast session, verify it, and keep it (steps 1 and 2).",
         discussion: """
         Joins the group and waits for an announce whose manifest verifies against the trusted \
-        keys and this device's policy (hardware, anti-rollback, expiry); anything else is \
-        refused before a byte is stored. Every arriving symbol is checked against the signed \
+        keys. Each such announce is judged against this device's policy at that moment \
+        (hardware, product, anti-rollback, expiry by the current time), whether the device's \
+        keys open it, and whether staging has room; anything else is refused, and the sender \
+        told why, before a byte is stored. Every arriving symbol is checked against the signed \
         authentication chain; missing symbols are NACKed by unicast. Verified blocks go to \
-        --staging-dir with a journal, so a killed receiver resumes where it stopped. On \
-        completion the whole payload is hashed against the manifest, decrypted and \
-        decompressed (step 2); the verified bundle is kept (--bundle-out) and the components \
-        written (--output-dir). With --output-dir alone, a bundle whose only component is its \
-        plain payload is not kept: the payload is staged as the component file and released \
-        by a rename once its hash matches, so it is written once (--keep-bundle keeps it).
+        --staging-dir with a journal, so a killed receiver resumes where it stopped.
 
-        Exit status: 0 verified; 13 expired; 14 incompatible hardware; 15 rollback; 17 hash \
-        mismatch; 18 not a recipient; 19 decryption failed; 20 storage; 30 no session within \
-        --timeout; 31 the session ended before this device completed; 33 network error.
+        Step 2 runs as blocks arrive: the whole payload is hashed against the manifest, \
+        decrypted and decompressed, and the components are released into --output-dir only \
+        when every check has passed and the manifest has not expired meanwhile. Only then \
+        does the sender hear that this device is complete; a failed step 2 reaches the \
+        sender's fleet report as failed, with its reason. With --output-dir alone, a bundle \
+        whose only component is its plain payload is not kept: the payload is staged as the \
+        component file and released by a rename once its hash matches, so it is written once \
+        (--keep-bundle keeps it).
+
+        Staging and output files are opened without following symbolic links, temporaries \
+        are created exclusively, and a staging directory that another user owns or may \
+        write is refused. Released components have mode --component-mode (0600).
+
+        Exit status: 0 verified; 13 expired; 14 incompatible hardware; 15 rollback; 17 a \
+        hash or size differs; 18 not a recipient; 19 decryption failed; 20 storage; 30 no \
+        session within --timeout; 31 the session ended before this device completed; 33 \
+        network error.
 
         Example:
           fleetcast receive --interface eth1 --trusted-key vendor.pub \\
@@ -39,10 +51,10 @@ struct Receive: ParsableCommand {
     @Option(help: "Installed version, reported to the sender.")
     var installedVersion: String = "unknown"
 
-    @Option(help: "This device's ID in the sender's fleet report (default: the host name).")
+    @Option(help: "This device's name in the sender's fleet report (default: the host name). The receiver's ID on the wire is random, made once and kept in the staging directory.")
     var deviceID: String?
 
-    @Option(help: "Directory for staged blocks and the resume journal.")
+    @Option(help: "Directory for staged blocks, the resume journal and the receiver ID (created 0700; refused if another user owns it or may write it).")
     var stagingDir: String = "fleetcast-staging"
 
     @Option(help: "Where to leave the verified bundle (default: <staging-dir>/bundle).")
@@ -56,6 +68,9 @@ struct Receive: ParsableCommand {
 
     @Option(help: "Directory to write the verified, decrypted components into.")
     var outputDir: String?
+
+    @Option(help: "Mode of the released component files, in octal.")
+    var componentMode: String = "0600"
 
     @Option(help: "Seconds to wait for a session before giving up (0: wait forever).")
     var timeout: Double = 0
@@ -81,111 +96,151 @@ struct Receive: ParsableCommand {
         guard let bytes = parseByteCount(blockMemory), bytes >= 1 << 20 else {
             throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
         }
+        guard let mode = mode_t(componentMode, radix: 8), mode <= 0o777 else { throw ValidationError("--component-mode wants an octal mode such as 0600 or 0644") }
+        _ = mode
     }
 
     func run() throws {
         try reportingTransportFailures {
             installInterruptHandlers()
-            let trust = try deviceOptions.trust()
-            let device = deviceOptions.policy(now: currentUnixTime())
-            let keys = try deviceOptions.keys()
             let name = deviceID ?? ProcessInfo.processInfo.hostName
-            let seed = UInt64(fromBytes: try SecureRandom.bytes(8))
-            var config = ReceiverConfig(receiverID: ReceiverID(UInt64(fromBytes: SHA256.hash(Array(name.utf8)))), deviceID: String(name.prefix(Register.textByteCountMax)),
-                                        installedVersion: String(installedVersion.prefix(Register.textByteCountMax)), trust: trust, device: device, seed: seed)
-            config.inactivityTimeout = .seconds(10)
-            config.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
-            if let outputDir { try FileManager.default.createDirectory(atPath: outputDir, withIntermediateDirectories: true) }
-            // Specs/protocol.md P-29a: when no bundle is asked for and the component is the
-            // payload (plain, alone), the payload is staged as the component file: written once.
-            let stageComponent = outputDir != nil && bundleOut == nil && !verifyAfterTransfer && !keepBundle
-            let staging = try StagingArea(directory: stagingDir, payloadFile: stageComponent ? { m in
-                PayloadVerification.stagedComponentPath(m, outputDirectory: outputDir!)
-            } : nil)
+            let receiver = try makeReceiver(name: name)
             var endpoint = ReceiverEndpoint(group: try network.groupAddress(), interface: try network.networkInterface())
             endpoint.coalesce = !noGRO
-            let driver = try ReceiverDriver(config: config, endpoint: endpoint, staging: staging, keys: keys,
-                                            simulatedLoss: simulateLoss / 100, seed: seed)
-            if driver.grantedReceiveBuffer < endpoint.receiveBufferBytes / 2 {
-                printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedReceiveBuffer))) receive buffer (asked \(formatBytes(UInt64(endpoint.receiveBufferBytes)))); bursts may overflow it: raise net.core.rmem_max")
+            let seed = UInt64(fromBytes: try SecureRandom.bytes(8))
+            let pump = try ReceiverPump(endpoint: receiver, settings: endpoint, simulatedLoss: simulateLoss / 100, seed: seed)
+            if pump.grantedReceiveBuffer < endpoint.receiveBufferBytes / 2 {
+                printError("warning: the kernel granted a \(formatBytes(UInt64(pump.grantedReceiveBuffer))) receive buffer (asked \(formatBytes(UInt64(endpoint.receiveBufferBytes)))); bursts may overflow it: raise net.core.rmem_max")
             }
-            if !verifyAfterTransfer { driver.verifyDuringTransfer(outputDirectory: outputDir) }
-            if let note = driver.resumeNote { printError(note) }
-            if driver.resumedBlocks > 0 { FileHandle.standardError.write(Data("resuming: \(driver.resumedBlocks) block(s) already verified in \(stagingDir)\n".utf8)) }
+            if let note = receiver.resumeNote { printError(note) }
+            if receiver.resumedBlocks > 0 { FileHandle.standardError.write(Data("resuming: \(receiver.resumedBlocks) block(s) already verified in \(stagingDir)\n".utf8)) }
             FileHandle.standardError.write(Data("\(name): listening on \(endpoint.group)\(endpoint.interface.map { " on \($0)" } ?? "")\n".utf8))
-
-            let status = StatusLine(enabled: !quiet)
-            let outcome = try driver.run(joinTimeout: timeout > 0 ? .seconds(timeout) : nil, refusalGrace: keepListening ? nil : .seconds(2.5), progress: { p in
-                guard p.joined else { status.show("waiting for a session (\(Int(p.elapsed.seconds)) s)"); return }
-                let done = p.blocksTotal > 0 ? Double(p.blocksDone) * 100 / Double(p.blocksTotal) : 0
-                let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
-                status.show(String(format: "%5.1f%%  %@  repaired %llu blocks  NACKs %d  rejected: %@", done,
-                                   formatRate(p.bytesReceived, p.elapsed.seconds), p.blocksRepaired, p.nacksSent, rejected.isEmpty ? "none" : rejected))
-            }, shouldStop: { interrupted })
-            status.finish()
-            let p = driver.snapshot(at: MonotonicClock.now())
-            switch outcome {
-            case .stopped:
-                printError("interrupted; progress is journalled in \(stagingDir), run again to resume")
-                throw ExitCode(130)
-            case .timedOut:
-                let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
-                printError("no acceptable session within \(timeout) s on \(endpoint.group); rejected: \(rejected.isEmpty ? "none" : rejected)")
-                throw ExitCode(NetworkExit.timedOut)
-            case .failed(let reason, let text):
-                printError("\(name): \(reason): \(text)")
-                throw ExitCode(Self.exitCode(reason))
-            case .completed(let staged):
-                let cpuReceive = MonotonicClock.processCPUSeconds()
-                let started = MonotonicClock.now()
-                let result: VerifiedBundle
-                let verified: VerifiedManifest
-                var kept: String?
-                switch staged {
-                case .bundle(let path):
-                    kept = path
-                    if verifyAfterTransfer {
-                        let opened = try UnverifiedBundle(path: path)
-                        verified = try opened.verifyManifest(trust: trust, device: device)
-                        result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, checkAuthChain: false)
-                    } else {
-                        result = try driver.finishVerification()
-                        verified = result.manifest
-                    }
-                case .payload(let path):
-                    // The payload hash decides whether this file becomes the component (B-16a).
-                    do { result = try driver.finishVerification() } catch { unlink(path); throw error }
-                    verified = result.manifest
-                }
-                let verifySeconds = (MonotonicClock.now() - started).seconds
-                if let bundleOut, let path = kept {
-                    guard rename(path, bundleOut) == 0 else { throw TransportError(.storage, "cannot move the bundle to \(bundleOut): \(String(cString: strerror(errno)))") }
-                    kept = bundleOut
-                }
-                let m = verified.manifest
-                let cpu = MonotonicClock.processCPUSeconds()
-                say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s verifying; %llu blocks repaired, %d NACKs; CPU %.2f s + %.2f s (%.0f MB/s per CPU-second)",
-                             name, m.productID, m.version, m.sequence, formatBytes(m.payload.size), p.elapsed.seconds, verifySeconds,
-                             p.blocksRepaired, p.nacksSent, cpuReceive, cpu - cpuReceive, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
-                let rejected = p.rejected.map { "\($0.0)=\($0.1)" }.joined(separator: " ")
-                say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
-                if p.blocksSpilled > 0 { say("  incomplete blocks spilled to disk (memory budget full): \(p.blocksSpilled)") }
-                say(String(format: "  datagrams: %llu in %llu reads (%@)", driver.groupDatagrams, driver.groupMessages,
-                           driver.coalescing ? "kernel coalescing (UDP GRO) on" : "one per read"))
-                say("  bundle -> \(kept ?? "not kept (the payload was staged as the component; --keep-bundle keeps it)")")
-                for (component, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
-            }
+            let outcome = try receive(receiver, pump)
+            try report(outcome, receiver: receiver, pump: pump, name: name)
         }
     }
 
-    static func exitCode(_ reason: Status.Reason) -> Int32 {
+    /// The embeddable receiver, configured from the options; it accepts every offer
+    /// its policy admits.
+    private func makeReceiver(name: String) throws -> UpdateReceiver {
+        let staging = try StagingArea(directory: stagingDir)
+        let identity = DeviceIdentity(deviceID: String(name.utf8.prefix(Register.textByteCountMax)) ?? "device", receiverID: try staging.receiverID(),
+                                      productID: deviceOptions.product, hardwareID: deviceOptions.hardwareID,
+                                      trust: try deviceOptions.trust(), keys: try deviceOptions.keys())
+        var config = UpdateReceiver.Configuration(identity: identity, stagingDirectory: stagingDir, outputDirectory: outputDir)
+        config.keepBundle = keepBundle || bundleOut != nil
+        config.verifyDuringTransfer = !verifyAfterTransfer
+        config.componentMode = mode_t(componentMode, radix: 8)!  // checked in validate()
+        config.tuning.inactivityTimeout = .seconds(10)
+        config.tuning.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
+        let installed = InstalledSoftware(version: String(installedVersion.utf8.prefix(Register.textByteCountMax)) ?? "unknown",
+                                          sequence: deviceOptions.installedSequence)
+        let receiver = try UpdateReceiver(configuration: config, installed: { installed }, seed: UInt64(fromBytes: try SecureRandom.bytes(8)))
+        receiver.decideOffer = { _ in .accept }
+        return receiver
+    }
+
+    enum Outcome {
+        case completed(ReceivedUpdate, receiving: Double, verifying: Double)
+        case failed(ReceiveFailure)
+        case timedOut
+        case stopped
+    }
+
+    /// Runs the pump until the session's outcome is reported, the join times out, or
+    /// (without --keep-listening) a refusal has been told to the sender a few times.
+    private func receive(_ receiver: UpdateReceiver, _ pump: ReceiverPump) throws -> Outcome {
+        let started = MonotonicClock.now()
+        let giveUpAt = timeout > 0 ? started + .seconds(timeout) : nil
+        // A validly signed announce refused here ends the run after this grace, long enough
+        // to tell the sender a few times (one STATUS per announce).
+        let refusalGrace = Interval.seconds(2.5)
+        var refused: (at: Instant, ReceiveFailure)?
+        var outcome: Outcome?
+        var receivedAt: Instant?
+        let status = StatusLine(enabled: !quiet)
+        try pump.run(tick: { now in
+            while let e = receiver.pollEvent() {
+                switch e {
+                case .refused(_, let failure): if refused == nil { refused = (now, failure) }
+                case .received: receivedAt = now
+                case .completed(let update):
+                    let end = receivedAt ?? now
+                    outcome = .completed(update, receiving: (end - started).seconds, verifying: (now - end).seconds)
+                case .failed(let failure): outcome = .failed(failure)
+                case .offer, .joined: break
+                }
+            }
+            status.show(progressLine(receiver, pump, elapsed: now - started))
+        }, shouldStop: {
+            if interrupted { return true }
+            let now = MonotonicClock.now()
+            if receiver.manifest == nil, let giveUpAt, now >= giveUpAt { outcome = outcome ?? .timedOut; return true }
+            if receiver.manifest == nil, !keepListening, let (at, failure) = refused, now >= at + refusalGrace { outcome = .failed(failure); return true }
+            return false
+        })
+        status.finish()
+        // Events of the last turn.
+        while let e = receiver.pollEvent() {
+            if case .failed(let failure) = e { outcome = .failed(failure) }
+            if case .completed(let update) = e { outcome = .completed(update, receiving: ((receivedAt ?? MonotonicClock.now()) - started).seconds, verifying: 0) }
+        }
+        if interrupted { return .stopped }
+        return outcome ?? .failed(ReceiveFailure(.sessionClosed, "session ended"))
+    }
+
+    private func progressLine(_ receiver: UpdateReceiver, _ pump: ReceiverPump, elapsed: Interval) -> String {
+        guard let m = receiver.manifest else { return "waiting for a session (\(Int(elapsed.seconds)) s)" }
+        let total = BlockGeometry(payloadSize: m.payload.size, profile: m.transport).blockCount
+        let done = total > 0 ? Double(receiver.blocksDone) * 100 / Double(total) : 0
+        let rejected = receiver.stats.rejections.map { "\($0.name)=\($0.count)" }.joined(separator: " ")
+        return String(format: "%5.1f%%  %@  repaired %llu blocks  NACKs %d%@  rejected: %@", done, formatRate(receiver.bytesHeard, elapsed.seconds),
+                      receiver.stats.repairedPayloadBlocks, receiver.nacksSent, receiver.isVerifying ? "  verifying" : "",
+                      rejected.isEmpty ? "none" : rejected)
+    }
+
+    private func report(_ outcome: Outcome, receiver: UpdateReceiver, pump: ReceiverPump, name: String) throws {
+        let rejected = receiver.stats.rejections.map { "\($0.name)=\($0.count)" }.joined(separator: " ")
+        switch outcome {
+        case .stopped:
+            printError("interrupted; progress is journalled in \(stagingDir), run again to resume")
+            throw ExitCode(130)
+        case .timedOut:
+            printError("no acceptable session within \(timeout) s; rejected: \(rejected.isEmpty ? "none" : rejected)")
+            throw ExitCode(NetworkExit.timedOut)
+        case .failed(let failure):
+            printError("\(name): \(failure.reason.rawValue): \(failure.text)")
+            throw ExitCode(Self.exitCode(failure.reason))
+        case .completed(let update, let receiving, let verifying):
+            var kept = update.bundlePath
+            if let bundleOut, let path = kept {
+                guard rename(path, bundleOut) == 0 else { throw TransportError(.storage, "cannot move the bundle to \(bundleOut): \(String(cString: strerror(errno)))") }
+                kept = bundleOut
+            }
+            let m = update.manifest
+            let cpu = MonotonicClock.processCPUSeconds()
+            say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s finishing step 2; %llu blocks repaired, %d NACKs; CPU %.2f s (%.0f MB/s per CPU-second)",
+                       name, m.productID, m.version, m.sequence, formatBytes(m.payload.size), receiving, verifying,
+                       receiver.stats.repairedPayloadBlocks, receiver.nacksSent, cpu, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
+            say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
+            if receiver.stats.blocksSpilled > 0 { say("  incomplete blocks spilled to disk (memory budget full): \(receiver.stats.blocksSpilled)") }
+            say(String(format: "  datagrams: %llu in %llu reads (%@)", pump.groupDatagrams, pump.groupMessages,
+                       pump.coalescing ? "kernel coalescing (UDP GRO) on" : "one per read"))
+            say("  bundle -> \(kept ?? "not kept (the payload was staged as the component; --keep-bundle keeps it)")")
+            for (component, path) in update.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
+        }
+    }
+
+    static func exitCode(_ reason: ReceiveFailure.Reason) -> Int32 {
         switch reason {
         case .expired: BundleError(.expired, "").exitCode
         case .incompatibleHardware: BundleError(.incompatibleHardware, "").exitCode
         case .rollback: BundleError(.rollback, "").exitCode
+        case .verification: BundleError(.hashMismatch, "").exitCode
         case .notARecipient: BundleError(.notARecipient, "").exitCode
+        case .decryption: BundleError(.decryptionFailed, "").exitCode
         case .storage: BundleError(.io, "").exitCode
-        case .sessionClosed, .timedOut, .none: NetworkExit.sessionEnded
+        case .sessionClosed, .timedOut, .declined: NetworkExit.sessionEnded
         }
     }
 }

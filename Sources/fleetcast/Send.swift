@@ -16,11 +16,16 @@ struct Send: ParsableCommand {
         The sender needs no key: receivers verify everything. Feedback comes back by unicast \
         to this host's address and the socket's port (--bind, --feedback-port).
 
-        Progress shows the round, the rate, the bytes sent against the payload, and the \
-        receivers registered, done and failed. --report writes a JSON fleet report.
+        A receiver counts as done only once it has verified the update (step 2: the payload \
+        hash, decryption, the component hashes) and released it; until then it is \
+        "received". Progress shows the round, the rate, the bytes sent against the payload, \
+        and the receivers registered, received, verified and failed. --report writes a JSON \
+        fleet report with each device's outcome (verified, failed with its reason, \
+        received, receiving, slow, gone).
 
-        Exit status: 0 every receiver completed; 32 some receiver failed or went silent; \
-        33 network error; 10-21 bundle problems (see `fleetcast --help`).
+        Exit status: 0 every receiver verified; 32 some receiver failed or went silent, or \
+        none was heard at all (unless --carousel); 33 network error; 10-21 bundle problems \
+        (see `fleetcast --help`).
 
         Examples:
           fleetcast send update.fcb --interface eth1 --rate 500M --min-receivers 16
@@ -115,13 +120,13 @@ struct Send: ParsableCommand {
 
             let payload = manifest.payload.size
             let status = StatusLine(enabled: !quiet)
-            let timeline = try progressLog.map { try TimelineLog(path: $0, header: "elapsed_s\tround\tgrtt_ms\tdata_bytes\tregistered\tdone\tfailed") }
+            let timeline = try progressLog.map { try TimelineLog(path: $0, header: "elapsed_s\tround\tgrtt_ms\tdata_bytes\tregistered\tdone\tfailed\treceived") }
             try driver.run(progressInterval: timeline == nil ? .milliseconds(250) : .milliseconds(50), progress: { p in
-                timeline?.append(String(format: "%.3f\t%u\t%.1f\t%llu\t%d\t%d\t%d", p.elapsed.seconds, p.round, p.grtt.seconds * 1000,
-                                        p.dataBytesSent, p.registered, p.done, p.failed))
-                status.show(String(format: "round %u (GRTT %.0f ms)  %@  sent %@ (%.2fx payload)  receivers %d, done %d, failed %d",
+                timeline?.append(String(format: "%.3f\t%u\t%.1f\t%llu\t%d\t%d\t%d\t%d", p.elapsed.seconds, p.round, p.grtt.seconds * 1000,
+                                        p.dataBytesSent, p.registered, p.verified, p.failed, p.received))
+                status.show(String(format: "round %u (GRTT %.0f ms)  %@  sent %@ (%.2fx payload)  receivers %d: received %d, verified %d, failed %d",
                                    p.round, p.grtt.seconds * 1000, formatRate(p.dataBytesSent, p.elapsed.seconds), formatBytes(p.dataBytesSent),
-                                   Double(p.dataBytesSent) / Double(max(payload, 1)), p.registered, p.done, p.failed))
+                                   Double(p.dataBytesSent) / Double(max(payload, 1)), p.registered, p.received, p.verified, p.failed))
             }, shouldStop: { interrupted })
             status.finish()
 
@@ -134,16 +139,20 @@ struct Send: ParsableCommand {
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 try encoder.encode(fleetReport).write(to: URL(fileURLWithPath: report))
             }
-            let done = fleet.filter { $0.standing == .done }.count
+            let verified = fleet.filter { $0.standing == .verified }.count
             let failed = fleet.filter { $0.standing == .failed }.count
-            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire%@; %d receiver(s): %d done, %d failed, %d incomplete",
+            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire%@; %d receiver(s): %d verified, %d failed, %d incomplete",
                          formatBytes(payload), final.elapsed.seconds, formatRate(payload, fleetReport.secondsToAllDone ?? final.elapsed.seconds),
-                         fleetReport.wireRatio, driver.socket.segmentation ? " (UDP GSO)" : "", fleet.count, done, failed, fleet.count - done - failed))
-            for r in fleetReport.receivers where r.outcome != "done" {
+                         fleetReport.wireRatio, driver.socket.segmentation ? " (UDP GSO)" : "", fleet.count, verified, failed, fleet.count - verified - failed))
+            for r in fleetReport.receivers where r.outcome != FleetStanding.verified.rawValue {
                 say("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
             }
             if interrupted { throw ExitCode(130) }
-            if done < fleet.count || done < (minReceivers ?? 0) { throw ExitCode(NetworkExit.incompleteFleet) }
+            if fleet.isEmpty && !carousel {
+                printError("no receiver was heard: nobody joined the session (check --interface, --group, --port, and that receivers trust the bundle's signer)")
+                throw ExitCode(NetworkExit.incompleteFleet)
+            }
+            if verified < fleet.count || verified < (minReceivers ?? 0) { throw ExitCode(NetworkExit.incompleteFleet) }
         }
     }
 }
@@ -155,12 +164,15 @@ struct FleetReport: Encodable {
         var deviceID: String?
         var versionBefore: String?
         var installedSequenceBefore: UInt64?
+        /// verified, failed, received (every block in, no verdict heard), receiving, slow, gone.
         var outcome: String
         var failureReason: String?
         var blocksDone: UInt32
         var blocksTotal: UInt32
         var bytesReceived: UInt64
         var nacksSent: UInt32
+        /// From the first datagram heard to every block in, and to the verdict.
+        var secondsToReceive: Double?
         var secondsToComplete: Double?
     }
     var session: String
@@ -207,6 +219,7 @@ struct FleetReport: Encodable {
                    installedSequenceBefore: r.installedSequence, outcome: standing.rawValue,
                    failureReason: r.failureReason.map { "\($0)" }, blocksDone: r.blocksDone, blocksTotal: r.blocksTotal,
                    bytesReceived: r.bytesReceived, nacksSent: max(r.nacksReported, UInt32(r.nacksReceived)),
+                   secondsToReceive: r.receivedAt.map { ($0 - r.firstHeard).seconds },
                    secondsToComplete: r.finishedAt.map { ($0 - r.firstHeard).seconds })
         }
     }

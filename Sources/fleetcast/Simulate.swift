@@ -69,7 +69,7 @@ struct Simulate: ParsableCommand {
             let result = Simulation(scenario: s, bundle: bundle, oldSession: old).run()
             if digests { print("seed \(seed) \(result.traceDigest) \(String(format: "%.6f", result.duration.seconds)) s data \(result.dataWireBytes) feedback \(result.feedbackWireBytes)") }
             if (count == 1 && !digests) || !result.violations.isEmpty { print(result) }
-            if counters { print("  sender:   \(result.senderCounters)\n  receivers: \(result.receiverCounters)") }
+            if counters { print("  sender:   \(result.senderStats)\n  receivers: \(result.receiverStats)") }
             if !result.violations.isEmpty { failures += 1 }
         }
         if count > 1 { print("\(count - failures) passed, \(failures) failed") }
@@ -91,7 +91,7 @@ struct Simulate: ParsableCommand {
                 s.profile = profile
                 let r = Simulation(scenario: s, bundle: bundle).run()
                 let ideal = 1 / (1 - Double(p) / 100)
-                let rounds = r.senderCounters["rounds.busy"] + r.senderCounters["rounds.idle"]
+                let rounds = r.senderStats.rounds
                 print("| \(n) | \(p)% | \(f(ideal)) | \(f(r.wireRatio)) | \(f(r.wireRatio / ideal)) | \(f(r.nackRatio, 5)) | \(f(Double(r.feedbackWireBytes) / Double(r.payloadBytes), 4)) | \(rounds) | \(r.completed.allSatisfy { $0 } ? "yes" : "NO") |")
             }
         }

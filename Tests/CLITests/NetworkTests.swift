@@ -182,7 +182,7 @@ struct NetworkTests {
         }
         let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as! [String: Any]
         let devices = report["receivers"] as! [[String: Any]]
-        #expect(devices.count == receivers && devices.allSatisfy { $0["outcome"] as? String == "done" }, "\(devices)")
+        #expect(devices.count == receivers && devices.allSatisfy { $0["outcome"] as? String == "verified" }, "\(devices)")
         if loss > 0 { #expect(rs.contains { $0.output.contains("blocks repaired") && !$0.output.contains(" 0 blocks repaired") }, "no repair seen at \(loss)% loss") }
         f.expectStaging(receivers: receivers, plainPayloadStaged: !encrypted)
     }
@@ -240,7 +240,7 @@ struct NetworkTests {
         // own (a user namespace too when not root), so nothing outside the test sees it.
         let (path, args) = lan.command(on: "r1", f.receiveArguments(1))
         let wrapper = (getuid() == 0 ? ["-m"] : ["-r", "-m"]) + ["--propagation", "private", "/bin/sh", "-c",
-                                                              "mount -t tmpfs -o size=1m tmpfs \"$0\" && exec \"$@\"", staging, path] + args
+                                                              "mount -t tmpfs -o size=1m,mode=0700 tmpfs \"$0\" && exec \"$@\"", staging, path] + args
         let r = BackgroundProcess("/usr/bin/unshare", wrapper, log: f.w.file("r1.log"))
         try r.start()
         let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--min-receivers", "1", "--deadline", "20s",

@@ -13,8 +13,23 @@ func makeSender(_ bundle: SimulationBundle, rate: Double = 10_000_000, _ tweak: 
 }
 
 func receiverConfig(_ bundle: SimulationBundle, trusting key: PublicKey? = nil) -> ReceiverConfig {
-    ReceiverConfig(receiverID: ReceiverID(1), deviceID: "d", installedVersion: "9", trust: TrustPolicy(trustedKeys: [key ?? bundle.trustedKey]),
-                   device: DevicePolicy(now: SimulationBundle.createdAt + 1, hardwareID: SimulationBundle.hardwareID, installedSequence: 9), seed: 1)
+    ReceiverConfig(receiverID: ReceiverID(1), deviceID: "d", installedVersion: "9", installedSequence: 9,
+                   trust: TrustPolicy(trustedKeys: [key ?? bundle.trustedKey]), seed: 1)
+}
+
+/// The sender's address in these tests (RFC 2544's benchmarking range).
+let senderPeer = PeerAddress.benchmark(1)
+
+extension Receiver {
+    /// A datagram from the sender, taken as a device would: an offer is judged at once
+    /// by the simulator's device policy and accepted or declined.
+    mutating func take(_ bytes: [UInt8], at now: Instant) {
+        handleDatagram(bytes, from: senderPeer, at: now)
+        guard let offer = pendingOffer else { return }
+        do { accept(try offer.manifest.admit(under: Simulation.devicePolicy), at: now) } catch {
+            decline(Simulation.declineReason(error), error.reason, at: now)
+        }
+    }
 }
 
 @Suite("Sender and receiver units")
@@ -99,13 +114,17 @@ struct CoreUnitTests {
         let stranger = try PrivateKey.generate(.ed25519)
         var receiver = Receiver(config: receiverConfig(bundle, trusting: stranger.publicKey))
         var sender = makeSender(bundle)
-        for _ in 0..<5 { if let t = sender.pollTransmit(at: .zero) { receiver.handleDatagram(t.bytes, at: .zero) } }
-        #expect(receiver.counters["dropped.announce.signatureInvalid"] >= 1)
-        #expect(receiver.manifest == nil && !receiver.isFailed)
+        for _ in 0..<5 { if let t = sender.pollTransmit(at: .zero) { receiver.take(t.bytes, at: .zero) } }
+        #expect(receiver.stats.announcesRejected[.signatureInvalid] >= 1)
+        #expect(receiver.session == nil && receiver.pendingOffer == nil && !receiver.isFailed)
         var genuine = Receiver(config: receiverConfig(bundle))
         var sender2 = makeSender(bundle)
-        if let t = sender2.pollTransmit(at: .zero) { genuine.handleDatagram(t.bytes, at: .zero) }
-        #expect(genuine.manifest == bundle.manifest)
+        if let t = sender2.pollTransmit(at: .zero) { genuine.handleDatagram(t.bytes, from: senderPeer, at: .zero) }
+        // A genuine announce becomes an offer, and nothing more until the device answers.
+        guard case .offer(let offer)? = genuine.pollAction() else { Issue.record("no offer"); return }
+        #expect(offer.manifest.manifest == bundle.manifest && genuine.session == nil && genuine.pollTransmit() == nil)
+        genuine.accept(try offer.manifest.admit(under: Simulation.devicePolicy), at: .zero)
+        #expect(genuine.session == SessionID(0xBEEF))
     }
 
     @Test("NACKs beyond the per-receiver limit are dropped and counted (Specs/protocol.md P-13)")
@@ -114,18 +133,18 @@ struct CoreUnitTests {
         var sender = makeSender(bundle) { $0.nackPerReceiverPerRoundMax = 3 }
         let nack = Datagram.nack(Nack(session: SessionID(0xBEEF), receiver: ReceiverID(9), round: 0, echoedSentAtMicroseconds: 0, holdMicroseconds: 0,
                                       entries: [.init(object: .payload, block: 0, needed: 2)])).encoded()
-        for _ in 0..<10 { sender.handleDatagram(nack, at: .zero) }
-        #expect(sender.counters["nacks"] == 3)
-        #expect(sender.counters["dropped.nackRateLimited"] == 7)
+        for _ in 0..<10 { sender.handleDatagram(nack, from: .benchmark(9), at: .zero) }
+        #expect(sender.stats.nacks == 3)
+        #expect(sender.stats.drops[.nackRateLimited] == 7)
         // Only the largest need of the round is served: 2 repair symbols, not 6.
-        #expect(sender.counters["repair.queued.round0"] == 2)
+        #expect(sender.stats.repairQueuedFirstPass == 2)
         var other: [UInt8] = Datagram.nack(Nack(session: SessionID(0xBEEE), receiver: ReceiverID(9), round: 0, echoedSentAtMicroseconds: 0, holdMicroseconds: 0,
                                        entries: [.init(object: .payload, block: 0, needed: 2)])).encoded()
-        sender.handleDatagram(other, at: .zero)
-        #expect(sender.counters["dropped.otherSession"] == 1)
+        sender.handleDatagram(other, from: .benchmark(9), at: .zero)
+        #expect(sender.stats.drops[.otherSession] == 1)
         other[0] = 9
-        sender.handleDatagram(other, at: .zero)
-        #expect(sender.counters["dropped.parse.badVersion"] == 1)
+        sender.handleDatagram(other, from: .benchmark(9), at: .zero)
+        #expect(sender.stats.malformed[.badVersion] == 1)
     }
 
     @Test("STATUS complete is ACKed; the sender closes when every receiver is done")
@@ -138,28 +157,30 @@ struct CoreUnitTests {
             while let _ = sender.pollTransmit(at: now) {}
             if now.microseconds == 200_000 {
                 sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(4), state: .complete, reason: .none,
-                                                             blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(), at: now)
+                                                             blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(),
+                                      from: .benchmark(4), at: now)
                 let ack = sender.pollTransmit(at: now)
-                #expect(ack?.destination == .receiver(ReceiverID(4)))
+                // Unicast to where that receiver's STATUS came from.
+                #expect(ack?.destination == .peer(.benchmark(4)))
             }
             now = now + Interval(microseconds: 100_000)
         }
         #expect(sender.isFinished)
-        #expect(sender.counters["close.allDone"] == 1)
-        #expect(sender.receivers[ReceiverID(4)]?.state == .complete)
+        #expect(sender.stats.closes[.allDone] == 1)
+        #expect(sender.receivers[ReceiverID(4)]?.state == .verified)
     }
 }
 
 @Suite("Fleet view")
 struct FleetTests {
-    @Test("The sender tells done, failed, receiving, slow and gone apart")
+    @Test("The sender tells verified, failed, received, receiving, slow and gone apart")
     func standings() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)
         var sender = makeSender(bundle) { $0.receiverSilenceMax = .seconds(3) }
         func status(_ id: UInt64, _ state: Status.State, done: UInt32, at t: UInt64) {
             sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(id), state: state,
                                                          reason: state == .failed ? .rollback : .none, blocksDone: done, blocksTotal: 100,
-                                                         bytesReceived: 0, nacksSent: 0)).encoded(), at: Instant(microseconds: t))
+                                                         bytesReceived: 0, nacksSent: 0)).encoded(), from: .benchmark(UInt16(id)), at: Instant(microseconds: t))
         }
         status(1, .complete, done: 100, at: 1_000_000)
         status(2, .failed, done: 0, at: 1_000_000)
@@ -167,8 +188,11 @@ struct FleetTests {
         status(4, .receiving, done: 70, at: 4_000_000)
         status(5, .receiving, done: 10, at: 4_000_000)
         status(6, .receiving, done: 75, at: 500_000)
+        // Every block in, step 2 running: not verified yet (Specs/protocol.md P-21).
+        status(7, .received, done: 100, at: 4_000_000)
         let view = Dictionary(uniqueKeysWithValues: sender.fleet(at: Instant(microseconds: 4_100_000)).map { ($0.record.id.rawValue, $0.standing) })
-        #expect(view == [1: .done, 2: .failed, 3: .receiving, 4: .receiving, 5: .slow, 6: .gone])
+        #expect(view == [1: .verified, 2: .failed, 3: .receiving, 4: .receiving, 5: .slow, 6: .gone, 7: .received])
+        #expect(sender.stats.receiversReceived == 1 && sender.stats.receiversVerified == 1 && sender.stats.receiversFailed == 1)
     }
 }
 
@@ -199,14 +223,15 @@ struct HostileInputTests {
             default: break                                                                                // genuine
             }
             let now = Instant(microseconds: UInt64(step) * 10)
-            receiver.handleDatagram(bytes, at: now)
+            receiver.take(bytes, at: now)
             receiver.handleTimeout(at: now)
             while receiver.pollTransmit() != nil {}
-            while let e = receiver.pollEvent() {
-                if case .store(let object, let block, let offset, let data) = e {
+            while let a = receiver.pollAction() {
+                if case .store(let object, let block, let offset, let data) = a {
                     let truth = object == .payload ? bundle.payload : bundle.authChain
                     #expect(Array(truth[Int(offset)..<(Int(offset) + data.count)]) == data, "seed \(seed): wrong bytes for \(object) block \(block)")
                     stored += 1
+                    receiver.handleStored(object, block: block)
                 }
             }
         }
@@ -218,8 +243,8 @@ struct HostileInputTests {
         let bundle = try await BundleCache.shared.bundle(300_000)
         let genuine = Self.genuineTraffic(bundle)
         var receiver = Receiver(config: receiverConfig(bundle))
-        receiver.handleDatagram(genuine[0], at: .zero)  // the announce
-        #expect(receiver.manifest != nil)
+        receiver.take(genuine[0], at: .zero)  // the announce
+        #expect(receiver.session != nil)
         _ = Self.feed(&receiver, genuine, count: 20_000, seed: 0x4057, bundle: bundle)
     }
 
@@ -229,14 +254,14 @@ struct HostileInputTests {
         let genuine = Self.genuineTraffic(bundle)
         var receiver = Receiver(config: receiverConfig(bundle))
         var i = 0
-        while receiver.counters["segments.verified"] == 0 && i < genuine.count {
-            receiver.handleDatagram(genuine[i], at: Instant(microseconds: UInt64(i)))
+        while receiver.stats.segmentsVerified == 0 && i < genuine.count {
+            receiver.take(genuine[i], at: Instant(microseconds: UInt64(i)))
             i += 1
         }
-        #expect(receiver.counters["segments.verified"] == 1)
+        #expect(receiver.stats.segmentsVerified == 1)
         let payloadTraffic = genuine.filter { $0.count > 8 && $0[1] == Datagram.Kind.data.rawValue && $0[8] == ObjectID.payload.rawValue }
         let stored = Self.feed(&receiver, payloadTraffic, count: 20_000, seed: 0x4058, bundle: bundle, start: 1000)
-        #expect(stored > 0 && receiver.counters["dropped.data.badTag"] > 0, "seed 0x4058: \(receiver.counters)")
+        #expect(stored > 0 && receiver.stats.drops[.badTag] > 0, "seed 0x4058: \(receiver.stats)")
     }
 }
 
@@ -250,14 +275,14 @@ struct SessionSwitchTests {
         let liveAnnounce = live.pollTransmit(at: .zero)!.bytes
         let oldAnnounce = old.pollTransmit(at: .zero)!.bytes
         var receiver = Receiver(config: receiverConfig(bundle))
-        receiver.handleDatagram(liveAnnounce, at: .zero)
-        #expect(receiver.manifest != nil)
+        receiver.take(liveAnnounce, at: .zero)
+        #expect(receiver.session == SessionID(0xBEEF))
         // The live session is talking: a replayed announce of the old session is ignored.
-        receiver.handleDatagram(liveAnnounce, at: Instant(microseconds: 100_000))
-        receiver.handleDatagram(oldAnnounce, at: Instant(microseconds: 200_000))
-        #expect(receiver.counters["session.switched"] == 0)
+        receiver.take(liveAnnounce, at: Instant(microseconds: 100_000))
+        receiver.take(oldAnnounce, at: Instant(microseconds: 200_000))
+        #expect(receiver.stats.sessionSwitches == 0 && receiver.session == SessionID(0xBEEF))
         // The live sender went quiet (it restarted): the same bundle's new session is followed.
-        receiver.handleDatagram(oldAnnounce, at: Instant(microseconds: 1_300_000))
-        #expect(receiver.counters["session.switched"] == 1)
+        receiver.take(oldAnnounce, at: Instant(microseconds: 1_300_000))
+        #expect(receiver.stats.sessionSwitches == 1 && receiver.session == SessionID(0x0DD))
     }
 }

@@ -77,12 +77,12 @@ struct ScenarioTests {
         for r in [without, with] {
             #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
         }
-        #expect(without.senderCounters["nackEpochs"] == 0)
-        #expect(with.senderCounters["nackEpochs"] > 0)
+        #expect(without.senderStats.nackEpochs == 0)
+        #expect(with.senderStats.nackEpochs > 0)
         // The share of all repair that was asked for during the first pass, before the POLL.
         let firstPassShare = { (r: SimulationResult) -> Double in
-            let all = r.senderCounters.all.filter { $0.0.hasPrefix("repair.queued.round") }.reduce(0) { $0 + $1.1 }
-            return Double(r.senderCounters["repair.queued.round0"]) / Double(max(all, 1))
+            let all = r.senderStats.repairQueuedFirstPass + r.senderStats.repairQueuedInRounds
+            return Double(r.senderStats.repairQueuedFirstPass) / Double(max(all, 1))
         }
         #expect(firstPassShare(with) > 0.8 && firstPassShare(with) > firstPassShare(without),
                 "first-pass share of repair: \(firstPassShare(with)) with epochs, \(firstPassShare(without)) without (seed 19)")
@@ -103,9 +103,7 @@ struct ScenarioTests {
             #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
         }
         // Blocks short of their closing symbol, re-asked for in the first pass or left for the POLL.
-        let afterPoll = { (r: SimulationResult) -> UInt64 in
-            r.senderCounters.all.filter { $0.0.hasPrefix("repair.queued.round") && $0.0 != "repair.queued.round0" }.reduce(0) { $0 + $1.1 }
-        }
+        let afterPoll = { (r: SimulationResult) -> UInt64 in r.senderStats.repairQueuedInRounds }
         #expect(afterPoll(with) * 2 < afterPoll(without),
                 "repair symbols queued after the POLL: \(afterPoll(with)) with the lapse, \(afterPoll(without)) without (seed 29)")
     }
@@ -163,8 +161,8 @@ struct ScenarioTests {
     func spill() async throws {
         let r = try await run("spill", seed: 21)
         #expect(r.completed.allSatisfy { $0 })
-        #expect(r.receiverCounters["blocks.repaired"] > 0, "cold blocks were decoded from spilled symbols")
-        #expect(r.receiverCounters["blocks.spilled"] > 0, "blocks went cold: the spill path ran")
+        #expect(r.receiverStats.repairedPayloadBlocks > 0, "cold blocks were decoded from spilled symbols")
+        #expect(r.receiverStats.blocksSpilled > 0, "blocks went cold: the spill path ran")
     }
 
     @Test("P-5c: with room for one segment, verified segments leave memory and are read back and rechecked; every receiver completes with the right bytes")
@@ -182,19 +180,19 @@ struct ScenarioTests {
         let bundle = try SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, blocksPerSegment: 2)
         let r = Simulation(scenario: s, bundle: bundle).run()
         #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
-        #expect(r.receiverCounters["segments.evicted"] > 0 && r.receiverCounters["segments.reloaded"] > 0, "\(r.receiverCounters)")
-        #expect(r.receiverCounters["segments.reloadFailed"] == 0)
+        #expect(r.receiverStats.segmentsEvicted > 0 && r.receiverStats.segmentsReloaded > 0, "\(r.receiverStats)")
+        #expect(r.receiverStats.segmentReloadFailures == 0)
         // Without the budget, nothing leaves.
         var all = s
         all.segmentBytesInMemoryMax = nil
         let kept = Simulation(scenario: all, bundle: bundle).run()
-        #expect(kept.violations.isEmpty && kept.receiverCounters["segments.evicted"] == 0, "\(kept)")
+        #expect(kept.violations.isEmpty && kept.receiverStats.segmentsEvicted == 0, "\(kept)")
     }
 
     @Test("Forged, corrupted, duplicated and reordered datagrams: nothing wrong is accepted")
     func attack() async throws {
         let r = try await run("attack", seed: 17)
-        #expect(r.receiverCounters["dropped.data.badTag"] > 0, "forged payload symbols are dropped on arrival")
+        #expect(r.receiverStats.drops[.badTag] > 0, "forged payload symbols are dropped on arrival")
         #expect(r.completed.allSatisfy { $0 })
     }
 
@@ -202,7 +200,7 @@ struct ScenarioTests {
     func replay() async throws {
         let old = try ScenarioCatalog.recordedOldSession()
         let r = try await run("replay", seed: 18, old: old)
-        #expect(r.receiverCounters["refused.rollback"] > 0)
+        #expect(r.receiverStats.offersDeclined[.rollback] > 0)
         #expect(r.completed.allSatisfy { $0 })
     }
 
@@ -232,6 +230,6 @@ struct ScenarioTests {
         let b = try await run("attack", seed: 21)
         #expect(a.dataWireBytes == b.dataWireBytes && a.feedbackWireBytes == b.feedbackWireBytes)
         #expect(a.completionTimes.map { $0?.microseconds } == b.completionTimes.map { $0?.microseconds })
-        #expect(a.receiverCounters.description == b.receiverCounters.description)
+        #expect(a.receiverStats == b.receiverStats && a.traceDigest == b.traceDigest)
     }
 }

@@ -22,6 +22,11 @@ uint16_t fc_addr_port(const fc_addr *addr);
 int fc_addr_is_multicast(const fc_addr *addr);
 /// The unspecified address of a family, with a port.
 void fc_addr_any(int family, uint16_t port, fc_addr *out);
+/// The parts of an address: `bytes` gets 4 (IPv4) or 16 (IPv6) bytes in network
+/// order; returns the family (AF_INET, AF_INET6) or 0 for another.
+int fc_addr_parts(const fc_addr *addr, uint8_t bytes[16], uint16_t *port, uint32_t *scope_id);
+/// An address from its parts (`bytes` as above).
+void fc_addr_from_parts(int family, const uint8_t bytes[16], uint16_t port, uint32_t scope_id, fc_addr *out);
 
 /// A non-blocking, close-on-exec UDP socket.
 int fc_udp_open(int family);

@@ -1,0 +1,226 @@
+import BundleFormat
+import WireFormat
+
+/// The repair the sender announced for a block (DATA's pending repair) and when.
+struct RepairPromise {
+    var count: Int
+    var heardAt: Instant
+}
+
+struct BlockKey: Hashable {
+    var object: ObjectID
+    var block: Int
+}
+
+/// A joined session's feedback state (Specs/protocol.md §5.3): the round, how far
+/// the sender has gone, what was asked for and promised, and the NACK budget.
+/// Its one timer (`nack`) is in the session's table.
+struct FeedbackState {
+    var round: UInt32 = 0
+    /// A POLL of this session was heard: every incomplete block may be asked for.
+    var afterPoll = false
+    /// The furthest (object, interleave window) the sender's DATA reached.
+    var frontier = (object: UInt8(0), window: -1)
+    var frontierAdvanced = false
+    /// Payload blocks per first-pass NACK epoch (P-19a), as the sender computes them.
+    let nackEpochBlocks: Int
+    /// The first pass's NACK epoch the receiver is in (P-19a).
+    var nackEpoch = 0
+    var nackedThisRound: Set<BlockKey> = []
+    var promised: [BlockKey: RepairPromise] = [:]
+    var nackDatagramsThisRound = 0
+    var lastNackAt: Instant?
+    /// The latest POLL's sent-at and when it arrived, echoed in NACKs for the GRTT.
+    var pollEcho: (sentAt: UInt64, heardAt: Instant)?
+    var nacksSent = 0
+
+    init(nackEpochBlocks: Int) {
+        precondition(nackEpochBlocks >= 1)
+        self.nackEpochBlocks = nackEpochBlocks
+    }
+
+    mutating func observeFrontier(object: ObjectID, block: Int, window: Int) {
+        let position = (object.rawValue, block / window)
+        if position.0 > frontier.object || (position.0 == frontier.object && position.1 > frontier.window) {
+            frontier = (position.0, position.1)
+            frontierAdvanced = true
+        }
+    }
+
+    /// Has the sender moved past this block in the current pass?
+    func isPassed(object: ObjectID, block: Int, window: Int) -> Bool {
+        if afterPoll { return true }
+        return (object.rawValue, block / window) < (frontier.object, frontier.window)
+    }
+
+    /// Specs/protocol.md P-18a: the repair symbols the sender still promises for this
+    /// block, 0 if none. A promise lapses when the repair it announced stops arriving
+    /// for `lifetime` (its last symbols were lost, so no DATA with a pending count of 0
+    /// ever came).
+    func promisedRepair(_ key: BlockKey, at now: Instant, lifetime: Interval) -> Int {
+        guard let p = promised[key], now < p.heardAt + lifetime else { return 0 }
+        return p.count
+    }
+}
+
+/// The numbers a STATUS carries about the transfer.
+struct StatusReport {
+    var blocksDone: UInt32
+    var blocksTotal: UInt32
+    var bytesReceived: UInt64
+    var nacksSent: UInt32
+}
+
+extension Session {
+    var report: StatusReport {
+        StatusReport(blocksDone: UInt32(payload.doneCount), blocksTotal: UInt32(payload.layout.blockCount),
+                     bytesReceived: bytesReceived, nacksSent: UInt32(feedback.nacksSent))
+    }
+
+    var promiseLifetime: Interval { grtt * repairPromiseLifetimeGRTTs }
+
+    func isPassed(_ object: ObjectID, _ b: Int) -> Bool { feedback.isPassed(object: object, block: b, window: interleaveWindow) }
+
+    /// Distinct symbol indices of block b waiting for their segment, not already held.
+    func pendingCount(block b: Int, excluding partial: PartialBlock?) -> Int {
+        var seen = Set<UInt8>()
+        for p in pendingSymbols where Int(p.block) == b && !(partial?.seen[Int(p.symbolIndex)] ?? false) { seen.insert(p.symbolIndex) }
+        return seen.count
+    }
+
+    var hasNackableBlocks: Bool {
+        for object in [ObjectID.authChain, .payload] {
+            let state = object == .payload ? payload : chain.auth
+            for b in 0..<state.layout.blockCount where !state.done[b] && isPassed(object, b)
+                && !feedback.nackedThisRound.contains(BlockKey(object: object, block: b)) && !chain.awaitsSegment(object, b) {
+                return true
+            }
+        }
+        return false
+    }
+}
+
+extension Receiver {
+    /// What a DATA symbol tells the feedback: how far the sender has gone, and the
+    /// repair it promises for the block (P-17, P-18a, P-16b, P-19a).
+    mutating func observe(_ d: DataSymbol, _ s: inout Session, at now: Instant) {
+        let b = Int(d.block)
+        s.feedback.observeFrontier(object: d.object, block: b, window: s.interleaveWindow)
+        // Specs/protocol.md P-18a: the sender's promise of more repair for this block this round.
+        let key = BlockKey(object: d.object, block: b)
+        if d.pendingRepair > 0 || s.feedback.promised[key] != nil {
+            s.feedback.promised[key] = RepairPromise(count: Int(d.pendingRepair), heardAt: now)
+        }
+        guard s.feedback.frontierAdvanced else { return }
+        s.feedback.frontierAdvanced = false
+        // Specs/protocol.md P-16b: until the auth chain is in, every window of the first
+        // pass is a new chance to ask for it (a lost repair must not wait for the POLL).
+        if !s.feedback.afterPoll && !s.chain.isComplete {
+            s.feedback.nackedThisRound = s.feedback.nackedThisRound.filter { $0.object != .authChain }
+            s.feedback.nackDatagramsThisRound = 0
+        }
+        // Specs/protocol.md P-19a: a new epoch of the first pass: a fresh NACK allowance, and
+        // blocks asked for earlier whose promised repair has all gone by may be asked for again.
+        if !s.feedback.afterPoll && d.object == .payload && b / s.feedback.nackEpochBlocks > s.feedback.nackEpoch {
+            s.feedback.nackEpoch = b / s.feedback.nackEpochBlocks
+            s.feedback.nackDatagramsThisRound = 0
+            let lifetime = s.promiseLifetime
+            s.feedback.nackedThisRound = s.feedback.nackedThisRound.filter {
+                $0.object == .authChain || s.feedback.promisedRepair($0, at: now, lifetime: lifetime) > 0
+            }
+        }
+        scheduleNack(&s, at: now)
+    }
+
+    /// Specs/protocol.md P-10, P-17a: a POLL starts a round; its timing is clamped.
+    mutating func handlePoll(_ p: Poll, _ s: inout Session, at now: Instant) {
+        guard !s.carousel else { return }
+        s.grtt = Self.clampGRTT(p.grttMicroseconds)
+        s.timers[.closeConfirm] = nil
+        s.groupSize = Int(min(p.groupSize, Self.groupSizeMax))
+        // POLL is not authenticated: a corrupted or forged round number must not freeze
+        // feedback, so any change of round starts a round (Specs/protocol.md P-17).
+        if p.round != s.feedback.round {
+            s.feedback.round = p.round
+            s.feedback.nackedThisRound.removeAll()
+            s.feedback.promised.removeAll()
+            s.feedback.nackDatagramsThisRound = 0
+            s.feedback.afterPoll = true
+        }
+        s.feedback.pollEcho = (p.sentAtMicroseconds, now)
+        scheduleNack(&s, at: now)
+    }
+
+    mutating func scheduleNack(_ s: inout Session, at now: Instant) {
+        guard !s.carousel, s.timers[.nack] == nil, s.feedback.nackDatagramsThisRound < config.nackDatagramsPerRoundMax,
+              s.hasNackableBlocks else { return }
+        let maxDelay = s.grtt * (config.backoffGRTTs * backoffShare(groupSize: s.groupSize))
+        var due = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
+        // Specs/protocol.md P-19: no two NACK firings closer than `nackIntervalMin` (one GRTT).
+        if let last = s.feedback.lastNackAt, due < last + s.grtt { due = last + s.grtt }
+        s.timers[.nack] = due
+    }
+
+    /// Specs/protocol.md P-17..P-19: recompute needs at fire time; what repair filled is not asked for.
+    mutating func sendNacks(_ s: inout Session, at now: Instant) {
+        let budget = config.nackDatagramsPerRoundMax - s.feedback.nackDatagramsThisRound
+        var entries: [Nack.Entry] = []
+        var datagrams: [Nack] = []
+        func flush() {
+            guard !entries.isEmpty else { return }
+            let echo = s.feedback.pollEcho
+            let hold = echo.map { now - $0.heardAt }?.microseconds ?? 0
+            datagrams.append(Nack(session: s.id, receiver: config.receiverID, round: s.feedback.round,
+                                  echoedSentAtMicroseconds: echo?.sentAt ?? 0, holdMicroseconds: UInt32(min(hold, UInt64(UInt32.max))),
+                                  entries: entries))
+            entries = []
+        }
+        outer: for object in [ObjectID.authChain, .payload] {
+            let state = object == .payload ? s.payload : s.chain.auth
+            for b in 0..<state.layout.blockCount where !state.done[b] && s.isPassed(object, b) {
+                guard let entry = nackEntry(&s, object, b, state, at: now) else { continue }
+                entries.append(entry)
+                s.feedback.nackedThisRound.insert(BlockKey(object: object, block: b))
+                if entries.count == Nack.entryCountMax {
+                    flush()
+                    if datagrams.count == budget { break outer }
+                }
+            }
+        }
+        flush()
+        if datagrams.isEmpty { stats.nacksCancelled += 1 } else { s.feedback.lastNackAt = now }
+        for n in datagrams {
+            send(.nack(n), to: s.sender)
+            s.feedback.nacksSent += 1
+            s.feedback.nackDatagramsThisRound += 1
+            stats.nackEntries += UInt64(n.entries.count)
+        }
+    }
+
+    /// The NACK entry for block b, or nil: asked already, not checkable yet (P-16b),
+    /// nothing needed (P-16a), or covered by a promise (P-18a).
+    private mutating func nackEntry(_ s: inout Session, _ object: ObjectID, _ b: Int, _ state: ObjectState, at now: Instant) -> Nack.Entry? {
+        let key = BlockKey(object: object, block: b)
+        guard !s.feedback.nackedThisRound.contains(key) else { return nil }
+        // Specs/protocol.md P-16b: payload the receiver could not check yet is not asked for.
+        if s.chain.awaitsSegment(object, b) {
+            stats.nackEntriesDeferredUntilSegment += 1
+            return nil
+        }
+        // Held symbols, and those waiting for their segment, will count once it verifies.
+        let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
+        let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
+        guard needed > 0 else { return nil }
+        if s.feedback.promisedRepair(key, at: now, lifetime: s.promiseLifetime) >= needed {
+            stats.nackEntriesCoveredByPromise += 1
+            return nil
+        }
+        return Nack.Entry(object: object, block: UInt32(b), needed: UInt8(min(needed, 255)))
+    }
+
+    /// STATUS (Specs/protocol.md §3.7).
+    mutating func sendStatus(_ state: Status.State, _ reason: Status.Reason, session: SessionID, report r: StatusReport, to peer: PeerAddress) {
+        send(.status(Status(session: session, receiver: config.receiverID, state: state, reason: reason,
+                            blocksDone: r.blocksDone, blocksTotal: r.blocksTotal, bytesReceived: r.bytesReceived, nacksSent: r.nacksSent)), to: peer)
+    }
+}

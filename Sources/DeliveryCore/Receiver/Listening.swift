@@ -1,0 +1,183 @@
+import BundleFormat
+import FleetCrypto
+import WireFormat
+
+/// A receiver not in a session yet: DATA it hears early is kept (P-3b), and it
+/// says hello to sessions whose announce it missed (P-3a).
+struct Listening {
+    /// DATA seen before the announce verified, replayed at the join (bounded).
+    var preJoin: [DataSymbol] = []
+    var lastHello: Instant?
+}
+
+/// Announce fragments and the memory of refused envelopes. Both outlive a state:
+/// a joined receiver still assembles announces of other sessions to follow its
+/// sender's restart (P-2), and a refusal is remembered for whatever comes next (P-4).
+struct AnnounceIntake {
+    var collector = EnvelopeCollector()
+    /// Refused envelopes (by hash) and how often the refusal was sent, so a repeated
+    /// announce is not verified and answered forever.
+    private var refused: [[UInt8]: Int] = [:]
+    static let refusedEnvelopeCountMax = 8
+
+    func wasRefusedEnough(_ envelope: [UInt8], repeatMax: Int) -> Bool {
+        (refused[SHA256.hash(envelope)] ?? 0) >= repeatMax
+    }
+
+    /// Counts one more refusal of `envelope`; false once it has been told `repeatMax` times.
+    mutating func noteRefusal(of envelope: [UInt8], repeatMax: Int) -> Bool {
+        let key = SHA256.hash(envelope)
+        let told = refused[key, default: 0]
+        guard told < repeatMax else { return false }
+        if refused[key] == nil && refused.count >= Self.refusedEnvelopeCountMax { refused.removeAll() }
+        refused[key] = told + 1
+        return true
+    }
+}
+
+/// Collects ANNOUNCE fragments into an envelope (Specs/protocol.md P-3).
+struct EnvelopeCollector {
+    private var length: UInt32 = 0
+    private var count: UInt16 = 0
+    private var fragments: [UInt16: [UInt8]] = [:]
+
+    mutating func add(_ a: Announce) -> [UInt8]? {
+        guard Int(a.envelopeLength) <= BundleLimits.envelopeByteCountMax else { return nil }
+        if a.envelopeLength != length || a.fragmentCount != count {
+            length = a.envelopeLength
+            count = a.fragmentCount
+            fragments = [:]
+        }
+        fragments[a.fragmentIndex] = a.fragment
+        guard fragments.count == Int(count) else { return nil }
+        let envelope = (0..<count).flatMap { fragments[$0]! }
+        fragments = [:]
+        return envelope.count == Int(length) ? envelope : nil
+    }
+}
+
+extension Announce {
+    /// Specs/protocol.md §3.1: where this session's feedback goes. Address family 0
+    /// means "reply to the announce's source".
+    func feedbackDestination(source: PeerAddress) -> PeerAddress {
+        switch feedbackFamily {
+        case .sourceAddress: source
+        case .ipv4: PeerAddress(family: .ipv4, address: feedbackAddress.prefix(4), port: feedbackPort)
+        case .ipv6: PeerAddress(family: .ipv6, address: feedbackAddress, port: feedbackPort,
+                                scopeID: source.family == .ipv6 ? source.scopeID : 0)
+        }
+    }
+}
+
+extension Receiver {
+    // MARK: Not joined
+
+    /// A datagram while listening or while an offer awaits its answer.
+    mutating func handleUnjoined(_ datagram: Datagram, from peer: PeerAddress, at now: Instant) {
+        switch state {
+        case .listening(var l):
+            state = .modifying
+            handleUnjoined(datagram, &l, from: peer, at: now, offerPending: false)
+            // An announce may have made an offer of it.
+            if case .modifying = state { state = .listening(l) }
+        case .offered(var l, let offer):
+            state = .modifying
+            handleUnjoined(datagram, &l, from: peer, at: now, offerPending: true)
+            state = .offered(l, offer)
+        case .receiving, .finishing, .modifying:
+            preconditionFailure("not listening")
+        }
+    }
+
+    private mutating func handleUnjoined(_ datagram: Datagram, _ l: inout Listening, from peer: PeerAddress, at now: Instant, offerPending: Bool) {
+        switch datagram {
+        case .data(let d):
+            requestAnnounce(d.session, &l, to: peer, at: now)
+            // Specs/protocol.md P-3b: keep a bounded number of DATA datagrams seen before the
+            // announce; they are checked like any other once the manifest verifies.
+            if l.preJoin.count < config.unauthenticatedSymbolCountMax { l.preJoin.append(d) } else { stats.drops.add(.preJoinBufferFull) }
+        case .poll(let p):
+            requestAnnounce(p.session, &l, to: peer, at: now)
+        case .announce(let a):
+            // One offer at a time: announces wait until the device has answered.
+            guard !offerPending else { return }
+            handleAnnounce(a, &l, from: peer)
+        case .close, .ack:
+            return
+        case .register, .nack, .status:
+            stats.drops.add(.feedbackFromPeer)
+        }
+    }
+
+    /// Specs/protocol.md P-3a: traffic of a session whose announce this receiver
+    /// missed. It says hello (REGISTER) so that the sender announces again and
+    /// waits for it; at most once per `statusInterval`.
+    private mutating func requestAnnounce(_ id: SessionID, _ l: inout Listening, to peer: PeerAddress, at now: Instant) {
+        if let last = l.lastHello, now < last + config.statusInterval { return }
+        l.lastHello = now
+        stats.hellos += 1
+        send(registration(for: id), to: peer)
+    }
+
+    /// REGISTER for a session: who this device is and what it runs (Specs/protocol.md §3.5).
+    func registration(for id: SessionID) -> Datagram {
+        .register(Register(session: id, receiver: config.receiverID, installedSequence: config.installedSequence,
+                           deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
+                           version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!))
+    }
+
+    /// Specs/protocol.md P-3, P-3c: a complete envelope whose signatures verify
+    /// becomes an offer; a forged or corrupt one is counted and dropped, and the
+    /// receiver keeps listening for a genuine announce (P-4).
+    private mutating func handleAnnounce(_ a: Announce, _ l: inout Listening, from peer: PeerAddress) {
+        guard let envelope = intake.collector.add(a) else { return }
+        if intake.wasRefusedEnough(envelope, repeatMax: config.statusRepeatMax) { stats.drops.add(.announceRefusedBefore); return }
+        let signed: SignedManifest
+        do { signed = try ManifestVerifier.verifySignatures(envelope: envelope, trust: config.trust) } catch {
+            stats.announcesRejected.add(error.code)
+            return
+        }
+        let offer = Offer(session: a.session, manifest: signed, envelope: envelope, carousel: a.carousel,
+                          sender: a.feedbackDestination(source: peer), resumes: resume?.progress.envelope == envelope, announce: a)
+        stats.offers += 1
+        actions.append(.offer(offer))
+        state = .offered(l, offer)
+    }
+
+    // MARK: The device's answer
+
+    /// Accepts the pending offer, whose manifest the device admitted under its policy
+    /// (`SignedManifest.admit(under:)`), and joins its session.
+    public mutating func accept(_ verified: VerifiedManifest, at now: Instant) {
+        guard case .offered(let l, let offer) = state else { preconditionFailure("accept without a pending offer") }
+        precondition(verified.manifestBytes == offer.manifest.manifestBytes, "accept the manifest that was offered")
+        join(offer, verified: verified, early: l.preJoin.filter { $0.session == offer.session }, at: now)
+    }
+
+    /// Declines the pending offer (Specs/protocol.md P-4): the sender is told why and
+    /// the receiver goes on listening for an acceptable session.
+    public mutating func decline(_ reason: Status.Reason, _ text: String, at now: Instant) {
+        guard case .offered(let l, let offer) = state else { preconditionFailure("decline without a pending offer") }
+        precondition(reason != .none, "a decline has a reason")
+        state = .listening(l)
+        recordDecline(reason, text, offer: offer)
+    }
+
+    private mutating func join(_ offer: Offer, verified: VerifiedManifest, early: [DataSymbol], at now: Instant) {
+        var s = Session(offer: offer, verified: verified, now: now, config: config)
+        stats.joins += 1
+        if let r = resume, r.progress.envelope == offer.envelope {
+            // Specs/protocol.md P-20: journalled blocks are durable; do not ask for them again.
+            s.resume(from: r, stats: &stats)
+            stats.resumedPayloadBlocks += UInt64(r.progress.payloadBlocks.count)
+        }
+        resume = nil
+        state = .modifying
+        for d in early { handleData(d, &s, at: now) }
+        stats.preJoinReplayed += UInt64(early.count)
+        if !s.carousel {
+            send(registration(for: offer.session), to: s.sender)
+        }
+        settle(&s, at: now)
+    }
+}

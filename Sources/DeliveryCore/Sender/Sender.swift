@@ -1,0 +1,499 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import BundleFormat
+import ErasureCoding
+import WireFormat
+
+/// What the sender knows of one receiver (the fleet report's rows).
+public struct ReceiverRecord: Sendable {
+    /// `received`: every block in, step 2 running; `verified`: step 2 passed (P-21).
+    public enum State: String, Sendable { case registered, receiving, received, verified, failed }
+    public let id: ReceiverID
+    /// Where its feedback last came from: ACKs go there (P-22).
+    public var address: PeerAddress
+    public var deviceID: String?
+    public var versionBefore: String?
+    public var installedSequence: UInt64?
+    public var state: State = .registered
+    public var failureReason: Status.Reason?
+    public var blocksDone: UInt32 = 0
+    public var blocksTotal: UInt32 = 0
+    public var bytesReceived: UInt64 = 0
+    public var nacksReported: UInt32 = 0
+    public var nacksReceived = 0
+    public var nacksThisRound = 0
+    public var firstHeard: Instant
+    public var lastHeard: Instant
+    /// When it reported every block in (STATUS received), if it did before its verdict.
+    public var receivedAt: Instant?
+    /// When it reported its verdict (verified or failed).
+    public var finishedAt: Instant?
+
+    public var hasVerdict: Bool { state == .verified || state == .failed }
+}
+
+/// How the sender sees one receiver right now (Specs/protocol.md §4.3).
+public enum FleetStanding: String, Sendable {
+    /// Step 2 passed on the device.
+    case verified
+    /// Failed, with a reason (policy, storage, step 2, session).
+    case failed
+    /// Every block in; step 2 was running when last heard.
+    case received
+    case receiving
+    /// Behind: under half the median progress of the receivers still receiving.
+    case slow
+    /// Silent for `receiverSilenceMax` without a verdict.
+    case gone
+}
+
+extension Sender {
+    /// Who is verified, failed, received, receiving, slow or gone, at `now`.
+    public func fleet(at now: Instant) -> [(record: ReceiverRecord, standing: FleetStanding)] {
+        let active = receivers.values.filter { $0.state == .registered || $0.state == .receiving }
+        let fractions = active.map { $0.blocksTotal == 0 ? 0 : Double($0.blocksDone) / Double($0.blocksTotal) }.sorted()
+        let median = fractions.isEmpty ? 0 : fractions[fractions.count / 2]
+        return receivers.values.sorted { $0.id < $1.id }.map { r in
+            let standing: FleetStanding
+            switch r.state {
+            case .verified: standing = .verified
+            case .failed: standing = .failed
+            case .received: standing = now >= r.lastHeard + config.receiverSilenceMax ? .gone : .received
+            case .registered, .receiving:
+                let fraction = r.blocksTotal == 0 ? 0 : Double(r.blocksDone) / Double(r.blocksTotal)
+                if now >= r.lastHeard + config.receiverSilenceMax { standing = .gone }
+                else if fraction < median * 0.5 { standing = .slow }
+                else { standing = .receiving }
+            }
+            return (r, standing)
+        }
+    }
+}
+
+/// Step B as a sans-I/O state machine (Specs/protocol.md §4).
+///
+/// ```
+/// first pass ──all source + proactive sent──► POLL r ─► collecting NACKs, sending repair
+///                                               ▲                 │
+///                                               └── window over ──┘ (idle round if no NACK)
+/// all registered verified or failed / idle rounds / deadline ──► CLOSE ×3 ──► finished
+/// ```
+///
+/// Its parts: `Pacer` (the token buckets, P-9), `RepairQueue` (what repair is owed,
+/// P-8, P-11), `BlockCache` (read and encoded blocks), and the pass cursor here.
+public struct Sender {
+    public let config: SenderConfig
+    public let manifest: Manifest
+    private let envelope: [UInt8]
+    private let layouts: [ObjectLayout]  // [auth chain, payload]
+    public private(set) var stats = SenderStats()
+    public private(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
+
+    enum Phase: Equatable { case firstPass, repairRounds, carousel, closing, finished }
+    private var phase: Phase = .firstPass
+    public private(set) var round: UInt32 = 0
+    private var roundEnds: Instant?
+    private var nacksThisRound = 0
+    private var idleRounds = 0
+    private var closeReason: Close.Reason = .allDone
+    private var closesLeft = 0
+    private var startedAt: Instant?
+    private var lastNewReceiverAt: Instant?
+    private var grtt: Interval
+
+    private var pacer: Pacer
+    private var repair = RepairQueue()
+    private var cache: BlockCache
+    /// Payload blocks per first-pass NACK epoch (P-19a).
+    private let nackEpochBlocks: Int
+
+    /// The first pass's (and the carousel's) position: object, window, symbol, block in window.
+    private struct PassCursor { var object = 0, windowStart = 0, symbol = 0, offset = 0 }
+    private var pass = PassCursor()
+
+    private var control: [Transmit] = []
+    private var announceDue: Instant?
+    private var lastAnnounceAt: Instant?
+    private var nextAnnounceAtData: UInt64 = 0
+
+    public init(config: SenderConfig, envelope: [UInt8], manifest: Manifest, source: any ObjectSource) {
+        precondition(config.rateBytesPerSecond > 0 && config.interleaveWindow >= 1)
+        self.config = config
+        self.envelope = envelope
+        self.manifest = manifest
+        layouts = [ObjectLayout(object: .authChain, size: manifest.authentication.size, profile: manifest.transport),
+                   ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
+        grtt = config.grttInitial
+        pacer = Pacer(config: config, datagramWireBytes: Double(DataSymbol.headerByteCount + manifest.transport.symbolSize + 28))
+        cache = BlockCache(source: source, profile: manifest.transport, config: config)
+        nackEpochBlocks = config.nackEpochBlocks ?? SenderConfig.nackEpochBlocks(for: manifest.transport)
+    }
+
+    public var isFinished: Bool { phase == .finished }
+    /// Specs/protocol.md P-17b: the receivers' backoff (scaled by the group size) plus the NACK window.
+    public var roundWindow: Interval { grtt * (config.backoffGRTTs * backoffShare(groupSize: max(receivers.count, 1)) + config.nackWindowGRTTs) }
+    public var currentGRTT: Interval { grtt }
+    public var totalBlocks: Int { layouts[1].blockCount }
+
+    // MARK: Feedback in
+
+    /// A feedback datagram from `peer`, at `now`. The peer is remembered per receiver
+    /// (bounded by the receiver table): its ACKs go there.
+    public mutating func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+        let datagram: Datagram
+        do { datagram = try Datagram(parsing: bytes) } catch {
+            stats.malformed.add(error.code)
+            return
+        }
+        stats.feedbackBytes += UInt64(bytes.count + 28)
+        guard datagram.sessionID == config.session else { stats.drops.add(.otherSession); return }
+        switch datagram {
+        case .register(let r):
+            let isNew = receivers[r.receiver] == nil
+            guard var rec = record(r.receiver, from: peer, at: now) else { return }
+            // Specs/protocol.md P-3a: a receiver that missed the announce gets one soon.
+            if isNew, phase != .closing, phase != .finished {
+                let soon = max(now, (lastAnnounceAt ?? now) + config.announceHoldoff)
+                if announceDue == nil || soon < announceDue! { announceDue = soon }
+            }
+            rec.deviceID = r.deviceID
+            rec.versionBefore = r.version
+            rec.installedSequence = r.installedSequence
+            receivers[r.receiver] = rec
+        case .nack(let n): handleNack(n, from: peer, at: now)
+        case .status(let s): handleStatus(s, from: peer, at: now)
+        case .announce, .data, .poll, .close, .ack: stats.drops.add(.fromSender)
+        }
+    }
+
+    private mutating func record(_ id: ReceiverID, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
+        if var r = receivers[id] {
+            r.lastHeard = now
+            r.address = peer
+            return r
+        }
+        guard receivers.count < config.receiverTableSizeMax else { stats.drops.add(.receiverTableFull); return nil }
+        stats.receiversRegistered += 1
+        lastNewReceiverAt = now
+        return ReceiverRecord(id: id, address: peer, firstHeard: now, lastHeard: now)
+    }
+
+    private mutating func handleNack(_ n: Nack, from peer: PeerAddress, at now: Instant) {
+        guard phase != .closing && phase != .finished, var rec = record(n.receiver, from: peer, at: now) else { return }
+        rec.nacksReceived += 1
+        rec.nacksThisRound += 1
+        if rec.state == .registered { rec.state = .receiving }
+        receivers[n.receiver] = rec
+        guard rec.nacksThisRound <= config.nackPerReceiverPerRoundMax else { stats.drops.add(.nackRateLimited); return }
+        stats.nacks += 1
+        nacksThisRound += 1
+        if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= now.microseconds {
+            let rtt = now.microseconds - n.echoedSentAtMicroseconds - min(UInt64(n.holdMicroseconds), now.microseconds - n.echoedSentAtMicroseconds)
+            updateGRTT(Interval(microseconds: rtt))
+        }
+        for e in n.entries {
+            let layout = layouts[e.object == .authChain ? 0 : 1]
+            let b = Int(e.block)
+            guard b < layout.blockCount else { stats.drops.add(.nackEntryRange); continue }
+            let needed = min(Int(e.needed), layout.sourceSymbols(b))
+            let (queued, margin) = repair.enqueue(BlockKey(object: e.object, block: b), needed: needed,
+                                                  marginFraction: phase == .repairRounds ? config.roundRepairMarginFraction : nil)
+            guard queued > 0 else { stats.nackEntriesAlreadyServed += 1; continue }
+            if round == 0 { stats.repairQueuedFirstPass += UInt64(queued) } else { stats.repairQueuedInRounds += UInt64(queued) }
+            stats.repairMargin += UInt64(margin)
+        }
+    }
+
+    private mutating func updateGRTT(_ rtt: Interval) {
+        let clamped = min(max(rtt, config.grttMin), config.grttMax)
+        grtt = clamped > grtt ? clamped : Interval(microseconds: (grtt.microseconds * 15 + clamped.microseconds) / 16)
+    }
+
+    /// Specs/protocol.md §3.7, P-21: a receiver's progress, or its verdict, which is ACKed.
+    private mutating func handleStatus(_ s: Status, from peer: PeerAddress, at now: Instant) {
+        guard var rec = record(s.receiver, from: peer, at: now) else { return }
+        rec.blocksDone = s.blocksDone
+        rec.blocksTotal = s.blocksTotal
+        rec.bytesReceived = s.bytesReceived
+        rec.nacksReported = s.nacksSent
+        switch s.state {
+        case .receiving: if rec.state == .registered { rec.state = .receiving }
+        case .received:
+            if rec.state == .registered || rec.state == .receiving {
+                rec.state = .received
+                rec.receivedAt = now
+                stats.receiversReceived += 1
+            }
+        case .complete, .failed:
+            if !rec.hasVerdict {
+                rec.state = s.state == .complete ? .verified : .failed
+                rec.failureReason = s.state == .failed ? s.reason : nil
+                rec.finishedAt = now
+                if s.state == .complete { stats.receiversVerified += 1 } else { stats.receiversFailed += 1 }
+            }
+            control.append(ack(rec, s.state))
+        }
+        receivers[s.receiver] = rec
+        checkAllDone(at: now)
+    }
+
+    private mutating func checkAllDone(at now: Instant) {
+        guard phase == .repairRounds, !receivers.isEmpty else { return }
+        if let expected = config.expectedReceivers, receivers.count < expected { return }
+        if receivers.values.allSatisfy(\.hasVerdict) { startClosing(.allDone) }
+    }
+
+    /// ACK of a receiver's final STATUS (unicast, Specs/protocol.md P-13, P-21).
+    private func ack(_ r: ReceiverRecord, _ state: Status.State) -> Transmit {
+        Transmit(destination: .peer(r.address), bytes: Datagram.ack(Ack(session: config.session, receiver: r.id, state: state)).encoded())
+    }
+
+    private mutating func startClosing(_ reason: Close.Reason) {
+        guard phase != .closing && phase != .finished else { return }
+        phase = .closing
+        closeReason = reason
+        closesLeft = config.closeRepeatCount
+        stats.closes.add(reason)
+        // Specs/protocol.md P-21: every receiver was heard done, but an ACK may have been
+        // lost, and such a receiver repeats its STATUS until the CLOSE has been quiet for
+        // a while. More ACKs, one with each CLOSE, let it stop at once.
+        if reason == .allDone {
+            let done = receivers.values.filter(\.hasVerdict).sorted { $0.id < $1.id }
+            let acks = done.map { ack($0, $0.state == .verified ? .complete : .failed) }
+            for _ in 0..<config.closeRepeatCount { control.append(contentsOf: acks) }
+        }
+    }
+
+    // MARK: Time
+
+    public mutating func handleTimeout(at now: Instant) {
+        if startedAt == nil { startedAt = now }
+        if let d = config.deadline, let start = startedAt, now >= start + d, phase != .closing, phase != .finished {
+            startClosing(.deadline)
+        }
+        if phase == .repairRounds, roundEnds == nil, repair.isEmpty { startRound(at: now) }
+        if phase == .repairRounds, let end = roundEnds, now >= end, repair.isEmpty {
+            if nacksThisRound == 0 { idleRounds += 1 } else { idleRounds = 0 }
+            if nacksThisRound == 0 { stats.roundsIdle += 1 } else { stats.roundsBusy += 1 }
+            if idleRounds >= config.idleRoundsMax && !isWaiting(at: now) { startClosing(.idle); return }
+            startRound(at: now)
+        }
+    }
+
+    /// Specs/protocol.md P-12: idle rounds end the session only once every receiver
+    /// without a verdict has been silent for `receiverSilenceMax` (it is gone), and
+    /// expected receivers not yet heard have had `expectedReceiverWaitMax`.
+    private func isWaiting(at now: Instant) -> Bool {
+        let live = receivers.values.contains { r in !r.hasVerdict && now < r.lastHeard + config.receiverSilenceMax }
+        if live { return true }
+        if let expected = config.expectedReceivers, receivers.count < expected,
+           now < (lastNewReceiverAt ?? startedAt ?? now) + config.expectedReceiverWaitMax {
+            return true
+        }
+        return false
+    }
+
+    /// Specs/protocol.md P-10: POLL, then a NACK window.
+    private mutating func startRound(at now: Instant) {
+        round += 1
+        nacksThisRound = 0
+        repair.startRound()
+        for id in receivers.keys { receivers[id]!.nacksThisRound = 0 }
+        // Specs/protocol.md P-12: a sender that only waits polls at a slower pace.
+        roundEnds = now + (idleRounds >= config.idleRoundsMax ? max(roundWindow, config.waitingRoundInterval) : roundWindow)
+        checkAllDone(at: now)  // a STATUS may have arrived during the first pass
+        // Receivers known only by their hello have not joined yet: announce again.
+        if receivers.values.contains(where: { $0.state == .registered }) { announceDue = now }
+        control.append(Transmit(destination: .group, bytes: Datagram.poll(Poll(
+            session: config.session, round: round, sentAtMicroseconds: max(now.microseconds, 1),
+            grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)))).encoded()))
+    }
+
+    /// When `handleTimeout` or `pollTransmit` next has work.
+    public func nextDeadline(at now: Instant) -> Instant? {
+        if phase == .finished { return nil }
+        var candidates: [Instant] = []
+        if let a = announceDue { candidates.append(a) }
+        if let d = config.deadline, let s = startedAt { candidates.append(s + d) }
+        if phase == .repairRounds, let end = roundEnds { candidates.append(end) }
+        if !control.isEmpty || hasDataReady { candidates.append(pacer.nextSendTime(after: now)) }
+        return candidates.min()
+    }
+
+    private var hasDataReady: Bool {
+        switch phase {
+        case .firstPass, .carousel, .closing: true
+        case .repairRounds: !repair.isEmpty
+        case .finished: false
+        }
+    }
+
+    // MARK: Transmit
+
+    /// The next datagram to send now, or nil (then wait for `nextDeadline`).
+    public mutating func pollTransmit(at now: Instant) -> Transmit? {
+        if startedAt == nil { startedAt = now }
+        pacer.refill(at: now)
+        queueAnnounceIfDue(at: now)
+        if !control.isEmpty {
+            let t = control[0]
+            if t.destination == .group {
+                let cost = Double(t.bytes.count + 28)
+                guard pacer.canSendControl(cost: cost) else { return nil }
+                pacer.debit(cost)
+            }
+            control.removeFirst()
+            stats.controlDatagrams += 1
+            stats.controlBytes += UInt64(t.bytes.count + 28)
+            return t
+        }
+        guard pacer.canSendData else { return nil }
+        switch phase {
+        case .finished: return nil
+        case .closing:
+            guard closesLeft > 0 else { phase = .finished; return nil }
+            closesLeft -= 1
+            if closesLeft == 0 { phase = .finished }
+            return spend(Transmit(destination: .group, bytes: Datagram.close(Close(session: config.session, reason: closeReason)).encoded()), \.controlDatagrams, \.controlBytes)
+        case .firstPass:
+            // Specs/protocol.md P-9: while source remains, repair takes at most its share.
+            if !repair.isEmpty && pacer.repairShareAvailable, let t = nextRepair() {
+                pacer.debitRepairShare()
+                return spend(t, \.repairDatagrams, \.repairBytes)
+            }
+            if let t = nextFirstPassSymbol() { return spend(t, \.sourceDatagrams, \.sourceBytes) }
+            if config.carousel {
+                phase = .carousel
+                pass = PassCursor()
+            } else {
+                // Specs/protocol.md P-10: POLL only once the repair already asked for has gone
+                // out; receivers polled earlier would ask again for what is still queued.
+                phase = .repairRounds
+                roundEnds = nil
+                if repair.isEmpty { startRound(at: now) }
+            }
+            return pollTransmit(at: now)
+        case .repairRounds:
+            guard let t = nextRepair() else { return nil }
+            return spend(t, \.repairDatagrams, \.repairBytes)
+        case .carousel:
+            return spend(nextCarouselSymbol(), \.repairDatagrams, \.repairBytes)
+        }
+    }
+
+    /// Specs/protocol.md §3.1: the announce every `announceInterval`, after every
+    /// `announceEveryDataDatagrams` data datagrams, and soon for an unknown REGISTER.
+    private mutating func queueAnnounceIfDue(at now: Instant) {
+        guard phase != .closing, phase != .finished else { return }
+        let dataSent = stats.dataDatagrams
+        if dataSent >= nextAnnounceAtData { announceDue = now }
+        guard announceDue == nil || announceDue! <= now else { return }
+        // The first announce goes out `announceStartCopies` times: a receiver that misses it
+        // would otherwise fetch everything late.
+        let copies = lastAnnounceAt == nil ? config.announceStartCopies : 1
+        nextAnnounceAtData = dataSent + UInt64(config.announceEveryDataDatagrams)
+        for _ in 0..<copies {
+            for f in Announce.fragments(of: envelope) {
+                control.append(Transmit(destination: .group, bytes: Datagram.announce(Announce(
+                    session: config.session, carousel: config.carousel, rateKilobytesPerSecond: UInt32(min(config.rateBytesPerSecond / 1000, Double(UInt32.max))),
+                    grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)),
+                    interleaveWindow: UInt16(config.interleaveWindow), fragmentIndex: f.index, fragmentCount: f.count,
+                    envelopeLength: UInt32(envelope.count), fragment: f.bytes)).encoded()))
+            }
+        }
+        announceDue = now + config.announceInterval
+        lastAnnounceAt = now
+        stats.announces += 1
+    }
+
+    /// A multicast datagram goes: both buckets pay its wire size (P-9), and it is counted.
+    private mutating func spend(_ t: Transmit, _ datagrams: WritableKeyPath<SenderStats, UInt64>, _ bytes: WritableKeyPath<SenderStats, UInt64>) -> Transmit {
+        let wire = UInt64(t.bytes.count + 28)
+        pacer.debit(Double(wire))
+        stats[keyPath: datagrams] += 1
+        stats[keyPath: bytes] += wire
+        return t
+    }
+
+    /// Specs/protocol.md P-7: windows of W blocks, symbol by symbol across the window.
+    private mutating func nextFirstPassSymbol() -> Transmit? {
+        while pass.object < 2 {
+            let layout = layouts[pass.object]
+            let windowEnd = min(pass.windowStart + config.interleaveWindow, layout.blockCount)
+            guard pass.windowStart < layout.blockCount else { pass = PassCursor(object: pass.object + 1); continue }
+            let widest = (pass.windowStart..<windowEnd).map { firstPassCount(layout, $0) }.max() ?? 0
+            while pass.symbol < widest {
+                while pass.offset < windowEnd - pass.windowStart {
+                    let b = pass.windowStart + pass.offset
+                    pass.offset += 1
+                    guard pass.symbol < firstPassCount(layout, b) else { continue }
+                    let k = layout.sourceSymbols(b)
+                    let index = pass.symbol < k ? pass.symbol : k + (pass.symbol - k)
+                    if pass.symbol >= k { repair.advanceCursor(BlockKey(object: layout.object, block: b)) }
+                    return dataTransmit(layout, block: b, index: index)
+                }
+                pass.offset = 0
+                pass.symbol += 1
+            }
+            pass.windowStart = windowEnd
+            // P-19a: the epoch of a window is that of its last block; a window whose last
+            // block is in a later epoch than the previous window's starts that epoch.
+            if layout.object == .payload && pass.windowStart < layout.blockCount {
+                let last = min(pass.windowStart + config.interleaveWindow, layout.blockCount) - 1
+                if last / nackEpochBlocks > (pass.windowStart - 1) / nackEpochBlocks { startNackEpoch() }
+            }
+            pass.symbol = 0
+            pass.offset = 0
+        }
+        return nil
+    }
+
+    /// Specs/protocol.md P-19a: a new NACK epoch of the first pass. Each receiver's
+    /// per-round NACK allowance starts again, and a block whose repair has all gone
+    /// out may be served again when asked (a repair symbol was lost again).
+    private mutating func startNackEpoch() {
+        for (id, var rec) in receivers where rec.nacksThisRound > 0 {
+            rec.nacksThisRound = 0
+            receivers[id] = rec
+        }
+        repair.startNackEpoch()
+        stats.nackEpochs += 1
+    }
+
+    private func firstPassCount(_ layout: ObjectLayout, _ b: Int) -> Int {
+        let k = layout.sourceSymbols(b)
+        // The auth chain gates every payload symbol's check: send it with far more redundancy.
+        let fraction = layout.object == .authChain ? config.authProactiveRepairFraction : config.proactiveRepairFraction
+        let proactive = min(Int((Double(k) * fraction).rounded(.up)), manifest.transport.repairSymbolsPerBlock)
+        return k + proactive
+    }
+
+    /// Specs/protocol.md §4.4: block by block, k_b fresh symbols each, pass after pass.
+    private mutating func nextCarouselSymbol() -> Transmit {
+        while true {
+            let layout = layouts[pass.object]
+            if pass.windowStart >= layout.blockCount { pass = PassCursor(object: (pass.object + 1) % 2); continue }
+            let b = pass.windowStart
+            if pass.symbol >= layout.sourceSymbols(b) { pass.windowStart += 1; pass.symbol = 0; continue }
+            pass.symbol += 1
+            let key = BlockKey(object: layout.object, block: b)
+            return dataTransmit(layout, block: b, index: repair.nextFreshIndex(key, k: layout.sourceSymbols(b), r: manifest.transport.repairSymbolsPerBlock))
+        }
+    }
+
+    private mutating func nextRepair() -> Transmit? {
+        guard let (key, pendingAfter) = repair.next() else { return nil }
+        let layout = layouts[key.object == .authChain ? 0 : 1]
+        let index = repair.nextFreshIndex(key, k: layout.sourceSymbols(key.block), r: manifest.transport.repairSymbolsPerBlock)
+        return dataTransmit(layout, block: key.block, index: index, pendingRepair: UInt16(min(pendingAfter, Int(UInt16.max))))
+    }
+
+    private mutating func dataTransmit(_ layout: ObjectLayout, block b: Int, index: Int, pendingRepair: UInt16 = 0) -> Transmit {
+        let symbol = cache.symbol(layout, block: b, index: index)
+        return Transmit(destination: .group, bytes: Datagram.data(DataSymbol(session: config.session, object: layout.object, block: UInt32(b),
+                                                                              symbolIndex: UInt8(index), pendingRepair: pendingRepair, symbol: symbol)).encoded())
+    }
+}

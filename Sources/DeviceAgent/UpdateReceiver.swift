@@ -1,0 +1,443 @@
+import DeliveryCore
+import UpdateBundle
+import WireFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The receiver a device agent embeds: steps 1 and 2 on a staging directory,
+/// without sockets. Feed it datagrams and time (from your socket loop, or
+/// Transport's `ReceiverPump`); carry out nothing yourself but answer its
+/// offers. It judges every offer with the current time and the currently
+/// installed software, stages verified blocks with a resume journal, runs
+/// step 2 as blocks arrive, releases the components only once every check
+/// passed (expiry included, again), and only then tells the sender the device
+/// is complete.
+///
+/// ```
+/// let receiver = try UpdateReceiver(configuration: config, installed: { store.installed })
+/// // in your loop:
+/// receiver.handleDatagram(bytes, from: peer, at: now)
+/// while let t = receiver.pollTransmit() { send(t.bytes, to: t.destination) }
+/// while let e = receiver.pollEvent() {
+///     if case .offer(let offer) = e { receiver.accept(offer, at: now) }
+/// }
+/// if receiver.hasPendingWork { receiver.performPendingWork(at: now) }
+/// ```
+///
+/// Not thread-safe: one loop owns it. Time comes in as `Instant`s of the
+/// caller's monotonic clock; wall-clock time (for expiry) from `unixTime`.
+public final class UpdateReceiver: DatagramEndpoint {
+    /// How the receiver stages, verifies and releases.
+    public struct Configuration: Sendable {
+        public var identity: DeviceIdentity
+        /// Staged blocks, the resume journal and the spill (created 0700; refused if
+        /// another user owns it or may write it).
+        public var stagingDirectory: String
+        /// Where verified components are released; nil keeps only the bundle.
+        public var outputDirectory: String?
+        /// Keep `<staging>/bundle` even when the payload could be staged as the component
+        /// itself and written once (Specs/protocol.md P-29a).
+        public var keepBundle = false
+        /// Step 2 block by block as blocks arrive (Specs/bundle.md B-15b), or after the
+        /// transfer from the staged bundle.
+        public var verifyDuringTransfer = true
+        /// Mode of released component files.
+        public var componentMode: mode_t = 0o600
+        /// After a session ends (its final STATUS acknowledged), listen for the next one,
+        /// as a long-running agent does; false leaves the receiver done.
+        public var listensAfterSession = false
+        /// The protocol's knobs; the identity fields in it are overwritten.
+        public var tuning: ReceiverConfig
+
+        public init(identity: DeviceIdentity, stagingDirectory: String, outputDirectory: String? = nil) {
+            self.identity = identity
+            self.stagingDirectory = stagingDirectory
+            self.outputDirectory = outputDirectory
+            tuning = ReceiverConfig(receiverID: identity.receiverID, deviceID: identity.deviceID, installedVersion: "",
+                                    installedSequence: 0, trust: identity.trust, seed: 0)
+        }
+    }
+
+    public let configuration: Configuration
+    public let staging: StagingArea
+    /// Why a journal found at start was not used, if it was not.
+    public private(set) var resumeNote: String?
+    /// Payload blocks the journal found at start had verified.
+    public private(set) var resumedBlocks = 0
+    private let installed: () -> InstalledSoftware
+    private let unixTime: () -> UInt64
+    private let spill: FileSpill
+    private var core: Receiver
+    private var seed: UInt64
+    private var events: [UpdateEvent] = []
+    private var offer: (offer: Offer, verified: VerifiedManifest)?
+    private var transfer: Transfer?
+    /// What the core was given to resume, if anything.
+    private var resume: ResumeState?
+    /// Bytes of every datagram handed in.
+    public private(set) var bytesHeard: UInt64 = 0
+
+    /// What to do with an offer the policy admitted.
+    public enum OfferDecision: Sendable {
+        case accept
+        case decline(String)
+        /// Ask later: the offer waits as an `.offer` event (DATA meanwhile is buffered,
+        /// a bounded amount, Specs/protocol.md P-3b).
+        case later
+    }
+
+    /// Decides offers as they come, without waiting for the embedder's loop: a
+    /// device that installs whatever its policy admits (`fleetcast receive`, an
+    /// agent's automatic trigger) accepts here, so no DATA waits. Nil: every offer
+    /// waits as an `.offer` event.
+    public var decideOffer: ((UpdateOffer) -> OfferDecision)?
+
+    /// The accepted session: its manifest, staging and step 2.
+    private final class Transfer {
+        let verified: VerifiedManifest
+        let session: SessionID
+        /// Payload blocks staged (this run or journalled before).
+        var stored: [Bool]
+        var verification: PayloadVerification?
+        /// Every block is in: step 2 is to finish.
+        var complete = false
+        /// The outcome was emitted (once).
+        var ended = false
+        init(verified: VerifiedManifest, session: SessionID) {
+            self.verified = verified
+            self.session = session
+            stored = [Bool](repeating: false, count: BlockGeometry(payloadSize: verified.manifest.payload.size,
+                                                                  profile: verified.manifest.transport).blockCount)
+        }
+    }
+
+    /// `installed` is asked at every offer; `unixTime` is the wall clock that expiry
+    /// is judged by (injected for tests).
+    public init(configuration: Configuration, installed: @escaping () -> InstalledSoftware,
+                unixTime: @escaping () -> UInt64 = { UInt64(time(nil)) }, seed: UInt64 = 1) throws(ReceiveFailure) {
+        self.configuration = configuration
+        self.installed = installed
+        self.unixTime = unixTime
+        self.seed = seed
+        do {
+            staging = try StagingArea(directory: configuration.stagingDirectory)
+            spill = try FileSpill(directory: staging.directory)
+        } catch { throw ReceiveFailure(.storage, error.reason) }
+        if let output = configuration.outputDirectory {
+            do { _ = try SafeDirectory(path: output, create: 0o755) } catch { throw ReceiveFailure(.storage, error.reason) }
+        }
+        core = Receiver(config: configuration.tuning)
+        resume = loadResume()
+        core = makeCore(resume: resume)
+    }
+
+    // MARK: Queries
+
+    public var pendingOffer: UpdateOffer? { offer.map { makeOffer($0.offer, $0.verified) } }
+    /// The receiver's counters (drops by reason, work done).
+    public var stats: ReceiverStats { core.stats }
+    public var blocksDone: Int { core.blocksDone }
+    public var nacksSent: Int { core.nacksSent }
+    /// The accepted session's manifest.
+    public var manifest: Manifest? { transfer?.verified.manifest }
+    public var isVerifying: Bool { transfer?.complete == true && transfer?.ended == false }
+    /// The last offer declined (by the policy or the embedder), and why.
+    public var lastDecline: (reason: Status.Reason, text: String)? { core.lastDecline }
+
+    // MARK: DatagramEndpoint
+
+    public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+        bytesHeard += UInt64(bytes.count)
+        core.handleDatagram(bytes, from: peer, at: now)
+        carryOut(at: now)
+    }
+
+    public func handleTimeout(at now: Instant) {
+        core.handleTimeout(at: now)
+        carryOut(at: now)
+    }
+
+    public func pollTransmit() -> Transmit? { core.pollTransmit() }
+    public func pollEvent() -> UpdateEvent? { events.isEmpty ? nil : events.removeFirst() }
+    public var nextDeadline: Instant? { core.nextDeadline }
+
+    public var hasPendingWork: Bool {
+        guard let t = transfer, !t.ended else { return false }
+        if t.complete { return true }
+        guard let v = t.verification else { return false }
+        return v.nextBlock < v.blockCount && t.stored[v.nextBlock]
+    }
+
+    /// Read-backs per call: step 2 keeps pace without keeping the sockets waiting
+    /// (about 4.5 MB of the default profile, a few milliseconds of hashing and writing).
+    public static let verificationBlocksPerCall = 16
+
+    public func performPendingWork(at now: Instant) {
+        guard let t = transfer, !t.ended else { return }
+        do throws(ReceiveFailure) {
+            try feedStaged(t, blockCountMax: Self.verificationBlocksPerCall)
+            if t.complete, let v = t.verification, v.nextBlock == v.blockCount { try finishStepTwo(t, at: now) }
+        } catch {
+            end(t, failure: error, at: now)
+        }
+        carryOut(at: now)
+    }
+
+    public var isDone: Bool { core.isFinished && !configuration.listensAfterSession && (transfer?.ended ?? true) }
+
+    // MARK: The embedder's answer
+
+    /// Accepts the pending offer: staging is prepared (reserved, P-26a) and the
+    /// transfer starts, with the blocks buffered since the announce.
+    public func accept(_ offer: UpdateOffer, at now: Instant) {
+        guard let pending = self.offer, pending.offer.session == offer.session else { preconditionFailure("accept without that offer pending") }
+        self.offer = nil
+        let t = Transfer(verified: pending.verified, session: pending.offer.session)
+        do throws(ReceiveFailure) {
+            let payloadFile = try stagedPayloadFile(pending.verified.manifest)
+            do { try staging.prepare(envelope: pending.offer.envelope, manifest: pending.verified.manifest, payloadFile: payloadFile) }
+            catch { throw ReceiveFailure(.storage, error.reason) }
+            // Journalled blocks are staged already; step 2 reads them back.
+            if pending.offer.resumes, let resume {
+                for b in resume.progress.payloadBlocks where b < t.stored.count { t.stored[b] = true }
+            }
+            if configuration.verifyDuringTransfer { t.verification = try makeVerification(t.verified, staged: payloadFile != nil) }
+        } catch {
+            core.decline(error.statusReason, error.text, at: now)
+            events.append(.refused(session: offer.session, error))
+            carryOut(at: now)
+            return
+        }
+        transfer = t
+        events.append(.joined(session: t.session, manifest: t.verified.manifest))
+        core.accept(pending.verified, at: now)
+        carryOut(at: now)
+    }
+
+    /// Declines the pending offer; the sender hears reason `declined`.
+    public func decline(_ offer: UpdateOffer, reason text: String, at now: Instant) {
+        guard let pending = self.offer, pending.offer.session == offer.session else { preconditionFailure("decline without that offer pending") }
+        self.offer = nil
+        core.decline(.declined, text, at: now)
+        carryOut(at: now)
+    }
+
+    // MARK: Carrying out the core's actions
+
+    private func carryOut(at now: Instant) {
+        while let action = core.pollAction() {
+            switch action {
+            case .offer(let o): judge(o, at: now)
+            case .store(let object, let block, let offset, let bytes): store(object, block, offset, bytes, at: now)
+            case .commit(let journal):
+                do { try staging.commit(journal) } catch { core.handleStorageFailure(error.reason, at: now) }
+            case .verify:
+                guard let t = transfer else { continue }
+                t.complete = true
+                events.append(.received(session: t.session))
+                if t.verification == nil {
+                    do { t.verification = try makeVerification(t.verified, staged: staging.payloadPath != nil) } catch { end(t, failure: error, at: now) }
+                }
+            case .failed(let reason, let text):
+                if let t = transfer { end(t, failure: ReceiveFailure(status: reason, text), at: now, toldCore: true) }
+            }
+        }
+        if let decide = decideOffer, let pending = pendingOffer {
+            switch decide(pending) {
+            case .accept: accept(pending, at: now)
+            case .decline(let text): decline(pending, reason: text, at: now)
+            case .later: events.append(.offer(pending))
+            }
+            return
+        }
+        if core.isFinished, configuration.listensAfterSession, transfer?.ended ?? true { listenAgain() }
+    }
+
+    /// Specs/protocol.md P-3c: the device's policy at this moment (the wall clock, the
+    /// software installed now), then whether its keys open the bundle and whether
+    /// staging has room. What passes becomes the embedder's offer.
+    private func judge(_ o: Offer, at now: Instant) {
+        let software = installed()
+        let policy = DevicePolicy(now: unixTime(), hardwareID: configuration.identity.hardwareID, installedSequence: software.sequence,
+                                  productID: configuration.identity.productID)
+        let verified: VerifiedManifest
+        do {
+            verified = try o.manifest.admit(under: policy)
+            try verified.checkRecipient(keys: configuration.identity.keys)
+            if !o.resumes { try checkRoom(needs(o, verified.manifest)) }
+        } catch {
+            let failure = ReceiveFailure(error)
+            core.decline(failure.statusReason, failure.text, at: now)
+            events.append(.refused(session: o.session, failure))
+            return
+        }
+        offer = (o, verified)
+        if decideOffer == nil { events.append(.offer(makeOffer(o, verified))) }
+    }
+
+    private func makeOffer(_ o: Offer, _ verified: VerifiedManifest) -> UpdateOffer {
+        let n = needs(o, verified.manifest)
+        return UpdateOffer(session: o.session, manifest: verified, stagingBytes: n.staging, outputBytes: n.output, resumes: o.resumes)
+    }
+
+    /// Bytes the bundle needs in staging and in the output directory: the payload
+    /// staged as the component (P-29a) counts in the output only.
+    private func needs(_ o: Offer, _ m: Manifest) -> (total: UInt64, staging: UInt64, output: UInt64) {
+        let total = BundleHeader(envelopeLength: o.envelope.count, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
+        let separate = Self.stagesPayloadAsComponent(configuration, m)
+        let output = configuration.outputDirectory == nil ? 0 : m.components.reduce(UInt64(0)) { $0 + $1.size }
+        return (total, separate ? total - m.payload.size : total, output)
+    }
+
+    /// Specs/protocol.md P-26a at the offer: a device without room for the bundle and
+    /// its components declines it before a byte is staged (the reservation at the join
+    /// still decides: free space can go meanwhile).
+    private func checkRoom(_ n: (total: UInt64, staging: UInt64, output: UInt64)) throws(BundleError) {
+        var byFileSystem: [UInt: (path: String, free: UInt64, need: UInt64)] = [:]
+        for (path, need) in [(configuration.stagingDirectory, n.staging)] + (configuration.outputDirectory.map { [($0, n.output)] } ?? []) {
+            var fs = statvfs()
+            guard statvfs(path, &fs) == 0 else { continue }  // the reservation will tell
+            let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+            byFileSystem[fs.f_fsid, default: (path, free, 0)].need += need
+        }
+        for (_, place) in byFileSystem where place.need > place.free {
+            throw BundleError(.io, "no room for the \(n.total)-byte bundle in \(place.path): \(place.free) bytes free, \(place.need) needed")
+        }
+    }
+
+    private func store(_ object: ObjectID, _ block: Int, _ offset: UInt64, _ bytes: [UInt8], at now: Instant) {
+        do { try staging.store(object, offset: offset, bytes: bytes) } catch {
+            core.handleStorageFailure(error.reason, at: now)
+            return
+        }
+        core.handleStored(object, block: block)
+        guard object == .payload, let t = transfer, block < t.stored.count else { return }
+        t.stored[block] = true
+        // Step 2 takes the block straight from memory when it is the next one.
+        if let v = t.verification, v.nextBlock == block { consume(t, v, block: block, bytes, at: now) }
+    }
+
+    private func consume(_ t: Transfer, _ v: PayloadVerification, block: Int, _ bytes: [UInt8], at now: Instant) {
+        let result = bytes.withUnsafeBytes { p in Result { () throws(BundleError) in try v.consume(block: block, bytes: p) } }
+        if case .failure(let error) = result { end(t, failure: ReceiveFailure(error), at: now) }
+    }
+
+    /// Feeds step 2 up to `blockCountMax` staged blocks that are next in order, read back.
+    private func feedStaged(_ t: Transfer, blockCountMax: Int) throws(ReceiveFailure) {
+        guard let v = t.verification else { return }
+        var fed = 0
+        while fed < blockCountMax, !t.ended, v.nextBlock < v.blockCount, t.stored[v.nextBlock] {
+            let range = v.byteRange(ofBlock: v.nextBlock)
+            let bytes: [UInt8]
+            do { bytes = try staging.readPayload(offset: range.lowerBound, count: range.count) } catch { throw ReceiveFailure(.storage, error.reason) }
+            let result = bytes.withUnsafeBytes { p in Result { () throws(BundleError) in try v.consume(block: v.nextBlock, bytes: p) } }
+            if case .failure(let error) = result { throw ReceiveFailure(error) }
+            fed += 1
+        }
+    }
+
+    /// The end of step 2 (Specs/bundle.md §8 step 7, B-11): staging made durable, the
+    /// manifest's expiry judged again by the wall clock (a transfer may outlast it),
+    /// the final checks, the release; only then is the sender told "complete".
+    private func finishStepTwo(_ t: Transfer, at now: Instant) throws(ReceiveFailure) {
+        guard let v = t.verification else { return }
+        let staged: StagingArea.Staged
+        do { staged = try staging.finish() } catch { throw ReceiveFailure(.storage, error.reason) }
+        var bundlePath: String?
+        var stagedPayload: String?
+        switch staged {
+        case .bundle(let path): bundlePath = path
+        case .payload(let path): stagedPayload = path
+        }
+        do {
+            try DevicePolicy(now: unixTime()).checkExpiry(t.verified.manifest)
+            let result = try v.finish()
+            t.ended = true
+            core.handleVerdict(.verified, at: now)
+            events.append(.completed(ReceivedUpdate(verified: result, bundlePath: bundlePath)))
+        } catch {
+            // Nothing is released: the payload staged as the component goes too (B-16a).
+            if let stagedPayload { unlink(stagedPayload) }
+            throw ReceiveFailure(error)
+        }
+    }
+
+    /// Ends the accepted session without a verified update, once.
+    private func end(_ t: Transfer, failure: ReceiveFailure, at now: Instant, toldCore: Bool = false) {
+        guard !t.ended else { return }
+        t.ended = true
+        if !toldCore {
+            if core.isVerifying { core.handleVerdict(.failed(failure.statusReason, failure.text), at: now) }
+            else { core.abort(failure.statusReason, failure.text, at: now) }
+        }
+        events.append(.failed(failure))
+    }
+
+    // MARK: Set-up
+
+    /// Specs/protocol.md P-29a: the payload is staged as the component file (written
+    /// once) when components go to an output directory, no bundle is kept, step 2 runs
+    /// during the transfer, and the only component is the plain payload (B-16).
+    static func stagesPayloadAsComponent(_ c: Configuration, _ m: Manifest) -> Bool {
+        c.outputDirectory != nil && !c.keepBundle && c.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
+    }
+
+    private func stagedPayloadFile(_ m: Manifest) throws(ReceiveFailure) -> (SafeDirectory, String)? {
+        guard Self.stagesPayloadAsComponent(configuration, m), let output = configuration.outputDirectory else { return nil }
+        do { return (try SafeDirectory(path: output), m.components[0].name + Manifest.temporarySuffix) } catch { throw ReceiveFailure(.storage, error.reason) }
+    }
+
+    private func makeVerification(_ verified: VerifiedManifest, staged: Bool) throws(ReceiveFailure) -> PayloadVerification {
+        do {
+            return try PayloadVerification(verified, keys: configuration.identity.keys, outputDirectory: configuration.outputDirectory,
+                                           componentStaged: staged, componentMode: configuration.componentMode)
+        } catch { throw ReceiveFailure(error) }
+    }
+
+    /// Specs/protocol.md P-27: a journal whose bundle still verifies (signatures, and
+    /// the policy as of now) and whose staging files match resumes; anything else
+    /// starts afresh, and `resumeNote` says why.
+    private func loadResume() -> ResumeState? {
+        let (journal, note) = staging.loadJournal()
+        resumeNote = note
+        guard let journal else { return nil }
+        let identity = configuration.identity
+        let policy = DevicePolicy(now: unixTime(), hardwareID: identity.hardwareID, installedSequence: installed().sequence, productID: identity.productID)
+        do {
+            let verified = try ManifestVerifier.verify(envelope: journal.envelope, trust: identity.trust, device: policy)
+            let payloadFile = try? stagedPayloadFile(verified.manifest)
+            guard let resume = staging.resumeState(journal: journal, manifest: verified.manifest, payloadFile: payloadFile) else {
+                resumeNote = "staging file does not match the journal; starting afresh"
+                return nil
+            }
+            resumedBlocks = resume.progress.payloadBlocks.count
+            return resume
+        } catch {
+            resumeNote = "journal's bundle is no longer acceptable (\(error.reason)); starting afresh"
+            return nil
+        }
+    }
+
+    private func makeCore(resume: ResumeState?) -> Receiver {
+        var c = configuration.tuning
+        let software = installed()
+        c.receiverID = configuration.identity.receiverID
+        c.deviceID = configuration.identity.deviceID
+        c.trust = configuration.identity.trust
+        c.installedVersion = software.version
+        c.installedSequence = software.sequence ?? 0
+        c.seed = seed
+        return Receiver(config: c, resume: resume, spill: spill, authReader: staging)
+    }
+
+    /// A long-running receiver's next session: a fresh core, which reports the
+    /// software installed now.
+    private func listenAgain() {
+        seed &+= 0x9E37_79B9_7F4A_7C15
+        transfer = nil
+        offer = nil
+        resume = loadResume()
+        core = makeCore(resume: resume)
+    }
+}
