@@ -81,6 +81,6 @@ let package = Package(
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "CLITests", dependencies: ["fleetcast"]),
+        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto"]),
     ]
 )

@@ -1,5 +1,7 @@
+import FleetCrypto
 import Foundation
 import Testing
+import UpdateBundle
 
 /// A LAN for one test: as root, bench/lab's network namespaces (bridge, veth,
 /// nftables loss per receiver link); otherwise loopback, with the loss
@@ -101,7 +103,8 @@ final class NetworkFixture {
 
     /// `encrypted: false` packs the image as the plain, lone payload, which a receiver with
     /// --output-dir stages as the component file itself (Specs/protocol.md P-29a).
-    init(imageBytes: Int = 3_000_000, seed: UInt8 = 1, encrypted: Bool = true) throws {
+    /// `expiresIn`: the bundles' validity in seconds (pack's default is 30 days).
+    init(imageBytes: Int = 3_000_000, seed: UInt8 = 1, encrypted: Bool = true, expiresIn: Int? = nil) throws {
         var state = UInt64(seed) &* 0x9E37_79B9_7F4A_7C15
         image = (0..<imageBytes).map { _ in
             state = state &* 6364136223846793005 &+ 1442695040888963407
@@ -113,11 +116,29 @@ final class NetworkFixture {
             guard r.status == 0 else { throw LabError(text: r.stderr) }
         }
         for (signer, out) in [("vendor", "update.fcb"), ("intruder", "forged.fcb")] {
+            let validity = expiresIn.map { ["--expires-in", "\($0)s"] } ?? []
             let r = try fleetcast(["pack", "--quiet", "--output", out, "--product", "lab", "--hardware", "lab-board", "--version", "2.0",
                                    "--sequence", "2", "--component", "rootfs=image", "--sign", signer + ".key", "--compression", "none"]
-                                   + (encrypted ? ["--recipient", "device.pub"] : []), in: w.path)
+                                   + (encrypted ? ["--recipient", "device.pub"] : []) + validity, in: w.path)
             guard r.status == 0 else { throw LabError(text: r.stderr) }
         }
+    }
+
+    /// `update.fcb` again, under a manifest the vendor signed that lists a wrong SHA-256
+    /// for the component: every block authenticates and the transfer completes, but
+    /// step 2 finds the decrypted component differs (a vendor's mistake, or an attack
+    /// on the build). Written to `mislabelled.fcb`.
+    func packMislabelled() throws -> String {
+        let bundle = try UnverifiedBundle(path: w.file("update.fcb"))
+        var m = try Manifest(decoding: try COSE.parseEnvelope(bundle.envelope).manifest)
+        m.components[0].sha256[0] ^= 0x01
+        let vendor = try PrivateKey(pem: String(contentsOfFile: w.file("vendor.key"), encoding: .utf8))
+        let envelope = try COSE.envelope(manifest: m.encoded(), keys: [vendor])
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: w.file("update.fcb"))))
+        let header = BundleHeader(envelopeLength: envelope.count, payloadLength: bundle.header.payloadLength, authLength: bundle.header.authLength)
+        let out = header.encoded() + envelope + bytes[Int(bundle.header.payloadOffset)...]
+        FileManager.default.createFile(atPath: w.file("mislabelled.fcb"), contents: Data(out))
+        return w.file("mislabelled.fcb")
     }
 
     func receiveArguments(_ i: Int, timeout: Int = 30) -> [String] {
@@ -276,5 +297,129 @@ struct NetworkTests {
         #expect(f.deliveredIntact(1), "receiver 1 delivered other bytes")
         #expect(genuine.wait(seconds: 60) == 0, "sender: \(genuine.output)")
         _ = intruder2.wait(seconds: 30)
+    }
+
+    /// Reads the sender's JSON fleet report.
+    func fleetReport(_ f: NetworkFixture) throws -> [[String: Any]] {
+        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as! [String: Any]
+        return report["receivers"] as! [[String: Any]]
+    }
+
+    /// Specs/protocol.md P-21: a device reports complete only once step 2 passed; the
+    /// sender's report shows a failed step 2 as failed, with its reason, and send fails.
+    @Test("A device whose step 2 fails is failed in the sender's report, not done")
+    func stepTwoFailureReported() throws {
+        let f = try NetworkFixture()
+        let bundle = try f.packMislabelled()
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        let r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
+        let sender = try start(lan, on: "s", ["send", bundle, "--rate", "100M", "--min-receivers", "1", "--deadline", "30s",
+                                              "--quiet", "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 60) == 17, "the receiver refuses the component (hash): \(r.output)")
+        #expect(sender.wait(seconds: 60) == 32, "send must not succeed: \(sender.output)")
+        let device = try fleetReport(f).first
+        #expect(device?["outcome"] as? String == "failed" && device?["failureReason"] as? String == "verificationFailed", "\(String(describing: device))")
+        #expect(f.delivered(1) == nil && !FileManager.default.fileExists(atPath: f.w.file("out-1/rootfs.partial")), "nothing released")
+    }
+
+    /// Specs/protocol.md P-3c: the policy is judged when the offer arrives, with the
+    /// current time, not the time the receiver started.
+    @Test("A receiver started before a bundle's expiry refuses it when it is offered after")
+    func expiryJudgedAtOffer() throws {
+        let f = try NetworkFixture(expiresIn: 6)
+        let expiresAt = try UnverifiedBundle(path: f.w.file("update.fcb")).unverifiedContents().manifest.expiresAt
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        let r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
+        try #require(UInt64(time(nil)) + 1 < expiresAt, "the receiver must start before the bundle expires for this test to mean anything")
+        // The bundle expires while the receiver listens (the passing of time is what is tested).
+        var waited = 0
+        while UInt64(time(nil)) <= expiresAt && waited < 100 { usleep(100_000); waited += 1 }
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "100M", "--min-receivers", "1", "--deadline", "15s",
+                                              "--quiet", "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 60) == 13, "expected exit 13 (expired): \(r.output)")
+        #expect(r.output.contains("expired"), "\(r.output)")
+        #expect(sender.wait(seconds: 60) == 32, "\(sender.output)")
+        let device = try fleetReport(f).first
+        #expect(device?["outcome"] as? String == "failed" && device?["failureReason"] as? String == "expired", "\(String(describing: device))")
+        #expect(!FileManager.default.fileExists(atPath: f.w.file("staging-1/bundle.partial")), "nothing staged for a refused offer")
+    }
+
+    /// Specs/protocol.md P-26b: links planted where staging and output files will be
+    /// are never followed, and a staging directory others may write is refused.
+    @Test("Symlinks in the staging and output directories are not followed; a staging directory others may write is refused")
+    func stagingFileSafety() throws {
+        let f = try NetworkFixture(encrypted: false)  // plain: the payload is staged in the output directory (P-29a)
+        let fm = FileManager.default
+        let staging = f.w.file("staging-1"), output = f.w.file("out-1")
+        try fm.createDirectory(atPath: staging, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try fm.createDirectory(atPath: output, withIntermediateDirectories: true)
+        let victims = ["bundle.partial", "journal", "journal.tmp", "rootfs.partial", "rootfs"].map { ($0, f.w.file("victim-" + $0)) }
+        for (name, victim) in victims {
+            fm.createFile(atPath: victim, contents: Data("precious \(name)".utf8))
+            let dir = name.hasPrefix("rootfs") ? output : staging
+            try fm.createSymbolicLink(atPath: dir + "/" + name, withDestinationPath: victim)
+        }
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        let r = try start(lan, on: "r1", f.receiveArguments(1), log: f.w.file("r1.log"))
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "100M", "--min-receivers", "1", "--deadline", "30s", "--quiet"],
+                               log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 60) == 0, "\(r.output)")
+        #expect(sender.wait(seconds: 60) == 0, "\(sender.output)")
+        #expect(f.deliveredIntact(1))
+        for (name, victim) in victims {
+            #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious \(name)", "\(name): the link was followed")
+        }
+        let kind = try fm.attributesOfItem(atPath: output + "/rootfs")[.type] as? FileAttributeType
+        #expect(kind == .typeRegular, "the component replaced the link instead of writing through it")
+        #expect((try fm.attributesOfItem(atPath: output + "/rootfs")[.posixPermissions] as? Int) == 0o600)
+
+        // A staging directory that others may write is refused before anything is heard.
+        let open = f.w.file("staging-open")
+        try fm.createDirectory(atPath: open, withIntermediateDirectories: true)
+        chmod(open, 0o777)
+        let refused = try fleetcast(["receive", "--interface", "lo", "--trusted-key", f.w.file("vendor.pub"), "--staging-dir", open, "--timeout", "1"],
+                                    in: f.w.path)
+        #expect(refused.status == 20 && refused.stderr.contains("may be written by other users"), "\(refused.stderr)")
+        if getuid() == 0 {
+            // One that belongs to another user, likewise.
+            let theirs = f.w.file("staging-theirs")
+            try fm.createDirectory(atPath: theirs, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            chown(theirs, 65534, 65534)
+            let other = try fleetcast(["receive", "--interface", "lo", "--trusted-key", f.w.file("vendor.pub"), "--staging-dir", theirs, "--timeout", "1"],
+                                      in: f.w.path)
+            #expect(other.status == 20 && other.stderr.contains("belongs to user 65534"), "\(other.stderr)")
+        }
+    }
+
+    /// Specs/protocol.md P-23: sessions on an IPv6 group (ff15::/16). As root, in the
+    /// namespace lab (2001:2::/64 hosts); otherwise on the loopback of an unprivileged
+    /// network namespace of this test's own, where lo may carry IPv6 multicast.
+    @Test("Send and receive on an IPv6 group", arguments: [false, true])
+    func ipv6(encrypted: Bool) throws {
+        let f = try NetworkFixture(encrypted: encrypted)
+        let group = ["--group", "ff15::4711"]
+        if getuid() == 0 {
+            let lan = try TestLAN(receivers: 2, loss: [0, 5])
+            let rs = try (1...2).map { i in try start(lan, on: "r\(i)", f.receiveArguments(i) + group, log: f.w.file("r\(i).log")) }
+            let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "100M", "--min-receivers", "2", "--deadline", "30s",
+                                                  "--quiet", "--report", f.w.file("fleet.json")] + group, log: f.w.file("s.log"))
+            #expect(sender.wait(seconds: 60) == 0, "sender: \(sender.output)")
+            for (i, r) in rs.enumerated() {
+                #expect(r.wait(seconds: 60) == 0, "receiver \(i + 1): \(r.output)")
+                #expect(f.deliveredIntact(i + 1), "receiver \(i + 1) delivered other bytes")
+                #expect(r.output.contains("listening on [ff15::4711]"), "\(r.output)")
+            }
+            #expect(try fleetReport(f).allSatisfy { $0["outcome"] as? String == "verified" })
+        } else {
+            let port = "\(23000 + Int(getpid() % 2000))"
+            let receive = ([fleetcastBinary] + f.receiveArguments(1) + group + ["--interface", "lo", "--port", port]).map { "'\($0)'" }.joined(separator: " ")
+            let send = ([fleetcastBinary, "send", f.w.file("update.fcb"), "--rate", "100M", "--min-receivers", "1", "--deadline", "30s", "--quiet",
+                         "--interface", "lo", "--ttl", "0", "--port", port] + group).map { "'\($0)'" }.joined(separator: " ")
+            let script = "ip link set lo up && ip link set lo multicast on && ip -6 route add ff15::/16 dev lo table local && "
+                + "{ \(receive) > '\(f.w.file("r1.log"))' 2>&1 & r=$!; \(send); s=$?; wait $r; echo \"send=$s receive=$?\"; }"
+            let run = try runTool("/usr/bin/unshare", ["-r", "-n", "/bin/sh", "-c", script])
+            #expect(run.output.contains("send=0 receive=0"), "\(run.output)\n\((try? String(contentsOfFile: f.w.file("r1.log"), encoding: .utf8)) ?? "")")
+            #expect(f.deliveredIntact(1))
+        }
     }
 }
