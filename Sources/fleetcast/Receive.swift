@@ -97,7 +97,6 @@ struct Receive: ParsableCommand {
             throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
         }
         guard let mode = mode_t(componentMode, radix: 8), mode <= 0o777 else { throw ValidationError("--component-mode wants an octal mode such as 0600 or 0644") }
-        _ = mode
     }
 
     func run() throws {

@@ -59,17 +59,19 @@ func loadGroupKey(_ path: String) throws -> GroupKey {
     return try GroupKey(bytes)
 }
 
-/// Writes a file with the given permissions, refusing to overwrite unless asked.
+/// Writes a file atomically with the given permissions (a temporary beside it,
+/// fsync, rename, fsync of the directory), never through a symbolic link, and
+/// refusing to replace anything already there (a link included) unless asked.
 func writeFile(_ path: String, _ text: String, mode: Int, force: Bool) throws {
-    if !force && FileManager.default.fileExists(atPath: path) {
+    let slash = path.lastIndex(of: "/")
+    let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+    let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+    guard !name.isEmpty, name != ".", name != ".." else { throw BundleError(.invalidInput, "'\(path)' names a directory, not a file") }
+    let dir = try SafeDirectory(path: directory)
+    if !force && dir.exists(name) {
         throw BundleError(.invalidInput, "\(path) exists; use --force to overwrite")
     }
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(mode))
-    guard fd >= 0 else { throw BundleError(.io, "cannot create \(path): \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    fchmod(fd, mode_t(mode))  // O_CREAT's mode does not apply to an existing file
-    let bytes = Array(text.utf8)
-    guard write(fd, bytes, bytes.count) == bytes.count, fsync(fd) == 0 else { throw BundleError(.io, "cannot write \(path)") }
+    try dir.writeAtomically(Array(text.utf8), to: name, mode: mode_t(mode))
 }
 
 func currentUnixTime() -> UInt64 { UInt64(time(nil)) }

@@ -24,8 +24,15 @@ struct Verify: ParsableCommand {
     @Option(help: "Verification time as Unix seconds (default: now).")
     var now: UInt64?
 
-    @Option(help: "Directory to write the verified components into.")
+    @Option(help: "Directory to write the verified components into (never through a link; temporaries created exclusively).")
     var outputDir: String?
+
+    @Option(help: "Mode of the written component files, in octal.")
+    var componentMode: String = "0600"
+
+    func validate() throws {
+        guard let mode = mode_t(componentMode, radix: 8), mode <= 0o777 else { throw ValidationError("--component-mode wants an octal mode such as 0600 or 0644") }
+    }
 
     @Flag(help: "No progress line.")
     var quiet = false
@@ -41,7 +48,8 @@ struct Verify: ParsableCommand {
             }
             let keys = try device.keys()
             let progress = ProgressLine("verifying", enabled: !quiet)
-            let result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, progress: progress.update)
+            let result = try opened.verifyPayload(verified, keys: keys, outputDirectory: outputDir, componentMode: mode_t(componentMode, radix: 8)!,
+                                                  progress: progress.update)
             progress.finish()
             print("verified \(bundle): \(m.productID) \(m.version) (sequence \(m.sequence)), \(verified.validSignerKeyIDs.count) valid signature(s), \(m.components.count) component(s), \(formatBytes(m.payload.uncompressedSize))\(m.encryption != nil ? ", decrypted" : "")")
             for (name, path) in result.componentPaths.sorted(by: { $0.key < $1.key }) { print("  \(name) -> \(path)") }

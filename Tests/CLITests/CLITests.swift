@@ -60,6 +60,16 @@ struct CLITests {
         let again = try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
         #expect(again.status == 21 && again.stderr.contains("--force"), "\(again.stderr)")
         #expect(try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor", "--force"], in: w.path).status == 0)
+        // Never through a link: one planted at the key's name is refused, and --force
+        // replaces the link itself, leaving what it points to untouched.
+        FileManager.default.createFile(atPath: w.file("victim"), contents: Data("precious".utf8))
+        try FileManager.default.createSymbolicLink(atPath: w.file("planted.key"), withDestinationPath: w.file("victim"))
+        let planted = try fleetcast(["keygen", "--type", "ed25519", "--out", "planted"], in: w.path)
+        #expect(planted.status == 21 && planted.stderr.contains("exists"), "\(planted.stderr)")
+        #expect(try fleetcast(["keygen", "--type", "ed25519", "--out", "planted", "--force"], in: w.path).status == 0)
+        #expect(try String(contentsOfFile: w.file("victim"), encoding: .utf8) == "precious")
+        #expect(try FileManager.default.attributesOfItem(atPath: w.file("planted.key"))[.type] as? FileAttributeType == .typeRegular)
+        #expect((try FileManager.default.attributesOfItem(atPath: w.file("planted.key"))[.posixPermissions] as? Int) == 0o600)
     }
 
     @Test("pack, inspect (text and JSON) and verify with extraction")
