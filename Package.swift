@@ -66,6 +66,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // How a device maker embeds the receiver in a socket loop of their own (DeviceAgent only).
+        .executableTarget(name: "EmbeddedReceiverExample", dependencies: ["DeviceAgent"], path: "Examples/EmbeddedReceiver"),
         // libFuzzer entry point for the manifest and bundle parsers; built only by
         // scripts/fuzz with -sanitize=fuzzer (a plain build gets a tiny replay main).
         .executableTarget(name: "FuzzBundle", dependencies: ["UpdateBundle", "CBOR"]),
@@ -76,6 +78,8 @@ let package = Package(
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SeededRandom"]),
         .testTarget(name: "CBORTests", dependencies: ["CBOR"]),
         .testTarget(name: "TransportTests", dependencies: ["Transport"]),
+        // Public API only (no @testable import): DeviceAgent as a device maker embeds it.
+        .testTarget(name: "DeviceAgentTests", dependencies: ["DeviceAgent", "DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
         .testTarget(
             name: "UpdateBundleTests",
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],

@@ -367,6 +367,8 @@ public final class UpdateReceiver: DatagramEndpoint {
     private func end(_ t: Transfer, failure: ReceiveFailure, at now: Instant, toldCore: Bool = false) {
         guard !t.ended else { return }
         t.ended = true
+        // Step 2's temporaries go with it (B-11: a failed verification leaves nothing).
+        t.verification = nil
         if !toldCore {
             if core.isVerifying { core.handleVerdict(.failed(failure.statusReason, failure.text), at: now) }
             else { core.abort(failure.statusReason, failure.text, at: now) }

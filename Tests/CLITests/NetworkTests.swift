@@ -422,4 +422,26 @@ struct NetworkTests {
             #expect(f.deliveredIntact(1))
         }
     }
+
+    /// The example of embedding (Examples/EmbeddedReceiver: DeviceAgent in a socket loop
+    /// of its own, no Transport) against a real `fleetcast send`.
+    @Test("The embedding example receives, verifies and releases an update from fleetcast send")
+    func embeddingExample() throws {
+        let f = try NetworkFixture()
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        let example = URL(fileURLWithPath: fleetcastBinary).deletingLastPathComponent().appendingPathComponent("EmbeddedReceiverExample").path
+        let arguments = ["--group", "239.192.0.42", "--port", "\(lan.port)", "--interface", lan.interface, "--trusted-key", f.w.file("vendor.pub"),
+                         "--device-key", f.w.file("device.key"), "--hardware-id", "lab-board", "--installed-sequence", "1",
+                         "--staging", f.w.file("staging-1"), "--output", f.w.file("out-1"), "--timeout", "40"]
+        let r = lan.isNamespaced ? BackgroundProcess("/usr/sbin/ip", ["netns", "exec", "\(lan.prefix)-r1", example] + arguments, log: f.w.file("r1.log"))
+            : BackgroundProcess(example, arguments, log: f.w.file("r1.log"))
+        try r.start()
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "100M", "--min-receivers", "1", "--deadline", "30s",
+                                              "--quiet", "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 60) == 0, "example: \(r.output)")
+        #expect(sender.wait(seconds: 60) == 0, "sender: \(sender.output)")
+        #expect(r.output.contains("offer:") && r.output.contains("verified 2.0"), "\(r.output)")
+        #expect(f.deliveredIntact(1))
+        #expect(try fleetReport(f).first?["outcome"] as? String == "verified")
+    }
 }
