@@ -27,11 +27,15 @@ import Glibc
 /// link (P-26b); the staging directory must be this user's and not writable by
 /// others, since what it holds is trusted once verified.
 public final class StagingArea {
+    /// The staging directory, held open.
     public let directory: SafeDirectory
     static let partialName = "bundle.partial", journalName = "journal", bundleName = "bundle"
+    /// `<staging>/bundle.partial`: the bundle as it arrives.
     public var partialPath: String { directory.file(Self.partialName) }
+    /// `<staging>/bundle`: the complete bundle, once renamed.
     public var bundlePath: String { directory.file(Self.bundleName) }
     private var file: File?
+    /// The prepared bundle's header, once `prepare` has run.
     public private(set) var header: BundleHeader?
     /// The prepared session's payload file (P-29a), in the output directory.
     private var payload: (directory: SafeDirectory, name: String, file: File)?
@@ -92,6 +96,7 @@ public final class StagingArea {
         return ResumeState(progress: journal, authBlockBytes: blocks)
     }
 
+    /// Specs/protocol.md P-26: stored bytes made durable, then the journal replaced atomically.
     public func commit(_ journal: ProgressJournal) throws(StorageError) {
         guard let file else { throw StorageError("commit before the staging file was prepared") }
         do {
@@ -205,6 +210,7 @@ public final class StagingArea {
 /// Verified segments that left the receiver's memory are read back from the staged
 /// auth chain (Specs/protocol.md P-5c); the core hashes them again.
 extension StagingArea: AuthChainReader {
+    /// Staged auth-chain bytes, or nil when they cannot be read.
     public func readAuthChain(offset: UInt64, count: Int) -> [UInt8]? {
         guard let h = header, let file, offset + UInt64(count) <= UInt64(h.authLength) else { return nil }
         return try? file.read(at: h.authOffset + offset, count: count)
@@ -216,6 +222,7 @@ extension StagingArea: AuthChainReader {
 public enum JournalCodec {
     static let magic: [UInt8] = Array("FCJ1".utf8)
 
+    /// The journal's bytes, checksum last.
     public static func encode(_ j: ProgressJournal) -> [UInt8] {
         var w = ByteWriter()
         w.append(magic)
@@ -232,6 +239,7 @@ public enum JournalCodec {
         return body + SHA256.hash(body)
     }
 
+    /// A journal from untrusted bytes: checked whole, or refused.
     public static func decode(_ bytes: [UInt8]) throws(WireFormatError) -> ProgressJournal {
         guard bytes.count >= 4 + 4 + 8 + 32 else { throw WireFormatError(.truncated, "journal of \(bytes.count) bytes") }
         let body = Array(bytes.dropLast(32))
@@ -261,6 +269,7 @@ public enum JournalCodec {
 public final class FileSpill: SymbolSpill {
     private let file: File
 
+    /// A fresh scratch file in `directory`, already unlinked.
     public init(directory: SafeDirectory) throws(StorageError) {
         do { file = try directory.scratch("symbols") } catch { throw StorageError(error.reason) }
     }
@@ -269,10 +278,12 @@ public final class FileSpill: SymbolSpill {
         (object == .payload ? 1 << 40 : 0) + UInt64(block * BundleLimits.symbolIndexCountMax + index) * UInt64(size)
     }
 
+    /// Stores symbols at their slots.
     public func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer) throws(StorageError) {
         do { try file.write(bytes, at: offset(object, block, index, symbolSize)) } catch { throw StorageError("write the spill file: \(error.reason)") }
     }
 
+    /// Reads symbols back from their slots.
     public func read(object: ObjectID, block: Int, index: Int, symbolSize: Int, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError) {
         // Slots never written read as zeros: a sparse file's holes, or past its end.
         let at = offset(object, block, index, symbolSize)

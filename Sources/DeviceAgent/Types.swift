@@ -13,10 +13,12 @@ public struct DeviceIdentity: Sendable {
     public var productID: String?
     /// The manifest must list this hardware, when set.
     public var hardwareID: String?
+    /// Whose signatures an update must carry, and how many.
     public var trust: TrustPolicy
     /// The device's keys for encrypted bundles.
     public var keys: DecryptionKeys
 
+    /// Product and hardware left nil are not checked.
     public init(deviceID: String, receiverID: ReceiverID, productID: String? = nil, hardwareID: String? = nil,
                 trust: TrustPolicy, keys: DecryptionKeys = .init()) {
         self.deviceID = deviceID; self.receiverID = receiverID; self.productID = productID; self.hardwareID = hardwareID
@@ -27,15 +29,18 @@ public struct DeviceIdentity: Sendable {
 /// What runs on the device now. It changes when an update is confirmed, so the
 /// receiver asks for it at every offer instead of keeping a copy.
 public struct InstalledSoftware: Sendable, Equatable {
+    /// Reported to the sender (REGISTER).
     public var version: String
     /// The anti-rollback sequence: an update's must be larger. Nil: not known (any is accepted).
     public var sequence: UInt64?
+    /// The software as installed now.
     public init(version: String, sequence: UInt64?) { self.version = version; self.sequence = sequence }
 }
 
 /// An update the device's policy admits, waiting for the embedder's answer
 /// (`UpdateReceiver.accept` or `decline`). Nothing of it is staged yet.
 public struct UpdateOffer: Sendable {
+    /// The sender's session.
     public let session: SessionID
     /// Signatures and policy (product, hardware, expiry, sequence) passed at `now`;
     /// the device's keys unwrap its content key.
@@ -43,6 +48,7 @@ public struct UpdateOffer: Sendable {
     /// Bytes the staging directory needs (the bundle, or without its payload when the
     /// payload is staged as the component, P-29a), and the output directory.
     public let stagingBytes: UInt64
+    /// (See `stagingBytes`.)
     public let outputBytes: UInt64
     /// Accepting resumes a journal of this very bundle: its verified blocks are kept.
     public let resumes: Bool
@@ -51,6 +57,7 @@ public struct UpdateOffer: Sendable {
 /// Why a session ended without a verified update, typed: each has its own
 /// exit status in `fleetcast receive` and its own reason on the wire.
 public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
+    /// Why, as a value to switch on.
     public enum Reason: String, Sendable, CaseIterable {
         case expired, incompatibleHardware, rollback, notARecipient
         /// Staging or output could not be written, read back or made durable (or had no room).
@@ -64,9 +71,13 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
         /// The embedder declined the offer.
         case declined
     }
+    /// The kind of failure.
     public let reason: Reason
+    /// What exactly happened, for a person.
     public let text: String
+    /// A failure of `reason`, explained by `text`.
     public init(_ reason: Reason, _ text: String) { self.reason = reason; self.text = text }
+    /// "reason: text".
     public var description: String { "\(reason.rawValue): \(text)" }
 
     /// The STATUS reason the sender hears (Specs/protocol.md §3.7).
@@ -118,12 +129,14 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
 
 /// A verified update, released: what step 2 made of a complete transfer.
 public struct ReceivedUpdate: Sendable {
+    /// The verified bundle: its manifest and where each component went.
     public let verified: VerifiedBundle
     /// The staged bundle, when one was kept (nil when the payload was staged as the
     /// component itself, P-29a).
     public let bundlePath: String?
     /// Where each component was released, by name (empty without an output directory).
     public var componentPaths: [String: String] { verified.componentPaths }
+    /// The signed manifest of the update.
     public var manifest: Manifest { verified.manifest.manifest }
 }
 

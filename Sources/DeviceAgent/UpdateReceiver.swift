@@ -30,6 +30,7 @@ import Glibc
 public final class UpdateReceiver: DatagramEndpoint {
     /// How the receiver stages, verifies and releases.
     public struct Configuration: Sendable {
+        /// Who the device is, what it trusts, its keys.
         public var identity: DeviceIdentity
         /// Staged blocks, the resume journal and the spill (created 0700; refused if
         /// another user owns it or may write it).
@@ -50,6 +51,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// The protocol's knobs; the identity fields in it are overwritten.
         public var tuning: ReceiverConfig
 
+        /// The defaults: step 2 during the transfer, no bundle kept when the payload is the component, components 0600, one session.
         public init(identity: DeviceIdentity, stagingDirectory: String, outputDirectory: String? = nil) {
             self.identity = identity
             self.stagingDirectory = stagingDirectory
@@ -59,7 +61,9 @@ public final class UpdateReceiver: DatagramEndpoint {
         }
     }
 
+    /// As given at `init`.
     public let configuration: Configuration
+    /// The staging directory: the bundle as it arrives, the journal, the receiver ID.
     public let staging: StagingArea
     /// Why a journal found at start was not used, if it was not.
     public private(set) var resumeNote: String?
@@ -134,34 +138,44 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     // MARK: Queries
 
+    /// The offer awaiting `accept` or `decline`, if any.
     public var pendingOffer: UpdateOffer? { offer.map { makeOffer($0.offer, $0.verified) } }
     /// The receiver's counters (drops by reason, work done).
     public var stats: ReceiverStats { core.stats }
+    /// Payload blocks verified and staged in the current session.
     public var blocksDone: Int { core.blocksDone }
+    /// NACK datagrams sent in the current session.
     public var nacksSent: Int { core.nacksSent }
     /// The accepted session's manifest.
     public var manifest: Manifest? { transfer?.verified.manifest }
+    /// Every block is in and step 2 is finishing.
     public var isVerifying: Bool { transfer?.complete == true && transfer?.ended == false }
     /// The last offer declined (by the policy or the embedder), and why.
     public var lastDecline: (reason: Status.Reason, text: String)? { core.lastDecline }
 
     // MARK: DatagramEndpoint
 
+    /// A datagram from the group or the sender, with its source address, at `now` (your monotonic clock).
     public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
         bytesHeard += UInt64(bytes.count)
         core.handleDatagram(bytes, from: peer, at: now)
         carryOut(at: now)
     }
 
+    /// Call when `nextDeadline` has passed.
     public func handleTimeout(at now: Instant) {
         core.handleTimeout(at: now)
         carryOut(at: now)
     }
 
+    /// The next datagram to send (always unicast to the sender: `.peer(address)`), or nil.
     public func pollTransmit() -> Transmit? { core.pollTransmit() }
+    /// The next event for the embedder, or nil.
     public func pollEvent() -> UpdateEvent? { events.isEmpty ? nil : events.removeFirst() }
+    /// When `handleTimeout` next has something to do.
     public var nextDeadline: Instant? { core.nextDeadline }
 
+    /// Whether step 2 has staged blocks to read back, or is to finish: call `performPendingWork`.
     public var hasPendingWork: Bool {
         guard let t = transfer, !t.ended else { return false }
         if t.complete { return true }
@@ -173,6 +187,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// (about 4.5 MB of the default profile, a few milliseconds of hashing and writing).
     public static let verificationBlocksPerCall = 16
 
+    /// A bounded slice of step 2 (`verificationBlocksPerCall` read-backs, or its end).
     public func performPendingWork(at now: Instant) {
         guard let t = transfer, !t.ended else { return }
         do throws(ReceiveFailure) {
@@ -184,6 +199,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         carryOut(at: now)
     }
 
+    /// The session is over and reported (its final STATUS acknowledged); never, with `listensAfterSession`.
     public var isDone: Bool { core.isFinished && !configuration.listensAfterSession && (transfer?.ended ?? true) }
 
     // MARK: The embedder's answer

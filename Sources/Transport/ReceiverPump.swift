@@ -9,6 +9,7 @@ import Glibc
 public struct ReceiverEndpoint: Sendable {
     /// Group and port the sender multicasts to.
     public var group: SocketAddress
+    /// The interface to join the group on (nil: the kernel's choice).
     public var interface: NetworkInterface?
     /// Large enough to ride out a scheduling hiccup at full rate.
     public var receiveBufferBytes = TransportLimits.socketBufferByteCountDefault
@@ -24,6 +25,7 @@ public struct ReceiverEndpoint: Sendable {
     /// Take data coalesced by the kernel (UDP GRO) where it can: one message
     /// and one copy-out per run of datagrams instead of per datagram.
     public var coalesce = true
+    /// Defaults: 16 MiB receive buffer, 5 ms read coalescing, GRO on.
     public init(group: SocketAddress, interface: NetworkInterface?) { self.group = group; self.interface = interface }
 }
 
@@ -34,9 +36,13 @@ public struct ReceiverEndpoint: Sendable {
 /// endpoint's datagrams go out, and the endpoint's pending work runs between
 /// reads.
 public final class ReceiverPump {
+    /// What the pump feeds.
     public let endpoint: DatagramEndpoint
+    /// Bound to the group and port, joined on the interface.
     public let groupSocket: UDPSocket
+    /// Feedback out and ACKs in, on an ephemeral port of its own.
     public let feedbackSocket: UDPSocket
+    /// What the kernel granted of `receiveBufferBytes`.
     public let grantedReceiveBuffer: Int
     private let settings: ReceiverEndpoint
     /// Test and demo aid: drop this share of incoming DATA at random, to make repair visible.
@@ -50,11 +56,13 @@ public final class ReceiverPump {
     /// Datagrams read from the group socket, and the messages they came in
     /// (fewer when the kernel coalesced them).
     public private(set) var groupDatagrams: UInt64 = 0
+    /// (See `groupDatagrams`.)
     public private(set) var groupMessages: UInt64 = 0
     private let outgoing = SendBatch(capacity: 16)
     private var lastReadAt: Instant?
     private var lastReadWasSparse = false
 
+    /// Opens and joins the sockets; `simulatedLoss` drops that share of DATA (tests, demos).
     public init(endpoint: DatagramEndpoint, settings: ReceiverEndpoint, simulatedLoss: Double = 0, seed: UInt64 = 1) throws(TransportError) {
         guard settings.group.isMulticast else { throw TransportError(.invalidAddress, "\(settings.group) is not a multicast group") }
         self.endpoint = endpoint
