@@ -100,7 +100,12 @@ struct TimerTable<Timer: CaseIterable & RawRepresentable> where Timer.RawValue =
     }
     /// Whether `timer` is set and due at `now`.
     func isDue(_ timer: Timer, at now: Instant) -> Bool { deadlines[timer.rawValue].map { $0 <= now } ?? false }
-    var next: Instant? { deadlines.compactMap { $0 }.min() }
+    /// The earliest deadline set (no array is made: it is asked on every state change).
+    var next: Instant? {
+        var earliest: Instant?
+        for case let d? in deadlines where earliest == nil || d < earliest! { earliest = d }
+        return earliest
+    }
 }
 
 /// The blocks of one object under the bundle's transport profile (Specs/bundle.md §7.1).

@@ -267,7 +267,7 @@ public final class UpdateReceiver: DatagramEndpoint {
             }
             return
         }
-        if core.isFinished, configuration.listensAfterSession, transfer?.ended ?? true { listenAgain() }
+        if configuration.listensAfterSession, core.isFinished, transfer?.ended ?? true { listenAgain() }
     }
 
     /// Specs/protocol.md P-3c: the device's policy at this moment (the wall clock, the

@@ -140,7 +140,8 @@ struct Receive: ParsableCommand {
     }
 
     enum Outcome {
-        case completed(ReceivedUpdate, receiving: Double, verifying: Double)
+        /// Wall seconds and CPU seconds until every block was in, and after (finishing step 2).
+        case completed(ReceivedUpdate, receiving: Double, verifying: Double, cpuReceiving: Double)
         case failed(ReceiveFailure)
         case timedOut
         case stopped
@@ -157,15 +158,19 @@ struct Receive: ParsableCommand {
         var refused: (at: Instant, ReceiveFailure)?
         var outcome: Outcome?
         var receivedAt: Instant?
+        var cpuAtReceived: Double?
         let status = StatusLine(enabled: !quiet)
         try pump.run(tick: { now in
             while let e = receiver.pollEvent() {
                 switch e {
                 case .refused(_, let failure): if refused == nil { refused = (now, failure) }
-                case .received: receivedAt = now
+                case .received:
+                    receivedAt = now
+                    cpuAtReceived = MonotonicClock.processCPUSeconds()
                 case .completed(let update):
                     let end = receivedAt ?? now
-                    outcome = .completed(update, receiving: (end - started).seconds, verifying: (now - end).seconds)
+                    outcome = .completed(update, receiving: (end - started).seconds, verifying: (now - end).seconds,
+                                         cpuReceiving: cpuAtReceived ?? MonotonicClock.processCPUSeconds())
                 case .failed(let failure): outcome = .failed(failure)
                 case .offer, .joined: break
                 }
@@ -182,7 +187,10 @@ struct Receive: ParsableCommand {
         // Events of the last turn.
         while let e = receiver.pollEvent() {
             if case .failed(let failure) = e { outcome = .failed(failure) }
-            if case .completed(let update) = e { outcome = .completed(update, receiving: ((receivedAt ?? MonotonicClock.now()) - started).seconds, verifying: 0) }
+            if case .completed(let update) = e {
+                outcome = .completed(update, receiving: ((receivedAt ?? MonotonicClock.now()) - started).seconds, verifying: 0,
+                                     cpuReceiving: cpuAtReceived ?? MonotonicClock.processCPUSeconds())
+            }
         }
         if interrupted { return .stopped }
         return outcome ?? .failed(ReceiveFailure(.sessionClosed, "session ended"))
@@ -210,7 +218,7 @@ struct Receive: ParsableCommand {
         case .failed(let failure):
             printError("\(name): \(failure.reason.rawValue): \(failure.text)")
             throw ExitCode(Self.exitCode(failure.reason))
-        case .completed(let update, let receiving, let verifying):
+        case .completed(let update, let receiving, let verifying, let cpuReceiving):
             var kept = update.bundlePath
             if let bundleOut, let path = kept {
                 guard rename(path, bundleOut) == 0 else { throw TransportError(.storage, "cannot move the bundle to \(bundleOut): \(String(cString: strerror(errno)))") }
@@ -218,9 +226,9 @@ struct Receive: ParsableCommand {
             }
             let m = update.manifest
             let cpu = MonotonicClock.processCPUSeconds()
-            say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s finishing step 2; %llu blocks repaired, %d NACKs; CPU %.2f s (%.0f MB/s per CPU-second)",
+            say(String(format: "%@: verified %@ %@ (sequence %llu, %@) in %.2f s receiving + %.2f s finishing step 2; %llu blocks repaired, %d NACKs; CPU %.2f s + %.2f s (%.0f MB/s per CPU-second)",
                        name, m.productID, m.version, m.sequence, formatBytes(m.payload.size), receiving, verifying,
-                       receiver.stats.repairedPayloadBlocks, receiver.nacksSent, cpu, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
+                       receiver.stats.repairedPayloadBlocks, receiver.nacksSent, cpuReceiving, cpu - cpuReceiving, Double(m.payload.size) / max(cpu, 1e-6) / 1e6))
             say("  rejected on arrival: \(rejected.isEmpty ? "none" : rejected)")
             if receiver.stats.blocksSpilled > 0 { say("  incomplete blocks spilled to disk (memory budget full): \(receiver.stats.blocksSpilled)") }
             say(String(format: "  datagrams: %llu in %llu reads (%@)", pump.groupDatagrams, pump.groupMessages,

@@ -90,9 +90,8 @@ extension Receiver {
     /// A datagram once the transfer is over: only the sender's liveness, CLOSE and
     /// ACK matter (Specs/protocol.md P-21, P-13a).
     mutating func handleFinishing(_ datagram: Datagram, at now: Instant) {
-        guard case .finishing(var f) = state else { preconditionFailure("not finishing") }
-        state = .modifying
-        defer { state = .finishing(f) }
+        var f = takeFinishing()
+        defer { put(f) }
         guard datagram.sessionID == f.id else { stats.drops.add(.otherSession); return }
         // An ANNOUNCE or POLL says the sender is alive, so a CLOSE heard after the final
         // STATUS was forged: keep repeating the STATUS until ACKed. (DATA does not count

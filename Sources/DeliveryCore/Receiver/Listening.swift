@@ -74,16 +74,16 @@ extension Receiver {
 
     /// A datagram while listening or while an offer awaits its answer.
     mutating func handleUnjoined(_ datagram: Datagram, from peer: PeerAddress, at now: Instant) {
-        switch state {
+        var taken = State.modifying
+        swap(&state, &taken)
+        switch consume taken {
         case .listening(var l):
-            state = .modifying
             handleUnjoined(datagram, &l, from: peer, at: now, offerPending: false)
             // An announce may have made an offer of it.
-            if case .modifying = state { state = .listening(l) }
+            if case .modifying = state { put(l) }
         case .offered(var l, let offer):
-            state = .modifying
             handleUnjoined(datagram, &l, from: peer, at: now, offerPending: true)
-            state = .offered(l, offer)
+            put(l, offer: offer)
         case .receiving, .finishing, .modifying:
             preconditionFailure("not listening")
         }
@@ -141,7 +141,7 @@ extension Receiver {
                           sender: a.feedbackDestination(source: peer), resumes: resume?.progress.envelope == envelope, announce: a)
         stats.offers += 1
         actions.append(.offer(offer))
-        state = .offered(l, offer)
+        put(l, offer: offer)
     }
 
     // MARK: The device's answer
@@ -159,7 +159,7 @@ extension Receiver {
     public mutating func decline(_ reason: Status.Reason, _ text: String, at now: Instant) {
         guard case .offered(let l, let offer) = state else { preconditionFailure("decline without a pending offer") }
         precondition(reason != .none, "a decline has a reason")
-        state = .listening(l)
+        put(l)
         recordDecline(reason, text, offer: offer)
     }
 
@@ -178,6 +178,6 @@ extension Receiver {
         if !s.carousel {
             send(registration(for: offer.session), to: s.sender)
         }
-        settle(&s, at: now)
+        settle(s, at: now)
     }
 }

@@ -178,8 +178,9 @@ public struct Receiver {
     /// Step 2 passed and the sender was told so (or will be, until ACKed).
     public var isComplete: Bool { if case .finishing(let f) = state, f.verdict == .verified { true } else { false } }
     public var isFailed: Bool { failure != nil }
-    /// Complete or failed, and the final STATUS acknowledged (or given up on).
-    public var isFinished: Bool { if case .finishing(let f) = state { f.isFinished } else { false } }
+    /// Complete or failed, and the final STATUS acknowledged (or given up on). Kept as a
+    /// field, like `nextDeadline`, so that asking does not copy the state.
+    public private(set) var isFinished = false
     /// Every block is in; step 2's verdict is awaited.
     public var isVerifying: Bool { if case .finishing(let f) = state, f.verdict == nil { true } else { false } }
     public var failure: (reason: Status.Reason, text: String)? {
@@ -221,14 +222,10 @@ public struct Receiver {
     /// The last offer this device declined, and why (a driver may give up after it).
     public private(set) var lastDecline: (reason: Status.Reason, text: String)?
 
-    /// The earliest instant at which `handleTimeout` has something to do.
-    public var nextDeadline: Instant? {
-        switch state {
-        case .receiving(let s): s.timers.next
-        case .finishing(let f): f.timers.next
-        case .listening, .offered, .modifying: nil
-        }
-    }
+    /// The earliest instant at which `handleTimeout` has something to do: the state's
+    /// timer table, read when the state is put back (`put`), so that asking, once per
+    /// turn of a driver's loop, copies nothing.
+    public private(set) var nextDeadline: Instant?
 
     // MARK: Polling
 
@@ -256,10 +253,10 @@ public struct Receiver {
         switch state {
         case .receiving:
             withSession(at: now) { s, r in r.sessionTimeout(&s, at: now) }
-        case .finishing(var f):
-            state = .modifying
+        case .finishing:
+            var f = takeFinishing()
             f.handleTimeout(at: now, receiver: &self)
-            state = .finishing(f)
+            put(f)
         case .listening, .offered: return
         case .modifying: preconditionFailure("re-entered while the state was being changed")
         }
@@ -268,10 +265,10 @@ public struct Receiver {
     /// The driver carried out `.store` for this block (Specs/protocol.md P-5c: only
     /// auth-chain bytes reported stored may leave memory).
     public mutating func handleStored(_ object: ObjectID, block: Int) {
-        guard object == .authChain, case .receiving(var s) = state else { return }
-        state = .modifying
+        guard object == .authChain, case .receiving = state else { return }
+        var s = takeSession()
         s.chain.markStored(block)
-        state = .receiving(s)
+        put(s)
     }
 
     /// A store or commit failed: the session fails with reason `storage`.
@@ -285,19 +282,21 @@ public struct Receiver {
         switch state {
         case .receiving:
             withSession(at: now) { s, _ in s.abort = (reason, text) }
-        case .finishing(var f) where f.verdict == nil:
-            f.decide(.failed(reason, text), at: now, config: config)
-            state = .finishing(f)
-        case .listening, .offered, .finishing, .modifying: return
+        case .finishing:
+            var f = takeFinishing()
+            if f.verdict == nil { f.decide(.failed(reason, text), at: now, config: config) }
+            put(f)
+        case .listening, .offered, .modifying: return
         }
     }
 
     /// Step 2's verdict after `.verify` (Specs/protocol.md P-21).
     public mutating func handleVerdict(_ verdict: Verdict, at now: Instant) {
-        guard case .finishing(var f) = state else { preconditionFailure("a verdict before the transfer completed") }
+        guard case .finishing = state else { preconditionFailure("a verdict before the transfer completed") }
+        var f = takeFinishing()
         precondition(f.verdict == nil, "the verdict is given once")
         f.decide(verdict, at: now, config: config)
-        state = .finishing(f)
+        put(f)
     }
 
     // MARK: Plumbing
@@ -306,24 +305,60 @@ public struct Receiver {
     /// buffers are mutated in place (no copy), then moves the session on: to
     /// `finishing` if it completed or failed meanwhile.
     mutating func withSession(at now: Instant, _ body: (inout Session, inout Receiver) -> Void) {
-        guard case .receiving(var s) = state else { preconditionFailure("no session joined") }
-        state = .modifying
+        var s = takeSession()
         body(&s, &self)
-        settle(&s, at: now)
+        settle(s, at: now)
     }
 
     /// Puts a session back, or ends it: a failure, or the last block verified.
-    mutating func settle(_ s: inout Session, at now: Instant) {
+    mutating func settle(_ s: consuming Session, at now: Instant) {
         if let (reason, text) = s.abort {
             actions.append(.failed(reason, text))
-            state = .finishing(Finishing(failed: s, reason: reason, text: text, at: now, config: config))
+            put(Finishing(failed: s, reason: reason, text: text, at: now, config: config))
         } else if s.isTransferComplete {
             s.commitIfDue(force: true, actions: &actions)
             actions.append(.verify)
-            state = .finishing(Finishing(completed: s))
+            put(Finishing(completed: s))
         } else {
-            state = .receiving(s)
+            put(s)
         }
+    }
+
+    // The state is moved out (`swap`, no copy of the session's many buffers) while it
+    // is worked on, and put back with the fields read from it that queries need.
+
+    /// Moves the joined session out of `state`, leaving `.modifying`.
+    mutating func takeSession() -> Session {
+        var taken = State.modifying
+        swap(&state, &taken)
+        guard case .receiving(let s) = consume taken else { preconditionFailure("no session joined") }
+        return s
+    }
+
+    mutating func takeFinishing() -> Finishing {
+        var taken = State.modifying
+        swap(&state, &taken)
+        guard case .finishing(let f) = consume taken else { preconditionFailure("not finishing") }
+        return f
+    }
+
+    mutating func put(_ s: consuming Session) {
+        nextDeadline = s.timers.next
+        isFinished = false
+        state = .receiving(s)
+    }
+
+    mutating func put(_ f: consuming Finishing) {
+        nextDeadline = f.timers.next
+        isFinished = f.isFinished
+        state = .finishing(f)
+    }
+
+    /// Listening, or an offer waiting: no timer runs.
+    mutating func put(_ l: consuming Listening, offer: Offer? = nil) {
+        nextDeadline = nil
+        isFinished = false
+        state = offer.map { .offered(l, $0) } ?? .listening(l)
     }
 
     /// Queues a datagram for the sender.
