@@ -42,8 +42,9 @@ let package = Package(
         // Deterministic discrete-event network and storage simulator (tests, bench, `fleetcast simulate`).
         .target(name: "DeliverySimulation", dependencies: ["DeliveryCore", "WireFormat", "UpdateBundle", "FleetCrypto", "SeededRandom"]),
         // The device side as a library a device agent embeds: offers judged by the current
-        // policy, staging and resume journal, step 2 and release (Specs/agent.md). Pure
-        // logic plus file I/O; no sockets (Transport), no CLI, no simulator, no C library.
+        // policy, staging and resume journal, step 2 and release (Specs/protocol.md §8.2). Pure
+        // logic plus file I/O; no sockets (Transport), no CLI, no simulator. Backends that link C libraries
+        // (bootloader tools, TPM, PKCS#11) will get a module of their own beside it.
         .target(name: "DeviceAgent", dependencies: ["DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
         // The few socket and clock system calls Swift's Glibc module does not export (sendmmsg, recvmmsg, ppoll).
         .target(name: "CSocket"),

@@ -16,7 +16,7 @@ public struct TrustPolicy: Sendable {
 /// A long-running device agent builds a new one for every judgement, with the
 /// current time and the currently installed sequence: a policy frozen when the
 /// process started would accept a bundle that expired since (Specs/bundle.md §8
-/// step 3, Specs/agent.md).
+/// step 3, Specs/protocol.md P-3c).
 public struct DevicePolicy: Sendable {
     /// Unix seconds, injected (the verifier never reads a clock).
     public var now: UInt64

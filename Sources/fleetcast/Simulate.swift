@@ -17,7 +17,9 @@ struct Simulate: ParsableCommand {
           fleetcast simulate --scenario sweep --seed 1 --count 500     # seeds 1...500
 
         FLEETCAST_SIM_TRACE=1 prints the event queue every 200,000 events and the \
-        counters of the last receiver to complete (for runs that take long).
+        counters of the last receiver to complete (for runs that take long). \
+        FLEETCAST_SIM_DUMP=1 prints every record that --digests hashes (each delivered \
+        datagram and storage event, with its time and node), to find where two runs part.
         """
     )
 

@@ -153,4 +153,16 @@ struct CLITests {
             #expect(r.status == 0 && r.stdout.contains(phrase), "\(command): \(r.stdout)")
         }
     }
+
+    @Test("send that hears no receiver at all exits 32 and says so")
+    func sendToNobody() throws {
+        let w = Workspace()
+        FileManager.default.createFile(atPath: w.file("image"), contents: Data((0..<200_000).map { UInt8(truncatingIfNeeded: $0) }))
+        try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        try fleetcast(["pack", "--quiet", "-o", "u.fcb", "--product", "p", "--hardware", "h", "--version", "1", "--sequence", "1",
+                       "--component", "rootfs=image", "--sign", "vendor.key"], in: w.path)
+        let port = "\(26000 + Int(getpid() % 3000))"
+        let r = try fleetcast(["send", "u.fcb", "--interface", "lo", "--ttl", "0", "--port", port, "--rate", "50M", "--deadline", "20s", "--quiet"], in: w.path)
+        #expect(r.status == 32 && r.stderr.contains("no receiver was heard"), "status \(r.status): \(r.stderr)")
+    }
 }
