@@ -48,7 +48,8 @@ func readFile(_ path: String) -> String {
 
 let trusted = try PublicKey(pem: readFile(option("trusted-key")))
 let deviceKey = try PrivateKey(pem: readFile(option("device-key")))
-let identity = DeviceIdentity(deviceID: options["device-id"] ?? "example-device", receiverID: ReceiverID(UInt64(getpid()) << 16 | 0xE4),
+// The receiver ID is left to the staging directory, which makes one at random and keeps it.
+let identity = DeviceIdentity(deviceID: options["device-id"] ?? "example-device",
                               hardwareID: options["hardware-id"], trust: TrustPolicy(trustedKeys: [trusted]),
                               keys: DecryptionKeys(deviceKeys: [deviceKey]))
 let installed = InstalledSoftware(version: options["installed-version"] ?? "1.0", sequence: options["installed-sequence"].flatMap { UInt64($0) })
@@ -141,7 +142,7 @@ while !receiver.isDone && now() < giveUp {
         case .completed(let update):
             print("verified \(update.manifest.version): \(update.componentPaths.sorted { $0.key < $1.key }.map { "\($0.key) -> \($0.value)" }.joined(separator: ", "))")
             status = 0
-        case .failed(let why): print("failed: \(why)")
+        case .failed(_, let why): print("failed: \(why)")
         }
     }
     sendFeedback()

@@ -50,6 +50,24 @@ extension Datagram.Kind: TallyKey {
 extension Status.Reason: TallyKey {
     public var tallyName: String { "\(self)" }
 }
+
+extension Status.Reason {
+    /// The reason a device gives the sender for refusing a bundle that failed `error`
+    /// (Specs/protocol.md §3.7): policy failures by name, key failures as not a
+    /// recipient, file trouble as storage, any other check of step 2 as a failed
+    /// verification.
+    public init(refusing error: BundleError) {
+        self = switch error.code {
+        case .expired: .expired
+        case .incompatibleHardware: .incompatibleHardware
+        case .rollback: .rollback
+        case .notARecipient: .notARecipient
+        case .io: .storage
+        case .decryptionFailed: .decryptionFailed
+        case .malformed, .unknownCriticalField, .signatureInvalid, .sizeMismatch, .hashMismatch, .invalidInput: .verificationFailed
+        }
+    }
+}
 extension Close.Reason: TallyKey {
     public var tallyName: String { "\(self)" }
 }

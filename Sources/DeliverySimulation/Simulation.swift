@@ -492,7 +492,7 @@ public final class Simulation {
                 if verified.manifest != bundle.manifest { result.violations.append("receiver \(i) joined a session with another manifest (sequence \(verified.manifest.sequence))") }
                 r.accept(verified, at: now)
             } catch {
-                r.decline(Self.declineReason(error), error.reason, at: now)
+                r.decline(Status.Reason(refusing: error), error.reason, at: now)
             }
         case .store(let object, let block, let offset, let bytes):
             record(4, i, [object.rawValue] + withUnsafeBytes(of: UInt64(block).bigEndian, Array.init) + withUnsafeBytes(of: offset.bigEndian, Array.init))
@@ -527,14 +527,6 @@ public final class Simulation {
         }
     }
 
-    /// The STATUS reason a device sends when its policy refuses an offer (P-4).
-    public static func declineReason(_ error: BundleError) -> Status.Reason {
-        switch error.code {
-        case .expired: .expired
-        case .rollback: .rollback
-        default: .incompatibleHardware
-        }
-    }
 
     private func finish() {
         result.duration = now - .zero

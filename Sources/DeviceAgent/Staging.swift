@@ -37,6 +37,8 @@ public final class StagingArea {
     private var file: File?
     /// The prepared bundle's header, once `prepare` has run.
     public private(set) var header: BundleHeader?
+    /// The envelope `file` was prepared for (a header only gives sizes).
+    private var envelope: [UInt8]?
     /// The prepared session's payload file (P-29a), in the output directory.
     private var payload: (directory: SafeDirectory, name: String, file: File)?
     /// Named limit: a journal file larger than this is refused as corrupt
@@ -71,19 +73,23 @@ public final class StagingArea {
         file = nil
         payload = nil
         header = nil
+        envelope = nil
     }
 
     // MARK: Journal
 
-    /// The journal, or nil with the reason it cannot be used.
-    public func loadJournal() -> (ProgressJournal?, String?) {
+    /// The journal and whether it staged the payload in a file of its own (P-29a);
+    /// nil with the reason when it cannot be used, nil without one when there is none.
+    public func loadJournal() -> (journal: (ProgressJournal, payloadApart: Bool)?, note: String?) {
         guard let bytes = directory.readWhole(Self.journalName, limit: Self.journalByteCountMax) else { return (nil, nil) }
         do { return (try JournalCodec.decode(bytes), nil) } catch { return (nil, "journal unusable: \(error.reason)") }
     }
 
     /// Resume state for the core: the journal plus the auth-chain blocks it lists, read back.
-    /// Nil (start afresh) if the partial files do not match the journal's envelope.
-    public func resumeState(journal: ProgressJournal, manifest: Manifest, payloadFile: (SafeDirectory, String)?) -> ResumeState? {
+    /// Nil (start afresh) if the payload was staged elsewhere than `payloadFile` says now,
+    /// or the partial files do not match the journal's envelope.
+    public func resumeState(journal: ProgressJournal, payloadApart: Bool, manifest: Manifest, payloadFile: (SafeDirectory, String)?) -> ResumeState? {
+        guard payloadApart == (payloadFile != nil) else { return nil }
         let expected = BundleHeader(envelopeLength: journal.envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
         guard (try? open(for: expected, envelope: journal.envelope, payloadFile: payloadFile, create: false)) != nil, let file else { return nil }
         let auth = BlockGeometry(payloadSize: manifest.authentication.size, profile: manifest.transport)
@@ -102,20 +108,35 @@ public final class StagingArea {
         do {
             try file.syncData()
             try payload?.file.syncData()
-            try directory.writeAtomically(JournalCodec.encode(journal), to: Self.journalName)
+            try directory.writeAtomically(JournalCodec.encode(journal, payloadApart: payload != nil), to: Self.journalName)
         } catch { throw StorageError(error.reason) }
     }
 
     // MARK: Bundle file
 
     /// Opens the staging files for a session's envelope: reuses partial files whose
-    /// header and envelope match, otherwise starts new ones (P-26a reserves them).
-    public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: (SafeDirectory, String)?) throws(StorageError) {
+    /// header and envelope match (true), otherwise starts new ones, reserved (P-26a),
+    /// and removes the journal that described the old ones (false).
+    @discardableResult
+    public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: (SafeDirectory, String)?) throws(StorageError) -> Bool {
         let h = BundleHeader(envelopeLength: envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
-        if header == h, file != nil, payload?.name == payloadFile?.1 { return }
-        if (try? open(for: h, envelope: envelope, payloadFile: payloadFile, create: false)) != nil { return }
+        if header == h, self.envelope == envelope, file != nil, payload?.name == payloadFile?.1 { return true }
+        if (try? open(for: h, envelope: envelope, payloadFile: payloadFile, create: false)) != nil { return true }
         directory.remove(Self.journalName)
-        do { try open(for: h, envelope: envelope, payloadFile: payloadFile, create: true) } catch { throw StorageError(error.reason) }
+        do { try open(for: h, envelope: envelope, payloadFile: payloadFile, create: true) } catch {
+            // A failed reservation leaves no partial file behind to hold the space.
+            directory.remove(Self.partialName)
+            if let (dir, name) = payloadFile { dir.remove(name) }
+            throw StorageError(error.reason)
+        }
+        return false
+    }
+
+    /// Bytes the files `prepare` would replace hold on disk now (a stale download's
+    /// reservation): free space a new bundle may count on, in the staging directory
+    /// and (the payload file) in the output directory.
+    public func reclaimableBytes(payloadFile: (SafeDirectory, String)?) -> (staging: UInt64, output: UInt64) {
+        (directory.allocatedBytes(Self.partialName), payloadFile.map { $0.0.allocatedBytes($0.1) } ?? 0)
     }
 
     private func open(for h: BundleHeader, envelope: [UInt8], payloadFile: (SafeDirectory, String)?, create: Bool) throws(BundleError) {
@@ -150,6 +171,7 @@ public final class StagingArea {
         }
         file = f
         header = h
+        self.envelope = envelope
         if let p, let (dir, name) = payloadFile { payload = (dir, name, p) }
     }
 
@@ -217,15 +239,17 @@ extension StagingArea: AuthChainReader {
     }
 }
 
-/// The journal's bytes (Specs/protocol.md §8.2): magic "FCJ1", the envelope,
-/// two block bitmaps (auth chain, payload), and a SHA-256 of all before it.
+/// The journal's bytes (Specs/protocol.md §8.2): magic "FCJ2", where the payload
+/// is staged (flags: bit 0 = in its own file, P-29a), the envelope, two block
+/// bitmaps (auth chain, payload), and a SHA-256 of all before it.
 public enum JournalCodec {
-    static let magic: [UInt8] = Array("FCJ1".utf8)
+    static let magic: [UInt8] = Array("FCJ2".utf8)
 
     /// The journal's bytes, checksum last.
-    public static func encode(_ j: ProgressJournal) -> [UInt8] {
+    public static func encode(_ j: ProgressJournal, payloadApart: Bool) -> [UInt8] {
         var w = ByteWriter()
         w.append(magic)
+        w.u8(payloadApart ? 1 : 0)
         w.u32(UInt32(j.envelope.count))
         w.append(j.envelope)
         for list in [j.authBlocks, j.payloadBlocks] {
@@ -240,12 +264,14 @@ public enum JournalCodec {
     }
 
     /// A journal from untrusted bytes: checked whole, or refused.
-    public static func decode(_ bytes: [UInt8]) throws(WireFormatError) -> ProgressJournal {
-        guard bytes.count >= 4 + 4 + 8 + 32 else { throw WireFormatError(.truncated, "journal of \(bytes.count) bytes") }
+    public static func decode(_ bytes: [UInt8]) throws(WireFormatError) -> (ProgressJournal, payloadApart: Bool) {
+        guard bytes.count >= 4 + 1 + 4 + 8 + 32 else { throw WireFormatError(.truncated, "journal of \(bytes.count) bytes") }
         let body = Array(bytes.dropLast(32))
         guard SHA256.hash(body) == Array(bytes.suffix(32)) else { throw WireFormatError(.invalidField, "journal checksum differs (torn or corrupted)") }
         var r = ByteReader(body)
-        guard try r.bytes(4, "journal magic") == magic else { throw WireFormatError(.invalidField, "not a Fleetcast journal") }
+        guard try r.bytes(4, "journal magic") == magic else { throw WireFormatError(.invalidField, "not a Fleetcast journal of this version") }
+        let flags = try r.u8("journal flags")
+        guard flags & ~1 == 0 else { throw WireFormatError(.reservedNotZero, "journal flags \(flags)") }
         let envelopeLength = Int(try r.u32("envelope length"))
         guard envelopeLength <= BundleLimits.envelopeByteCountMax else { throw WireFormatError(.invalidField, "journal envelope of \(envelopeLength) bytes") }
         let envelope = try r.bytes(envelopeLength, "envelope")
@@ -256,7 +282,7 @@ public enum JournalCodec {
             lists.append((0..<count).filter { bitmap[$0 / 8] & (1 << ($0 % 8)) != 0 })
         }
         try r.end()
-        return ProgressJournal(envelope: envelope, authBlocks: lists[0], payloadBlocks: lists[1])
+        return (ProgressJournal(envelope: envelope, authBlocks: lists[0], payloadBlocks: lists[1]), flags & 1 != 0)
     }
 }
 

@@ -7,8 +7,9 @@ public struct DeviceIdentity: Sendable {
     /// Shown in the sender's fleet report.
     public var deviceID: String
     /// The receiver's ID on the wire (Specs/protocol.md §3.5): random and kept per
-    /// device, not derived from a name others can guess.
-    public var receiverID: ReceiverID
+    /// device, not derived from a name others can guess. Nil: the one made once and
+    /// kept in the staging directory.
+    public var receiverID: ReceiverID?
     /// The manifest must name this product, when set.
     public var productID: String?
     /// The manifest must list this hardware, when set.
@@ -19,7 +20,7 @@ public struct DeviceIdentity: Sendable {
     public var keys: DecryptionKeys
 
     /// Product and hardware left nil are not checked.
-    public init(deviceID: String, receiverID: ReceiverID, productID: String? = nil, hardwareID: String? = nil,
+    public init(deviceID: String, receiverID: ReceiverID? = nil, productID: String? = nil, hardwareID: String? = nil,
                 trust: TrustPolicy, keys: DecryptionKeys = .init()) {
         self.deviceID = deviceID; self.receiverID = receiverID; self.productID = productID; self.hardwareID = hardwareID
         self.trust = trust; self.keys = keys
@@ -129,10 +130,13 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
 
 /// A verified update, released: what step 2 made of a complete transfer.
 public struct ReceivedUpdate: Sendable {
+    /// The session it came in.
+    public let session: SessionID
     /// The verified bundle: its manifest and where each component went.
     public let verified: VerifiedBundle
     /// The staged bundle, when one was kept (nil when the payload was staged as the
-    /// component itself, P-29a).
+    /// component itself, P-29a). The next session's bundle replaces it: move it away
+    /// to keep it.
     public let bundlePath: String?
     /// Where each component was released, by name (empty without an output directory).
     public var componentPaths: [String: String] { verified.componentPaths }
@@ -154,5 +158,5 @@ public enum UpdateEvent: Sendable {
     /// Verified, released, and reported to the sender as complete.
     case completed(ReceivedUpdate)
     /// The session ended without a verified update; the sender was told why.
-    case failed(ReceiveFailure)
+    case failed(session: SessionID, ReceiveFailure)
 }

@@ -1,4 +1,5 @@
 import DeliveryCore
+import FleetCrypto
 import UpdateBundle
 import WireFormat
 #if canImport(Glibc)
@@ -11,8 +12,8 @@ import Glibc
 /// offers. It judges every offer with the current time and the currently
 /// installed software, stages verified blocks with a resume journal, runs
 /// step 2 as blocks arrive, releases the components only once every check
-/// passed (expiry included, again), and only then tells the sender the device
-/// is complete.
+/// passed (the policy judged again), and only then tells the sender the
+/// device is complete.
 ///
 /// ```
 /// let receiver = try UpdateReceiver(configuration: config, installed: { store.installed })
@@ -27,15 +28,19 @@ import Glibc
 ///
 /// Not thread-safe: one loop owns it. Time comes in as `Instant`s of the
 /// caller's monotonic clock; wall-clock time (for expiry) from `unixTime`.
+/// Every answer and report is safe to give late: `accept` or `decline` of an
+/// offer no longer pending returns false and does nothing.
 public final class UpdateReceiver: DatagramEndpoint {
     /// How the receiver stages, verifies and releases.
     public struct Configuration: Sendable {
         /// Who the device is, what it trusts, its keys.
         public var identity: DeviceIdentity
-        /// Staged blocks, the resume journal and the spill (created 0700; refused if
-        /// another user owns it or may write it).
+        /// Staged blocks, the resume journal, the spill and the receiver ID (created
+        /// 0700; refused if another user owns it or may write it).
         public var stagingDirectory: String
-        /// Where verified components are released; nil keeps only the bundle.
+        /// Where verified components are released (created 0755 if missing; refused,
+        /// like staging, if others may write it: a file swapped in there would be
+        /// released as verified). Nil keeps only the bundle. Not the staging directory.
         public var outputDirectory: String?
         /// Keep `<staging>/bundle` even when the payload could be staged as the component
         /// itself and written once (Specs/protocol.md P-29a).
@@ -46,41 +51,22 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// Mode of released component files.
         public var componentMode: mode_t = 0o600
         /// After a session ends (its final STATUS acknowledged), listen for the next one,
-        /// as a long-running agent does; false leaves the receiver done.
+        /// as a long-running agent does; false leaves the receiver done. A bundle once
+        /// completed is not offered again while this receiver lives.
         public var listensAfterSession = false
         /// The protocol's knobs; the identity fields in it are overwritten.
         public var tuning: ReceiverConfig
 
-        /// The defaults: step 2 during the transfer, no bundle kept when the payload is the component, components 0600, one session.
+        /// The defaults: step 2 during the transfer, no bundle kept when the payload is
+        /// the component, components 0600, one session.
         public init(identity: DeviceIdentity, stagingDirectory: String, outputDirectory: String? = nil) {
             self.identity = identity
             self.stagingDirectory = stagingDirectory
             self.outputDirectory = outputDirectory
-            tuning = ReceiverConfig(receiverID: identity.receiverID, deviceID: identity.deviceID, installedVersion: "",
+            tuning = ReceiverConfig(receiverID: ReceiverID(1), deviceID: identity.deviceID, installedVersion: "",
                                     installedSequence: 0, trust: identity.trust, seed: 0)
         }
     }
-
-    /// As given at `init`.
-    public let configuration: Configuration
-    /// The staging directory: the bundle as it arrives, the journal, the receiver ID.
-    public let staging: StagingArea
-    /// Why a journal found at start was not used, if it was not.
-    public private(set) var resumeNote: String?
-    /// Payload blocks the journal found at start had verified.
-    public private(set) var resumedBlocks = 0
-    private let installed: () -> InstalledSoftware
-    private let unixTime: () -> UInt64
-    private let spill: FileSpill
-    private var core: Receiver
-    private var seed: UInt64
-    private var events: [UpdateEvent] = []
-    private var offer: (offer: Offer, verified: VerifiedManifest)?
-    private var transfer: Transfer?
-    /// What the core was given to resume, if anything.
-    private var resume: ResumeState?
-    /// Bytes of every datagram handed in.
-    public private(set) var bytesHeard: UInt64 = 0
 
     /// What to do with an offer the policy admitted.
     public enum OfferDecision: Sendable {
@@ -91,56 +77,96 @@ public final class UpdateReceiver: DatagramEndpoint {
         case later
     }
 
-    /// Decides offers as they come, without waiting for the embedder's loop: a
-    /// device that installs whatever its policy admits (`fleetcast receive`, an
-    /// agent's automatic trigger) accepts here, so no DATA waits. Nil: every offer
-    /// waits as an `.offer` event.
+    /// As given at `init`.
+    public let configuration: Configuration
+    /// This device's receiver ID on the wire: the identity's, or the one kept in staging.
+    public let receiverID: ReceiverID
+    /// Why a journal found at start was not used, if it was not.
+    public private(set) var resumeNote: String?
+    /// Payload blocks the journal found at start had verified.
+    public private(set) var resumedBlocks = 0
+    /// Bytes of every datagram handed in.
+    public private(set) var bytesHeard: UInt64 = 0
+
+    /// Decides offers as they come, once each, without waiting for the embedder's
+    /// loop: a device that installs whatever its policy admits (`fleetcast receive`,
+    /// an agent's automatic trigger) accepts here, so no DATA waits. Nil: every
+    /// offer waits as an `.offer` event. It may not call `accept` or `decline` itself.
     public var decideOffer: ((UpdateOffer) -> OfferDecision)?
+
+    private let staging: StagingArea
+    private let output: SafeDirectory?
+    private let installed: () -> InstalledSoftware
+    private let unixTime: () -> UInt64
+    private let spill: FileSpill
+    private var core: Receiver
+    private var seed: UInt64
+    private var events: [UpdateEvent] = []
+    /// The offer the core holds, admitted by the policy, and whether `decideOffer` was asked.
+    private var offer: (offer: Offer, verified: VerifiedManifest, asked: Bool)?
+    private var transfer: Transfer?
+    /// What the core was given to resume, if anything.
+    private var resume: ResumeState?
+    /// Envelopes (SHA-256) of the bundles completed while this receiver lives: a
+    /// listening receiver does not take one of them again.
+    private var completedEnvelopes: [[UInt8]] = []
+    static let completedEnvelopeCountMax = 16
 
     /// The accepted session: its manifest, staging and step 2.
     private final class Transfer {
         let verified: VerifiedManifest
-        let session: SessionID
+        let envelope: [UInt8]
         /// Payload blocks staged (this run or journalled before).
         var stored: [Bool]
         var verification: PayloadVerification?
         /// Every block is in: step 2 is to finish.
         var complete = false
-        /// The outcome was emitted (once).
+        /// The outcome was emitted (once); nothing of the session is carried out after it.
         var ended = false
-        init(verified: VerifiedManifest, session: SessionID) {
+        init(verified: VerifiedManifest, envelope: [UInt8]) {
             self.verified = verified
-            self.session = session
+            self.envelope = envelope
             stored = [Bool](repeating: false, count: BlockGeometry(payloadSize: verified.manifest.payload.size,
                                                                   profile: verified.manifest.transport).blockCount)
         }
     }
 
-    /// `installed` is asked at every offer; `unixTime` is the wall clock that expiry
-    /// is judged by (injected for tests).
+    /// `installed` is asked at every offer and again before release; `unixTime` is the
+    /// wall clock that expiry is judged by (injected for tests); `seed` (default: from
+    /// the system's randomness) draws the NACK backoff.
     public init(configuration: Configuration, installed: @escaping () -> InstalledSoftware,
-                unixTime: @escaping () -> UInt64 = { UInt64(time(nil)) }, seed: UInt64 = 1) throws(ReceiveFailure) {
+                unixTime: @escaping () -> UInt64 = { UInt64(time(nil)) }, seed: UInt64? = nil) throws(ReceiveFailure) {
         self.configuration = configuration
         self.installed = installed
         self.unixTime = unixTime
-        self.seed = seed
         do {
+            self.seed = try seed ?? Self.randomWord()
             staging = try StagingArea(directory: configuration.stagingDirectory)
             spill = try FileSpill(directory: staging.directory)
-        } catch { throw ReceiveFailure(.storage, error.reason) }
-        if let output = configuration.outputDirectory {
-            do { _ = try SafeDirectory(path: output, create: 0o755) } catch { throw ReceiveFailure(.storage, error.reason) }
+            receiverID = try configuration.identity.receiverID ?? staging.receiverID()
+            output = try configuration.outputDirectory.map { (path) throws(BundleError) in
+                try SafeDirectory(path: path, create: 0o755, requirePrivate: true)
+            }
+        } catch let error as StorageError { throw ReceiveFailure(.storage, error.reason) }
+        catch let error as BundleError { throw ReceiveFailure(.storage, error.reason) }
+        catch { throw ReceiveFailure(.storage, "\(error)") }
+        if let output, let a = output.directoryIdentity, let b = staging.directory.directoryIdentity, a == b {
+            throw ReceiveFailure(.storage, "the output directory is the staging directory: a component could overwrite the journal")
         }
-        core = Receiver(config: configuration.tuning)
+        core = Receiver(config: configuration.tuning)  // replaced below, once `self` may be used
         resume = loadResume()
         core = makeCore(resume: resume)
+    }
+
+    private static func randomWord() throws -> UInt64 {
+        do { return try SecureRandom.bytes(8).reduce(0) { $0 << 8 | UInt64($1) } } catch { throw StorageError("no randomness: \(error)") }
     }
 
     // MARK: Queries
 
     /// The offer awaiting `accept` or `decline`, if any.
     public var pendingOffer: UpdateOffer? { offer.map { makeOffer($0.offer, $0.verified) } }
-    /// The receiver's counters (drops by reason, work done).
+    /// The receiver's counters (drops by reason, work done), for the current session.
     public var stats: ReceiverStats { core.stats }
     /// Payload blocks verified and staged in the current session.
     public var blocksDone: Int { core.blocksDone }
@@ -149,7 +175,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// The accepted session's manifest.
     public var manifest: Manifest? { transfer?.verified.manifest }
     /// Every block is in and step 2 is finishing.
-    public var isVerifying: Bool { transfer?.complete == true && transfer?.ended == false }
+    public var isVerifying: Bool { transfer.map { $0.complete && !$0.ended } ?? false }
     /// The last offer declined (by the policy or the embedder), and why.
     public var lastDecline: (reason: Status.Reason, text: String)? { core.lastDecline }
 
@@ -199,23 +225,28 @@ public final class UpdateReceiver: DatagramEndpoint {
         carryOut(at: now)
     }
 
-    /// The session is over and reported (its final STATUS acknowledged); never, with `listensAfterSession`.
-    public var isDone: Bool { core.isFinished && !configuration.listensAfterSession && (transfer?.ended ?? true) }
+    /// The session is over and reported (its final STATUS acknowledged); never, with
+    /// `listensAfterSession`. A receiver that only ever declines is never done either:
+    /// its embedder decides how long to listen.
+    public var isDone: Bool { !configuration.listensAfterSession && core.isFinished && (transfer?.ended ?? true) }
 
     // MARK: The embedder's answer
 
     /// Accepts the pending offer: staging is prepared (reserved, P-26a) and the
-    /// transfer starts, with the blocks buffered since the announce.
-    public func accept(_ offer: UpdateOffer, at now: Instant) {
-        guard let pending = self.offer, pending.offer.session == offer.session else { preconditionFailure("accept without that offer pending") }
+    /// transfer starts, with the blocks buffered since the announce. False, and
+    /// nothing done, when that offer is no longer pending.
+    @discardableResult
+    public func accept(_ offer: UpdateOffer, at now: Instant) -> Bool {
+        guard let pending = self.offer, pending.offer.session == offer.session, pending.verified.manifestBytes == offer.manifest.manifestBytes else { return false }
         self.offer = nil
-        let t = Transfer(verified: pending.verified, session: pending.offer.session)
+        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope)
+        var resuming = pending.offer.resumes
         do throws(ReceiveFailure) {
             let payloadFile = try stagedPayloadFile(pending.verified.manifest)
-            do { try staging.prepare(envelope: pending.offer.envelope, manifest: pending.verified.manifest, payloadFile: payloadFile) }
+            do { resuming = try staging.prepare(envelope: pending.offer.envelope, manifest: pending.verified.manifest, payloadFile: payloadFile) && resuming }
             catch { throw ReceiveFailure(.storage, error.reason) }
-            // Journalled blocks are staged already; step 2 reads them back.
-            if pending.offer.resumes, let resume {
+            // Journalled blocks are staged already (in the files just reused); step 2 reads them back.
+            if resuming, let resume {
                 for b in resume.progress.payloadBlocks where b < t.stored.count { t.stored[b] = true }
             }
             if configuration.verifyDuringTransfer { t.verification = try makeVerification(t.verified, staged: payloadFile != nil) }
@@ -223,20 +254,24 @@ public final class UpdateReceiver: DatagramEndpoint {
             core.decline(error.statusReason, error.text, at: now)
             events.append(.refused(session: offer.session, error))
             carryOut(at: now)
-            return
+            return true
         }
         transfer = t
-        events.append(.joined(session: t.session, manifest: t.verified.manifest))
-        core.accept(pending.verified, at: now)
+        events.append(.joined(session: offer.session, manifest: t.verified.manifest))
+        core.accept(pending.verified, resuming: resuming, at: now)
         carryOut(at: now)
+        return true
     }
 
-    /// Declines the pending offer; the sender hears reason `declined`.
-    public func decline(_ offer: UpdateOffer, reason text: String, at now: Instant) {
-        guard let pending = self.offer, pending.offer.session == offer.session else { preconditionFailure("decline without that offer pending") }
+    /// Declines the pending offer; the sender hears reason `declined`. False, and
+    /// nothing done, when that offer is no longer pending.
+    @discardableResult
+    public func decline(_ offer: UpdateOffer, reason text: String, at now: Instant) -> Bool {
+        guard let pending = self.offer, pending.offer.session == offer.session, pending.verified.manifestBytes == offer.manifest.manifestBytes else { return false }
         self.offer = nil
         core.decline(.declined, text, at: now)
         carryOut(at: now)
+        return true
     }
 
     // MARK: Carrying out the core's actions
@@ -247,11 +282,13 @@ public final class UpdateReceiver: DatagramEndpoint {
             case .offer(let o): judge(o, at: now)
             case .store(let object, let block, let offset, let bytes): store(object, block, offset, bytes, at: now)
             case .commit(let journal):
-                do { try staging.commit(journal) } catch { core.handleStorageFailure(error.reason, at: now) }
+                // Once a store failed, no journal may list what it did not write (P-20).
+                guard let t = transfer, !t.ended else { continue }
+                do { try staging.commit(journal) } catch { end(t, failure: ReceiveFailure(.storage, error.reason), at: now) }
             case .verify:
-                guard let t = transfer else { continue }
+                guard let t = transfer, !t.ended else { continue }
                 t.complete = true
-                events.append(.received(session: t.session))
+                events.append(.received(session: core.session ?? SessionID(0)))
                 if t.verification == nil {
                     do { t.verification = try makeVerification(t.verified, staged: staging.payloadPath != nil) } catch { end(t, failure: error, at: now) }
                 }
@@ -259,36 +296,48 @@ public final class UpdateReceiver: DatagramEndpoint {
                 if let t = transfer { end(t, failure: ReceiveFailure(status: reason, text), at: now, toldCore: true) }
             }
         }
-        if let decide = decideOffer, let pending = pendingOffer {
-            switch decide(pending) {
-            case .accept: accept(pending, at: now)
-            case .decline(let text): decline(pending, reason: text, at: now)
-            case .later: events.append(.offer(pending))
-            }
-            return
-        }
+        askAboutOffer(at: now)
         if configuration.listensAfterSession, core.isFinished, transfer?.ended ?? true { listenAgain() }
     }
 
-    /// Specs/protocol.md P-3c: the device's policy at this moment (the wall clock, the
-    /// software installed now), then whether its keys open the bundle and whether
-    /// staging has room. What passes becomes the embedder's offer.
+    /// `decideOffer`, once per offer, outside the loop over actions.
+    private func askAboutOffer(at now: Instant) {
+        guard let decide = decideOffer, let pending = offer, !pending.asked else { return }
+        offer?.asked = true
+        let o = makeOffer(pending.offer, pending.verified)
+        switch decide(o) {
+        case .accept: accept(o, at: now)
+        case .decline(let text): decline(o, reason: text, at: now)
+        case .later: if self.offer != nil { events.append(.offer(o)) }
+        }
+    }
+
+    /// The device's policy at this moment: the wall clock, the software installed now.
+    private func currentPolicy() -> DevicePolicy {
+        DevicePolicy(now: unixTime(), hardwareID: configuration.identity.hardwareID, installedSequence: installed().sequence,
+                     productID: configuration.identity.productID)
+    }
+
+    /// Specs/protocol.md P-3c: the device's policy at this moment, then whether its keys
+    /// open the bundle and whether staging has room. What passes becomes the embedder's
+    /// offer; a bundle this receiver completed already is dismissed without a word.
     private func judge(_ o: Offer, at now: Instant) {
-        let software = installed()
-        let policy = DevicePolicy(now: unixTime(), hardwareID: configuration.identity.hardwareID, installedSequence: software.sequence,
-                                  productID: configuration.identity.productID)
+        if completedEnvelopes.contains(SHA256.hash(o.envelope)) {
+            core.dismiss(at: now)
+            return
+        }
         let verified: VerifiedManifest
         do {
-            verified = try o.manifest.admit(under: policy)
+            verified = try o.manifest.admit(under: currentPolicy())
             try verified.checkRecipient(keys: configuration.identity.keys)
-            if !o.resumes { try checkRoom(needs(o, verified.manifest)) }
+            if !o.resumes { try checkRoom(needs(o, verified.manifest), payloadFile: try? stagedPayloadFile(verified.manifest)) }
         } catch {
             let failure = ReceiveFailure(error)
             core.decline(failure.statusReason, failure.text, at: now)
             events.append(.refused(session: o.session, failure))
             return
         }
-        offer = (o, verified)
+        offer = (o, verified, false)
         if decideOffer == nil { events.append(.offer(makeOffer(o, verified))) }
     }
 
@@ -307,15 +356,19 @@ public final class UpdateReceiver: DatagramEndpoint {
     }
 
     /// Specs/protocol.md P-26a at the offer: a device without room for the bundle and
-    /// its components declines it before a byte is staged (the reservation at the join
-    /// still decides: free space can go meanwhile).
-    private func checkRoom(_ n: (total: UInt64, staging: UInt64, output: UInt64)) throws(BundleError) {
+    /// its components declines it before a byte is staged. Space that the stale files
+    /// of an earlier download hold counts as free: preparing replaces them. (The
+    /// reservation at the join still decides: free space can go meanwhile.)
+    private func checkRoom(_ n: (total: UInt64, staging: UInt64, output: UInt64), payloadFile: (SafeDirectory, String)?) throws(BundleError) {
+        let stale = staging.reclaimableBytes(payloadFile: payloadFile)
         var byFileSystem: [UInt: (path: String, free: UInt64, need: UInt64)] = [:]
-        for (path, need) in [(configuration.stagingDirectory, n.staging)] + (configuration.outputDirectory.map { [($0, n.output)] } ?? []) {
+        let places = [(configuration.stagingDirectory, n.staging, stale.staging)] + (configuration.outputDirectory.map { [($0, n.output, stale.output)] } ?? [])
+        for (path, need, reclaimable) in places {
             var fs = statvfs()
             guard statvfs(path, &fs) == 0 else { continue }  // the reservation will tell
-            let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
-            byFileSystem[fs.f_fsid, default: (path, free, 0)].need += need
+            let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) + reclaimable
+            byFileSystem[fs.f_fsid, default: (path, 0, 0)].free += free
+            byFileSystem[fs.f_fsid]!.need += need
         }
         for (_, place) in byFileSystem where place.need > place.free {
             throw BundleError(.io, "no room for the \(n.total)-byte bundle in \(place.path): \(place.free) bytes free, \(place.need) needed")
@@ -323,12 +376,13 @@ public final class UpdateReceiver: DatagramEndpoint {
     }
 
     private func store(_ object: ObjectID, _ block: Int, _ offset: UInt64, _ bytes: [UInt8], at now: Instant) {
+        guard let t = transfer, !t.ended else { return }
         do { try staging.store(object, offset: offset, bytes: bytes) } catch {
-            core.handleStorageFailure(error.reason, at: now)
+            end(t, failure: ReceiveFailure(.storage, error.reason), at: now)
             return
         }
         core.handleStored(object, block: block)
-        guard object == .payload, let t = transfer, block < t.stored.count else { return }
+        guard object == .payload, block < t.stored.count else { return }
         t.stored[block] = true
         // Step 2 takes the block straight from memory when it is the next one.
         if let v = t.verification, v.nextBlock == block { consume(t, v, block: block, bytes, at: now) }
@@ -354,29 +408,36 @@ public final class UpdateReceiver: DatagramEndpoint {
     }
 
     /// The end of step 2 (Specs/bundle.md §8 step 7, B-11): staging made durable, the
-    /// manifest's expiry judged again by the wall clock (a transfer may outlast it),
-    /// the final checks, the release; only then is the sender told "complete".
+    /// manifest judged again by the policy of now (a transfer may outlast its expiry,
+    /// or another update may have been installed meanwhile), the final checks, the
+    /// release; only then is the sender told "complete". What fails leaves nothing.
     private func finishStepTwo(_ t: Transfer, at now: Instant) throws(ReceiveFailure) {
         guard let v = t.verification else { return }
         let staged: StagingArea.Staged
         do { staged = try staging.finish() } catch { throw ReceiveFailure(.storage, error.reason) }
-        var bundlePath: String?
-        var stagedPayload: String?
-        switch staged {
-        case .bundle(let path): bundlePath = path
-        case .payload(let path): stagedPayload = path
-        }
         do {
-            try DevicePolicy(now: unixTime()).checkExpiry(t.verified.manifest)
+            try currentPolicy().check(t.verified.manifest)
             let result = try v.finish()
             t.ended = true
             core.handleVerdict(.verified, at: now)
-            events.append(.completed(ReceivedUpdate(verified: result, bundlePath: bundlePath)))
+            rememberCompleted(t.envelope)
+            var bundlePath: String?
+            if case .bundle(let path) = staged { bundlePath = path }
+            events.append(.completed(ReceivedUpdate(session: core.session ?? SessionID(0), verified: result, bundlePath: bundlePath)))
         } catch {
-            // Nothing is released: the payload staged as the component goes too (B-16a).
-            if let stagedPayload { unlink(stagedPayload) }
+            // Nothing is released: the payload staged as the component goes too (B-16a),
+            // and the bundle that failed.
+            switch staged {
+            case .payload(let path): output?.remove(String(path.split(separator: "/").last ?? ""))
+            case .bundle: staging.directory.remove(StagingArea.bundleName)
+            }
             throw ReceiveFailure(error)
         }
+    }
+
+    private func rememberCompleted(_ envelope: [UInt8]) {
+        if completedEnvelopes.count >= Self.completedEnvelopeCountMax { completedEnvelopes.removeFirst() }
+        completedEnvelopes.append(SHA256.hash(envelope))
     }
 
     /// Ends the accepted session without a verified update, once.
@@ -389,7 +450,7 @@ public final class UpdateReceiver: DatagramEndpoint {
             if core.isVerifying { core.handleVerdict(.failed(failure.statusReason, failure.text), at: now) }
             else { core.abort(failure.statusReason, failure.text, at: now) }
         }
-        events.append(.failed(failure))
+        events.append(.failed(session: core.session ?? SessionID(0), failure))
     }
 
     // MARK: Set-up
@@ -402,8 +463,8 @@ public final class UpdateReceiver: DatagramEndpoint {
     }
 
     private func stagedPayloadFile(_ m: Manifest) throws(ReceiveFailure) -> (SafeDirectory, String)? {
-        guard Self.stagesPayloadAsComponent(configuration, m), let output = configuration.outputDirectory else { return nil }
-        do { return (try SafeDirectory(path: output), m.components[0].name + Manifest.temporarySuffix) } catch { throw ReceiveFailure(.storage, error.reason) }
+        guard Self.stagesPayloadAsComponent(configuration, m), let output else { return nil }
+        return (output, m.components[0].name + Manifest.temporarySuffix)
     }
 
     private func makeVerification(_ verified: VerifiedManifest, staged: Bool) throws(ReceiveFailure) -> PayloadVerification {
@@ -417,16 +478,15 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// the policy as of now) and whose staging files match resumes; anything else
     /// starts afresh, and `resumeNote` says why.
     private func loadResume() -> ResumeState? {
-        let (journal, note) = staging.loadJournal()
+        let (loaded, note) = staging.loadJournal()
         resumeNote = note
-        guard let journal else { return nil }
-        let identity = configuration.identity
-        let policy = DevicePolicy(now: unixTime(), hardwareID: identity.hardwareID, installedSequence: installed().sequence, productID: identity.productID)
+        resumedBlocks = 0
+        guard let (journal, payloadApart) = loaded else { return nil }
         do {
-            let verified = try ManifestVerifier.verify(envelope: journal.envelope, trust: identity.trust, device: policy)
+            let verified = try ManifestVerifier.verify(envelope: journal.envelope, trust: configuration.identity.trust, device: currentPolicy())
             let payloadFile = try? stagedPayloadFile(verified.manifest)
-            guard let resume = staging.resumeState(journal: journal, manifest: verified.manifest, payloadFile: payloadFile) else {
-                resumeNote = "staging file does not match the journal; starting afresh"
+            guard let resume = staging.resumeState(journal: journal, payloadApart: payloadApart, manifest: verified.manifest, payloadFile: payloadFile) else {
+                resumeNote = "staging files do not match the journal; starting afresh"
                 return nil
             }
             resumedBlocks = resume.progress.payloadBlocks.count
@@ -440,7 +500,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     private func makeCore(resume: ResumeState?) -> Receiver {
         var c = configuration.tuning
         let software = installed()
-        c.receiverID = configuration.identity.receiverID
+        c.receiverID = receiverID
         c.deviceID = configuration.identity.deviceID
         c.trust = configuration.identity.trust
         c.installedVersion = software.version

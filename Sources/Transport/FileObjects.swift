@@ -46,15 +46,3 @@ func preadFully(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset:
     }
     return 0
 }
-
-/// pwrite all of `bytes`. Returns 0 or -errno.
-func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int32 {
-    var done = 0
-    while done < bytes.count {
-        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { return n < 0 ? -errno : -EIO }
-        done += n
-    }
-    return 0
-}

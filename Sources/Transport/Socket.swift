@@ -8,7 +8,7 @@ import Glibc
 /// call that failed and why (compared by code, as every error in Fleetcast).
 public struct TransportError: Error, CustomStringConvertible, Equatable {
     public enum Code: String, Sendable {
-        case invalidAddress, noSuchInterface, socket, storage, journal
+        case invalidAddress, noSuchInterface, socket, storage
     }
     public let code: Code
     public let reason: String

@@ -1,3 +1,4 @@
+import CFileIO
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -24,7 +25,7 @@ public final class SafeDirectory {
         if let createMode, mkdir(path, createMode) != 0, errno != EEXIST { throw .io("create directory \(path)") }
         let d = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard d >= 0 else { throw .io("open directory \(path)") }
-        fd = d
+        // Checked before `fd` is set: a throwing init with every property set runs deinit.
         if requirePrivate {
             var st = stat()
             guard fstat(d, &st) == 0 else { close(d); throw .io("stat \(path)") }
@@ -37,6 +38,7 @@ public final class SafeDirectory {
                 throw BundleError(.io, "\(path) may be written by other users (mode \(String(st.st_mode & 0o7777, radix: 8))): refusing to keep verified bytes there; chmod go-w it")
             }
         }
+        fd = d
     }
 
     deinit { close(fd) }
@@ -47,12 +49,42 @@ public final class SafeDirectory {
         precondition(!name.isEmpty && !name.contains("/") && name != "." && name != "..", "a name inside the directory, not a path")
     }
 
-    /// Opens an existing file for reading (and writing), never through a link.
+    /// Opens an existing regular file for reading (and writing), never through a link;
+    /// a FIFO or device planted there is refused without blocking on it.
     public func open(_ name: String, writable: Bool = false) throws(BundleError) -> File {
         Self.check(name)
-        let f = openat(fd, name, (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC)
+        let f = openat(fd, name, (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         guard f >= 0 else { throw .io("open \(file(name))") }
+        var st = stat()
+        guard fstat(f, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+            close(f)
+            throw BundleError(.io, "\(file(name)) is not a regular file")
+        }
         return File(adopting: f, path: file(name))
+    }
+
+    /// Bytes `name` occupies on disk (0 if missing or not a regular file): what
+    /// replacing it gives back.
+    public func allocatedBytes(_ name: String) -> UInt64 {
+        Self.check(name)
+        var st = stat()
+        guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_mode & S_IFMT == S_IFREG else { return 0 }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    /// The (device, inode) of the directory itself.
+    public var directoryIdentity: (UInt64, UInt64)? {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        return (UInt64(st.st_dev), UInt64(st.st_ino))
+    }
+
+    /// The (device, inode) of `name`, not following a link.
+    public func identity(_ name: String) -> (UInt64, UInt64)? {
+        Self.check(name)
+        var st = stat()
+        guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 else { return nil }
+        return (UInt64(st.st_dev), UInt64(st.st_ino))
     }
 
     /// Whether `name` exists as anything, a link included.
@@ -86,11 +118,17 @@ public final class SafeDirectory {
     }
 
     /// Renames within the directory, then makes the rename durable (fsync of the
-    /// directory). A link at `to` is replaced, never followed.
-    public func rename(_ from: String, to: String) throws(BundleError) {
+    /// directory). A link at `to` is replaced, never followed; with `replacing: false`
+    /// anything at `to` makes it fail instead (`RENAME_NOREPLACE`: no check-then-act).
+    public func rename(_ from: String, to: String, replacing: Bool = true) throws(BundleError) {
         Self.check(from)
         Self.check(to)
-        guard renameat(fd, from, fd, to) == 0 else { throw .io("rename \(file(from)) to \(file(to))") }
+        let rc = replacing ? (renameat(fd, from, fd, to) == 0 ? 0 : -errno) : fc_rename_noreplace(fd, from, fd, to)
+        guard rc == 0 else {
+            errno = -rc
+            if errno == EEXIST { throw BundleError(.invalidInput, "\(file(to)) exists") }
+            throw .io("rename \(file(from)) to \(file(to))")
+        }
         try sync()
     }
 
@@ -105,14 +143,21 @@ public final class SafeDirectory {
         guard fsync(fd) == 0 else { throw .io("fsync directory \(path)") }
     }
 
-    /// Writes a whole file atomically: a temporary beside it, fsync, rename, fsync of
-    /// the directory. A crash leaves the old file or the new one, never a part.
-    public func writeAtomically(_ bytes: [UInt8], to name: String, mode: mode_t = 0o600) throws(BundleError) {
-        let temporary = name + ".tmp"
-        let f = try createExclusive(temporary, mode: mode)
-        try f.write(bytes)
-        try f.sync()
-        try rename(temporary, to: name)
+    /// Writes a whole file atomically: a temporary beside it (`temporary`, default
+    /// `<name>.tmp`), fsync, rename, fsync of the directory. A crash leaves the old
+    /// file or the new one, never a part; a failure leaves no temporary.
+    public func writeAtomically(_ bytes: [UInt8], to name: String, mode: mode_t = 0o600, temporary: String? = nil,
+                                replacing: Bool = true) throws(BundleError) {
+        let temporary = temporary ?? name + ".tmp"
+        do {
+            let f = try createExclusive(temporary, mode: mode)
+            try f.write(bytes)
+            try f.sync()
+            try rename(temporary, to: name, replacing: replacing)
+        } catch {
+            remove(temporary)
+            throw error
+        }
     }
 
     /// Reads a whole small file, or nil when it is missing, a link, or larger than `limit`.

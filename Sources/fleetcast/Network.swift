@@ -47,7 +47,7 @@ func parseByteCount(_ text: String) -> Int? {
 func reportingTransportFailures(_ body: () throws -> Void) throws {
     do { try reportingFailures(body) } catch let error as TransportError {
         printError("network: \(error.reason)")
-        throw ExitCode(error.code == .storage || error.code == .journal ? 20 : NetworkExit.network)
+        throw ExitCode(error.code == .storage ? 20 : NetworkExit.network)
     } catch let error as StorageError {
         printError("storage: \(error.reason)")
         throw ExitCode(BundleError(.io, "").exitCode)

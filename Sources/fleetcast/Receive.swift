@@ -122,9 +122,8 @@ struct Receive: ParsableCommand {
     /// The embeddable receiver, configured from the options; it accepts every offer
     /// its policy admits.
     private func makeReceiver(name: String) throws -> UpdateReceiver {
-        let staging = try StagingArea(directory: stagingDir)
-        let identity = DeviceIdentity(deviceID: String(name.utf8.prefix(Register.textByteCountMax)) ?? "device", receiverID: try staging.receiverID(),
-                                      productID: deviceOptions.product, hardwareID: deviceOptions.hardwareID,
+        // The receiver ID is the one kept in the staging directory (made once, random).
+        let identity = DeviceIdentity(deviceID: name, productID: deviceOptions.product, hardwareID: deviceOptions.hardwareID,
                                       trust: try deviceOptions.trust(), keys: try deviceOptions.keys())
         var config = UpdateReceiver.Configuration(identity: identity, stagingDirectory: stagingDir, outputDirectory: outputDir)
         config.keepBundle = keepBundle || bundleOut != nil
@@ -132,9 +131,8 @@ struct Receive: ParsableCommand {
         config.componentMode = mode_t(componentMode, radix: 8)!  // checked in validate()
         config.tuning.inactivityTimeout = .seconds(10)
         config.tuning.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
-        let installed = InstalledSoftware(version: String(installedVersion.utf8.prefix(Register.textByteCountMax)) ?? "unknown",
-                                          sequence: deviceOptions.installedSequence)
-        let receiver = try UpdateReceiver(configuration: config, installed: { installed }, seed: UInt64(fromBytes: try SecureRandom.bytes(8)))
+        let installed = InstalledSoftware(version: installedVersion, sequence: deviceOptions.installedSequence)
+        let receiver = try UpdateReceiver(configuration: config, installed: { installed })
         receiver.decideOffer = { _ in .accept }
         return receiver
     }
@@ -171,7 +169,7 @@ struct Receive: ParsableCommand {
                     let end = receivedAt ?? now
                     outcome = .completed(update, receiving: (end - started).seconds, verifying: (now - end).seconds,
                                          cpuReceiving: cpuAtReceived ?? MonotonicClock.processCPUSeconds())
-                case .failed(let failure): outcome = .failed(failure)
+                case .failed(_, let failure): outcome = .failed(failure)
                 case .offer, .joined: break
                 }
             }
@@ -184,14 +182,6 @@ struct Receive: ParsableCommand {
             return false
         })
         status.finish()
-        // Events of the last turn.
-        while let e = receiver.pollEvent() {
-            if case .failed(let failure) = e { outcome = .failed(failure) }
-            if case .completed(let update) = e {
-                outcome = .completed(update, receiving: ((receivedAt ?? MonotonicClock.now()) - started).seconds, verifying: 0,
-                                     cpuReceiving: cpuAtReceived ?? MonotonicClock.processCPUSeconds())
-            }
-        }
         if interrupted { return .stopped }
         return outcome ?? .failed(ReceiveFailure(.sessionClosed, "session ended"))
     }

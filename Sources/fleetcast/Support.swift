@@ -71,7 +71,10 @@ func writeFile(_ path: String, _ text: String, mode: Int, force: Bool) throws {
     if !force && dir.exists(name) {
         throw BundleError(.invalidInput, "\(path) exists; use --force to overwrite")
     }
-    try dir.writeAtomically(Array(text.utf8), to: name, mode: mode_t(mode))
+    // Without --force the rename itself refuses a file that appeared meanwhile.
+    do { try dir.writeAtomically(Array(text.utf8), to: name, mode: mode_t(mode), temporary: ".\(name).fleetcast-tmp", replacing: force) } catch {
+        throw error.code == .invalidInput ? BundleError(.invalidInput, "\(path) exists; use --force to overwrite") : error
+    }
 }
 
 func currentUnixTime() -> UInt64 { UInt64(time(nil)) }

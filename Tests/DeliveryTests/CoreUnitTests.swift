@@ -27,7 +27,7 @@ extension Receiver {
         handleDatagram(bytes, from: senderPeer, at: now)
         guard let offer = pendingOffer else { return }
         do { accept(try offer.manifest.admit(under: Simulation.devicePolicy), at: now) } catch {
-            decline(Simulation.declineReason(error), error.reason, at: now)
+            decline(Status.Reason(refusing: error), error.reason, at: now)
         }
     }
 }

@@ -140,7 +140,7 @@ struct Exchange {
         return nil
     }
     var failure: ReceiveFailure? {
-        for e in events { if case .failed(let f) = e { return f }; if case .refused(_, let f) = e { return f } }
+        for e in events { if case .failed(_, let f) = e { return f }; if case .refused(_, let f) = e { return f } }
         return nil
     }
 }

@@ -153,4 +153,62 @@ struct UpdateReceiverTests {
         #expect(throws: ReceiveFailure.self) { _ = try UpdateReceiver(configuration: f.configuration(staging: "open"), installed: { .init(version: "1", sequence: 1) }) }
         do { _ = try StagingArea(directory: f.scratch.file("open")) } catch { #expect(error.reason.contains("may be written by other users")) }
     }
+
+    /// Found in review: a commit that fails with the last blocks (the core already
+    /// waiting for step 2) crashed after the release, or spun forever.
+    @Test("A journal commit that fails with the last blocks fails the session (storage); nothing is released, nothing spins")
+    func commitFailureAtTheEnd() throws {
+        let f = AgentFixture()
+        let world = DeviceWorld()
+        let packed = try f.pack()  // 400 KB: one commit, with the last block
+        let r = try receiver(f, world)
+        var x = Exchange(packed, receiver: r)
+        // A directory where the journal's temporary goes: the commit cannot write it.
+        x.onStep = { x in
+            if x.receiver.manifest != nil { try? FileManager.default.createDirectory(atPath: f.scratch.file("staging/journal.tmp"), withIntermediateDirectories: true) }
+        }
+        x.run(limit: .seconds(30))
+        #expect(x.failure?.reason == .storage, "\(x.events)")
+        #expect(x.completed == nil && !r.hasPendingWork)
+        #expect(x.statuses.last?.state == .failed && x.statuses.last?.reason == .storage)
+        #expect(!FileManager.default.fileExists(atPath: f.scratch.file("staging/journal")), "no journal lists what was not made durable")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: f.scratch.file("out")).isEmpty, "nothing released")
+    }
+
+    @Test("decideOffer is asked once per offer; .later leaves one .offer event, which a late accept takes")
+    func decideLater() throws {
+        let f = AgentFixture()
+        let world = DeviceWorld()
+        let r = try receiver(f, world)
+        var asked = 0
+        r.decideOffer = { _ in asked += 1; return .later }
+        var x = Exchange(try f.pack(), receiver: r)
+        x.run()
+        #expect(asked == 1)
+        let offers = x.events.filter { if case .offer = $0 { true } else { false } }.count
+        #expect(offers == 1 && x.completed != nil, "\(x.events)")
+        // An answer to an offer no longer pending is refused, not a crash.
+        if case .offer(let stale)? = x.events.first { #expect(!r.accept(stale, at: x.now) && !r.decline(stale, reason: "late", at: x.now)) }
+    }
+
+    @Test("A listening receiver does not take again a bundle it has completed (the sender restarted, or others still receive)")
+    func completedNotTakenAgain() throws {
+        let f = AgentFixture()
+        let world = DeviceWorld()
+        var config = f.configuration()
+        config.listensAfterSession = true
+        let r = try receiver(f, world, config)
+        let packed = try f.pack(sequence: 7)
+        var first = Exchange(packed, receiver: r)
+        first.onStep = { x in if x.completed != nil && x.sender.isFinished { x.now = Instant.zero + .seconds(60) } }
+        first.run()
+        #expect(first.completed != nil)
+        // The same bundle in a new session, with the installed sequence not yet advanced
+        // (an agent advances it only at confirm): no offer, no transfer, no word.
+        var again = Exchange(packed, receiver: r, session: 0xC0FFEE)
+        again.now = first.now
+        again.run(limit: .seconds(63))
+        #expect(again.events.isEmpty, "\(again.events)")
+        #expect(again.statuses.isEmpty && !FileManager.default.fileExists(atPath: f.scratch.file("staging/bundle.partial")))
+    }
 }

@@ -5,3 +5,7 @@
 /// Starts writeback of [offset, offset + length) of `fd` without waiting for it
 /// (sync_file_range with SYNC_FILE_RANGE_WRITE). 0, or -errno.
 int fc_start_writeback(int fd, int64_t offset, int64_t length);
+
+/// renameat2 with RENAME_NOREPLACE: fails with EEXIST instead of replacing `to`.
+/// 0, or -errno.
+int fc_rename_noreplace(int fromdir, const char *from, int todir, const char *to);

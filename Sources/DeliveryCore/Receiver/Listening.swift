@@ -20,6 +20,13 @@ struct AnnounceIntake {
     private var refused: [[UInt8]: Int] = [:]
     static let refusedEnvelopeCountMax = 8
 
+    /// Never offers `envelope` again (the device already has it), and tells nobody.
+    mutating func ignore(_ envelope: [UInt8], repeatMax: Int) {
+        let key = SHA256.hash(envelope)
+        if refused[key] == nil && refused.count >= Self.refusedEnvelopeCountMax { refused.removeAll() }
+        refused[key] = repeatMax
+    }
+
     func wasRefusedEnough(_ envelope: [UInt8], repeatMax: Int) -> Bool {
         (refused[SHA256.hash(envelope)] ?? 0) >= repeatMax
     }
@@ -122,8 +129,19 @@ extension Receiver {
     /// REGISTER for a session: who this device is and what it runs (Specs/protocol.md §3.5).
     func registration(for id: SessionID) -> Datagram {
         .register(Register(session: id, receiver: config.receiverID, installedSequence: config.installedSequence,
-                           deviceID: String(config.deviceID.utf8.prefix(Register.textByteCountMax))!,
-                           version: String(config.installedVersion.utf8.prefix(Register.textByteCountMax))!))
+                           deviceID: Self.truncated(config.deviceID), version: Self.truncated(config.installedVersion)))
+    }
+
+    /// At most `Register.textByteCountMax` bytes of UTF-8, cut between characters.
+    static func truncated(_ text: String) -> String {
+        var out = "", bytes = 0
+        for scalar in text.unicodeScalars {
+            let n = String(scalar).utf8.count
+            guard bytes + n <= Register.textByteCountMax else { break }
+            out.unicodeScalars.append(scalar)
+            bytes += n
+        }
+        return out
     }
 
     /// Specs/protocol.md P-3, P-3c: a complete envelope whose signatures verify
@@ -147,18 +165,31 @@ extension Receiver {
     // MARK: The device's answer
 
     /// Accepts the pending offer, whose manifest the device admitted under its policy
-    /// (`SignedManifest.admit(under:)`), and joins its session.
-    public mutating func accept(_ verified: VerifiedManifest, at now: Instant) {
+    /// (`SignedManifest.admit(under:)`), and joins its session. `resuming: false`
+    /// discards the journal given at `init` (its staging files were not kept).
+    public mutating func accept(_ verified: VerifiedManifest, resuming: Bool = true, at now: Instant) {
         guard case .offered(let l, let offer) = state else { preconditionFailure("accept without a pending offer") }
         precondition(verified.manifestBytes == offer.manifest.manifestBytes, "accept the manifest that was offered")
+        if !resuming { resume = nil }
         join(offer, verified: verified, early: l.preJoin.filter { $0.session == offer.session }, at: now)
+    }
+
+    /// Drops the pending offer without a word to its sender, and never offers the same
+    /// envelope again: the device already has this update.
+    public mutating func dismiss(at now: Instant) {
+        guard case .offered(var l, let offer) = state else { preconditionFailure("dismiss without a pending offer") }
+        l.preJoin.removeAll { $0.session == offer.session }
+        put(l)
+        intake.ignore(offer.envelope, repeatMax: config.statusRepeatMax)
     }
 
     /// Declines the pending offer (Specs/protocol.md P-4): the sender is told why and
     /// the receiver goes on listening for an acceptable session.
     public mutating func decline(_ reason: Status.Reason, _ text: String, at now: Instant) {
-        guard case .offered(let l, let offer) = state else { preconditionFailure("decline without a pending offer") }
+        guard case .offered(var l, let offer) = state else { preconditionFailure("decline without a pending offer") }
         precondition(reason != .none, "a decline has a reason")
+        // Its DATA, kept for the join (P-3b), would only take the room of another session's.
+        l.preJoin.removeAll { $0.session == offer.session }
         put(l)
         recordDecline(reason, text, offer: offer)
     }
