@@ -45,7 +45,10 @@ let package = Package(
         // policy, staging and resume journal, step 2 and release (Specs/protocol.md §8.2). Pure
         // logic plus file I/O; no sockets (Transport), no CLI, no simulator. Backends that link C libraries
         // (bootloader tools, TPM, PKCS#11) will get a module of their own beside it.
-        .target(name: "DeviceAgent", dependencies: ["DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
+        .target(name: "DeviceAgent", dependencies: ["DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto", "CBOR"]),
+        // The crash explorer of the agent's install, activation and rollback (Specs/agent.md):
+        // a disk that loses what was not fsynced, a power cut at every operation.
+        .target(name: "AgentSimulation", dependencies: ["DeviceAgent", "DeliveryCore", "FleetCrypto"]),
         // The few socket and clock system calls Swift's Glibc module does not export (sendmmsg, recvmmsg, ppoll).
         .target(name: "CSocket"),
         // Real UDP multicast and the real clock, and the pumps that feed datagrams and time into
@@ -81,6 +84,7 @@ let package = Package(
         .testTarget(name: "TransportTests", dependencies: ["Transport"]),
         // Public API only (no @testable import): DeviceAgent as a device maker embeds it.
         .testTarget(name: "DeviceAgentTests", dependencies: ["DeviceAgent", "DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
+        .testTarget(name: "AgentSimulationTests", dependencies: ["AgentSimulation", "DeviceAgent"]),
         .testTarget(
             name: "UpdateBundleTests",
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],
