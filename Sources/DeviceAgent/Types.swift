@@ -53,6 +53,8 @@ public struct UpdateOffer: Sendable {
     public let outputBytes: UInt64
     /// Accepting resumes a journal of this very bundle: its verified blocks are kept.
     public let resumes: Bool
+    /// Where the session's feedback goes: the sender, to which a device agent reports later too.
+    public let sender: PeerAddress
 }
 
 /// Why a session ended without a verified update, typed: each has its own
@@ -103,7 +105,7 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
         case .incompatibleHardware: .incompatibleHardware
         case .rollback: .rollback
         case .notARecipient: .notARecipient
-        case .storage, .none: .storage
+        case .storage, .none, .interrupted, .slot, .unhealthy, .didNotBoot: .storage
         case .verificationFailed: .verification
         case .decryptionFailed: .decryption
         case .sessionClosed: .sessionClosed

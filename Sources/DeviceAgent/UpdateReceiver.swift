@@ -94,6 +94,11 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// offer waits as an `.offer` event. It may not call `accept` or `decline` itself.
     public var decideOffer: ((UpdateOffer) -> OfferDecision)?
 
+    /// Where an accepted update's components go instead of the output directory: a
+    /// device agent's sink writes them into its spare slots as step 2 releases them
+    /// (Specs/agent.md A-4). Asked once per accepted offer.
+    public var makeSink: ((VerifiedManifest) throws(ReceiveFailure) -> ComponentSink)?
+
     private let staging: StagingArea
     private let output: SafeDirectory?
     private let installed: () -> InstalledSoftware
@@ -343,7 +348,8 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     private func makeOffer(_ o: Offer, _ verified: VerifiedManifest) -> UpdateOffer {
         let n = needs(o, verified.manifest)
-        return UpdateOffer(session: o.session, manifest: verified, stagingBytes: n.staging, outputBytes: n.output, resumes: o.resumes)
+        return UpdateOffer(session: o.session, manifest: verified, stagingBytes: n.staging, outputBytes: n.output, resumes: o.resumes,
+                           sender: o.sender)
     }
 
     /// Bytes the bundle needs in staging and in the output directory: the payload
@@ -468,9 +474,10 @@ public final class UpdateReceiver: DatagramEndpoint {
     }
 
     private func makeVerification(_ verified: VerifiedManifest, staged: Bool) throws(ReceiveFailure) -> PayloadVerification {
+        let sink = try makeSink.map { (make) throws(ReceiveFailure) in try make(verified) }
         do {
-            return try PayloadVerification(verified, keys: configuration.identity.keys, outputDirectory: configuration.outputDirectory,
-                                           componentStaged: staged, componentMode: configuration.componentMode)
+            return try PayloadVerification(verified, keys: configuration.identity.keys, outputDirectory: sink == nil ? configuration.outputDirectory : nil,
+                                           componentStaged: staged && sink == nil, componentMode: configuration.componentMode, sink: sink)
         } catch { throw ReceiveFailure(error) }
     }
 

@@ -1,3 +1,4 @@
+import CFileIO
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -21,7 +22,41 @@ public final class File {
         return File(adopting: fd, path: path)
     }
 
+    /// An existing file or block device opened for reading and writing in place (a
+    /// device agent's slot): never created, never truncated.
+    public static func open(updating path: String) throws(BundleError) -> File {
+        let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw .io("open \(path) for writing") }
+        return File(adopting: fd, path: path)
+    }
+
     deinit { close(fd) }
+
+    /// What the descriptor is: a regular file or a block device, and the bytes it
+    /// holds (a block device's size comes from seeking to its end).
+    public func extent() throws(BundleError) -> (isBlockDevice: Bool, size: UInt64) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .io("stat \(path)") }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return (false, UInt64(st.st_size))
+        case S_IFBLK:
+            let end = lseek(fd, 0, SEEK_END)
+            guard end >= 0 else { throw .io("seek to the end of \(path)") }
+            return (true, UInt64(end))
+        default: throw BundleError(.invalidInput, "\(path) is neither a regular file nor a block device")
+        }
+    }
+
+    /// Drops the file's clean cached pages (posix_fadvise DONTNEED), so that the next
+    /// read comes from the device, not from memory: a read-back then checks what the
+    /// device holds. Best effort.
+    public func dropCachedPages() { _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_DONTNEED)) }
+
+    /// Starts writeback of `[offset, offset + length)` without waiting (best effort:
+    /// the fsync that follows is what counts).
+    public func startWriteback(offset: UInt64, length: UInt64) {
+        _ = fc_start_writeback(fd, Int64(offset), Int64(length))
+    }
 
     public var size: UInt64 {
         get throws(BundleError) {

@@ -123,8 +123,13 @@ public final class PayloadVerification {
     /// and makes it durable; this verification then only hashes it, and `finish()`
     /// releases that file by renaming it. The caller removes it if verification fails.
     /// Components are released with `componentMode` (default 0600).
+    ///
+    /// `sink`, instead of an output directory, takes the components' bytes as they are
+    /// released in order (a device agent writes them into the spare slots: install while
+    /// receiving, Specs/agent.md A-4).
     public init(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil,
-                componentStaged: Bool = false, componentMode: mode_t = 0o600) throws(BundleError) {
+                componentStaged: Bool = false, componentMode: mode_t = 0o600, sink: ComponentSink? = nil) throws(BundleError) {
+        precondition(sink == nil || (outputDirectory == nil && !componentStaged), "components go to a sink or to a directory")
         self.verified = verified
         let m = verified.manifest
         geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
@@ -137,7 +142,7 @@ public final class PayloadVerification {
         let componentIsPayload = Self.componentIsPayload(m)
         precondition(!componentStaged || (componentIsPayload && outputDirectory != nil), "only a payload-sized plain component can be staged (B-16a)")
         output = try ComponentWriter(components: m.components, directory: outputDirectory, mode: componentMode, hashedAsPayload: componentIsPayload,
-                                     stagedByCaller: componentStaged)
+                                     stagedByCaller: componentStaged, sink: sink)
         inflater = m.payload.compression == .zlib ? try ZlibStream(.inflate) : nil
         if let contentKey, let encryption = m.encryption {
             opener = try ChunkOpener(key: contentKey, bundleID: m.bundleID, chunkSize: encryption.chunkSize,
@@ -301,9 +306,24 @@ final class ChunkOpener {
     }
 }
 
+/// Where a verification's components go, other than files in a directory: each
+/// component's bytes in order, between `begin` and `end`; `end` comes once the
+/// component is complete and its SHA-256 matched (for a lone plain component, B-16,
+/// its hash is the payload's, checked before `release`); `release` once every
+/// check of step 2 has passed; `discard` when one failed. Nothing a sink receives
+/// may be used (booted, installed) before `release`.
+public protocol ComponentSink: AnyObject {
+    func begin(_ component: Manifest.Component) throws(BundleError)
+    func write(_ bytes: UnsafeRawBufferPointer) throws(BundleError)
+    func end(_ component: Manifest.Component) throws(BundleError)
+    /// Where each component went, by name.
+    func release() throws(BundleError) -> [String: String]
+    func discard()
+}
+
 /// Splits the decompressed stream into components, hashes each, and writes
 /// them to temporary files that are renamed into place only by `finish()`
-/// (Specs/bundle.md §5 B-10, B-11).
+/// (Specs/bundle.md §5 B-10, B-11), or to a `ComponentSink`.
 ///
 /// Files are made under the output directory's descriptor, never through a link;
 /// temporaries (`<name>.partial`, a suffix no component name may have, B-6a) are
@@ -318,6 +338,8 @@ final class ComponentWriter {
     private var file: File?
     /// (temporary, final) names inside `directory`.
     private var temporaries: [(String, String)] = []
+    private let sink: ComponentSink?
+    private var released = false
     /// The only component is the payload itself, whose hash the caller checks (B-16).
     private let hashedAsPayload: Bool
     /// The caller wrote the component's `.partial` file (the staged payload, B-16a):
@@ -328,7 +350,8 @@ final class ComponentWriter {
     static func partialPath(directory: String, component: String) -> String { directory + "/" + partialName(component: component) }
 
     init(components: [Manifest.Component], directory: String?, mode: mode_t = 0o600, hashedAsPayload: Bool = false,
-         stagedByCaller: Bool = false) throws(BundleError) {
+         stagedByCaller: Bool = false, sink: ComponentSink? = nil) throws(BundleError) {
+        self.sink = sink
         precondition(!hashedAsPayload || components.count == 1)
         precondition(!stagedByCaller || (hashedAsPayload && directory != nil))
         self.components = components
@@ -346,6 +369,7 @@ final class ComponentWriter {
 
     deinit {
         for (temporary, _) in temporaries { directory?.remove(temporary) }
+        if !released { sink?.discard() }
     }
 
     private func openCurrent() throws(BundleError) {
@@ -356,6 +380,7 @@ final class ComponentWriter {
                 file = try directory.createExclusive(temporary, mode: mode)
                 temporaries.append((temporary, final))
             }
+            try sink?.begin(components[current])
             guard components[current].size == 0 else { return }
             try closeCurrent()  // an empty component is complete at once
         }
@@ -365,6 +390,7 @@ final class ComponentWriter {
         let c = components[current]
         guard hashedAsPayload || hash.finalize() == c.sha256 else { throw BundleError(.hashMismatch, "component '\(c.name)' SHA-256 differs from the manifest") }
         try file?.sync()
+        try sink?.end(c)
         file = nil
         current += 1
         written = 0
@@ -396,6 +422,7 @@ final class ComponentWriter {
             let piece = UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
             if !hashedAsPayload { hash.update(piece) }
             try file?.write(piece)
+            try sink?.write(piece)
             written += UInt64(n)
             startWriteback()
             offset += n
@@ -418,6 +445,10 @@ final class ComponentWriter {
             paths[final] = directory!.file(final)
         }
         temporaries = []
+        if let sink {
+            paths.merge(try sink.release()) { $1 }
+            released = true
+        }
         return paths
     }
 }

@@ -367,8 +367,12 @@ public struct Nack: Equatable, Sendable {
 /// STATUS (Specs/protocol.md §3.7).
 public struct Status: Equatable, Sendable {
     /// `received`: every block is in and durable, step 2 runs; `complete`: step 2
-    /// passed, the update is verified (Specs/protocol.md §3.7, P-21).
-    public enum State: UInt8, Sendable, CaseIterable { case receiving = 1, complete, failed, received }
+    /// passed, the update is verified (Specs/protocol.md §3.7, P-21). A device agent
+    /// goes on (Specs/agent.md §6): `installed` (written to the spare side and read
+    /// back), `activating` (on trial, rebooting), then `confirmed` or `rolledBack`.
+    public enum State: UInt8, Sendable, CaseIterable {
+        case receiving = 1, complete, failed, received, installed, activating, confirmed, rolledBack
+    }
     public enum Reason: UInt8, Sendable, CaseIterable {
         case none = 0, expired, incompatibleHardware, rollback, notARecipient, storage, sessionClosed, timedOut
         /// Step 2 found a hash or size that disagrees with the signed manifest.
@@ -377,6 +381,14 @@ public struct Status: Equatable, Sendable {
         case decryptionFailed
         /// The device's own decision (its embedder's policy, no room, not now).
         case declined
+        /// Rolled back: the health check failed.
+        case unhealthy
+        /// Rolled back: the new side never came up; the bootloader fell back.
+        case didNotBoot
+        /// Failed: the install was cut (power, kill) before it was verified.
+        case interrupted
+        /// Failed: no slot for a component, or one too small for it.
+        case slot
     }
     public var session: SessionID
     public var receiver: ReceiverID
@@ -399,7 +411,7 @@ public struct Status: Equatable, Sendable {
         guard let state = State(rawValue: s) else { throw WireFormatError(.invalidField, "state \(s)") }
         self.state = state
         let re = try r.u8("reason")
-        guard let reason = Reason(rawValue: re), (state == .failed) == (reason != .none) else {
+        guard let reason = Reason(rawValue: re), (state == .failed || state == .rolledBack) == (reason != .none) else {
             throw WireFormatError(.invalidField, "reason \(re) with state \(s)")
         }
         self.reason = reason

@@ -169,6 +169,52 @@ struct CoreUnitTests {
         #expect(sender.stats.closes[.allDone] == 1)
         #expect(sender.receivers[ReceiverID(4)]?.state == .verified)
     }
+
+    @Test("Awaiting confirmed, the sender waits past verified and installed for each device's final state (Specs/protocol.md P-12, P-21b)")
+    func awaitConfirmed() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var sender = makeSender(bundle) { $0.expectedReceivers = 2; $0.await = .confirmed }
+        var now = Instant.zero
+        var acks: [(UInt64, Status.State)] = []
+        func report(_ id: UInt64, _ state: Status.State, _ reason: Status.Reason = .none) {
+            sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(id), state: state, reason: reason,
+                                                         blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(),
+                                  from: .benchmark(UInt16(id)), at: now)
+            while let t = sender.pollTransmit(at: now) {
+                if case .ack(let a) = try? Datagram(parsing: t.bytes) { acks.append((a.receiver.rawValue, a.state)) }
+            }
+        }
+        var closedAt: Instant?
+        while !sender.isFinished && now.microseconds < 30_000_000 {
+            sender.handleTimeout(at: now)
+            while let _ = sender.pollTransmit(at: now) {}
+            switch now.microseconds {
+            case 200_000: report(1, .complete); report(2, .complete)
+            case 400_000: report(1, .installed); report(2, .installed)
+            case 600_000: report(1, .activating); report(2, .activating)
+            // Both reboot; device 2 comes back on the old side.
+            case 9_000_000: report(1, .confirmed)
+            case 9_500_000:
+                #expect(!sender.isFinished, "one device is still on trial")
+                report(2, .rolledBack, .unhealthy)
+            default: break
+            }
+            if sender.isFinished, closedAt == nil { closedAt = now }
+            now = now + Interval(microseconds: 100_000)
+        }
+        #expect(sender.isFinished)
+        #expect(sender.stats.closes[.allDone] == 1)
+        #expect(closedAt! >= Instant(microseconds: 9_500_000))
+        #expect(sender.receivers[ReceiverID(1)]?.state == .confirmed)
+        #expect(sender.receivers[ReceiverID(2)]?.state == .rolledBack)
+        #expect(sender.receivers[ReceiverID(2)]?.failureReason == .unhealthy)
+        // Progress is not acknowledged; the final states are, each with its own state.
+        #expect(acks.contains { $0 == (1, .confirmed) } && acks.contains { $0 == (2, .rolledBack) })
+        #expect(!acks.contains { $0.1 == .installed || $0.1 == .activating })
+        // A later STATUS never moves a device back.
+        report(1, .installed)
+        #expect(sender.receivers[ReceiverID(1)]?.state == .confirmed)
+    }
 }
 
 @Suite("Fleet view")

@@ -36,6 +36,10 @@ let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int]
                               bytesReceived: 123_456, nacksSent: 4)),
      "01070000 a1b2c3d4 0102030405060708 03 03 0000 00000005 00000009 000000000001e240 00000004", [2, 3, 18, 19]),
     ("ack", .ack(Ack(session: session, receiver: receiver, state: .complete)), "01080000 a1b2c3d4 0102030405060708 02 000000", [2, 3, 17, 18, 19]),
+    // A device agent's final report after its reboot (Specs/protocol.md P-21b).
+    ("status-rolled-back", .status(Status(session: session, receiver: receiver, state: .rolledBack, reason: .unhealthy, blocksDone: 9, blocksTotal: 9,
+                                          bytesReceived: 0, nacksSent: 0)),
+     "01070000 a1b2c3d4 0102030405060708 08 0b 0000 00000009 00000009 0000000000000000 00000000", [2, 3, 18, 19]),
 ]
 
 @Suite("Datagrams (Specs/protocol.md §3)")
@@ -102,6 +106,11 @@ struct DatagramTests {
         refuses(nack) { $0[32] = 0; $0[33] = 129 }         // too many entries
         refuses(nack) { $0[37] = 0 }                       // needs 0 symbols
         refuses(status) { $0[17] = 0 }                     // failed without a reason
+        refuses(status) { $0[16] = 8; $0[17] = 0 }         // rolled back without a reason
+        refuses(status) { $0[16] = 7 }                     // confirmed with a reason
+        refuses(status) { $0[16] = 5 }                     // installed with a reason
+        refuses(status) { $0[16] = 9 }                     // state 9
+        refuses(status) { $0[17] = 15 }                    // reason 15
         refuses(samples[4].golden) { $0[24] = 65 }         // device ID longer than 64
     }
 

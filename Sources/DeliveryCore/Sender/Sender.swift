@@ -10,7 +10,24 @@ import WireFormat
 /// What the sender knows of one receiver (the fleet report's rows).
 public struct ReceiverRecord: Sendable {
     /// `received`: every block in, step 2 running; `verified`: step 2 passed (P-21).
-    public enum State: String, Sendable { case registered, receiving, received, verified, failed }
+    /// A device agent goes on (Specs/agent.md §6): `installed` (written to its spare
+    /// side and read back), `activating` (on trial), `confirmed` or `rolledBack`.
+    public enum State: String, Sendable {
+        case registered, receiving, received, verified, installed, activating, confirmed, rolledBack, failed
+        /// How far along: later states never give way to earlier ones.
+        var rank: Int {
+            switch self {
+            case .registered: 0
+            case .receiving: 1
+            case .received: 2
+            case .verified: 3
+            case .installed: 4
+            case .activating: 5
+            case .confirmed, .rolledBack, .failed: 6
+            }
+        }
+        var isTerminal: Bool { rank == 6 }
+    }
     public let id: ReceiverID
     /// Where its feedback last came from: ACKs go there (P-22).
     public var address: PeerAddress
@@ -31,8 +48,20 @@ public struct ReceiverRecord: Sendable {
     public var receivedAt: Instant?
     /// When it reported its verdict (verified or failed).
     public var finishedAt: Instant?
+    /// When it reported the state the session awaits (`SenderConfig.await`), if beyond verified.
+    public var settledAt: Instant?
 
-    public var hasVerdict: Bool { state == .verified || state == .failed }
+    /// Step 2's verdict is known (verified, or failed; or an agent's later state).
+    public var hasVerdict: Bool { state.rank >= State.verified.rank }
+
+    /// Whether the receiver reached the state the session awaits, or can no longer.
+    public func isSettled(awaiting target: SenderConfig.Await) -> Bool {
+        switch target {
+        case .verified: hasVerdict
+        case .installed: state == .failed || state.rank >= State.installed.rank
+        case .confirmed: state.isTerminal
+        }
+    }
 }
 
 /// How the sender sees one receiver right now (Specs/protocol.md §4.3).
@@ -48,6 +77,9 @@ public enum FleetStanding: String, Sendable {
     case slow
     /// Silent for `receiverSilenceMax` without a verdict.
     case gone
+    /// A device agent's states after verified (Specs/agent.md §6).
+    case installed, activating, confirmed
+    case rolledBack = "rolled back"
 }
 
 extension Sender {
@@ -61,6 +93,10 @@ extension Sender {
             switch r.state {
             case .verified: standing = .verified
             case .failed: standing = .failed
+            case .installed: standing = .installed
+            case .activating: standing = .activating
+            case .confirmed: standing = .confirmed
+            case .rolledBack: standing = .rolledBack
             case .received: standing = now >= r.lastHeard + config.receiverSilenceMax ? .gone : .received
             case .registered, .receiving:
                 let fraction = r.blocksTotal == 0 ? 0 : Double(r.blocksDone) / Double(r.blocksTotal)
@@ -233,6 +269,23 @@ public struct Sender {
                 rec.failureReason = s.state == .failed ? s.reason : nil
                 rec.finishedAt = now
                 if s.state == .complete { stats.receiversVerified += 1 } else { stats.receiversFailed += 1 }
+            } else if s.state == .failed && !rec.state.isTerminal {
+                // An agent that failed after its verification (installing, a slot too small).
+                rec.state = .failed
+                rec.failureReason = s.reason
+                rec.settledAt = now
+                stats.receiversFailed += 1
+            }
+            control.append(ack(rec, s.state))
+        case .installed, .activating:
+            // Specs/agent.md §6: an agent's progress after verified; not ACKed.
+            let next: ReceiverRecord.State = s.state == .installed ? .installed : .activating
+            if next.rank > rec.state.rank && !rec.state.isTerminal { rec.state = next }
+        case .confirmed, .rolledBack:
+            if !rec.state.isTerminal {
+                rec.state = s.state == .confirmed ? .confirmed : .rolledBack
+                rec.failureReason = s.state == .rolledBack ? s.reason : nil
+                rec.settledAt = now
             }
             control.append(ack(rec, s.state))
         }
@@ -243,7 +296,17 @@ public struct Sender {
     private mutating func checkAllDone(at now: Instant) {
         guard phase == .repairRounds, !receivers.isEmpty else { return }
         if let expected = config.expectedReceivers, receivers.count < expected { return }
-        if receivers.values.allSatisfy(\.hasVerdict) { startClosing(.allDone) }
+        if receivers.values.allSatisfy({ $0.isSettled(awaiting: config.await) }) { startClosing(.allDone) }
+    }
+
+    /// The STATUS state an ACK acknowledges for a receiver in `state`.
+    static func acknowledged(_ state: ReceiverRecord.State) -> Status.State {
+        switch state {
+        case .confirmed: .confirmed
+        case .rolledBack: .rolledBack
+        case .failed: .failed
+        case .registered, .receiving, .received, .verified, .installed, .activating: .complete
+        }
     }
 
     /// ACK of a receiver's final STATUS (unicast, Specs/protocol.md P-13, P-21).
@@ -261,8 +324,8 @@ public struct Sender {
         // lost, and such a receiver repeats its STATUS until the CLOSE has been quiet for
         // a while. More ACKs, one with each CLOSE, let it stop at once.
         if reason == .allDone {
-            let done = receivers.values.filter(\.hasVerdict).sorted { $0.id < $1.id }
-            let acks = done.map { ack($0, $0.state == .verified ? .complete : .failed) }
+            let done = receivers.values.filter { $0.isSettled(awaiting: config.await) }.sorted { $0.id < $1.id }
+            let acks = done.map { ack($0, Self.acknowledged($0.state)) }
             for _ in 0..<config.closeRepeatCount { control.append(contentsOf: acks) }
         }
     }
@@ -287,7 +350,12 @@ public struct Sender {
     /// without a verdict has been silent for `receiverSilenceMax` (it is gone), and
     /// expected receivers not yet heard have had `expectedReceiverWaitMax`.
     private func isWaiting(at now: Instant) -> Bool {
-        let live = receivers.values.contains { r in !r.hasVerdict && now < r.lastHeard + config.receiverSilenceMax }
+        let live = receivers.values.contains { r in
+            guard !r.isSettled(awaiting: config.await) else { return false }
+            // A device verified and on its way to the awaited state may be silent a while (rebooting).
+            let silence = r.hasVerdict ? config.awaitSilenceMax : config.receiverSilenceMax
+            return now < r.lastHeard + silence
+        }
         if live { return true }
         if let expected = config.expectedReceivers, receivers.count < expected,
            now < (lastNewReceiverAt ?? startedAt ?? now) + config.expectedReceiverWaitMax {

@@ -62,6 +62,14 @@ public struct SenderConfig: Sendable {
     public static func nackEpochBlocks(for profile: TransportProfile) -> Int {
         max(1, nackEpochByteCount / profile.blockByteCount)
     }
+    /// What the session waits for from every receiver before it closes "all done"
+    /// (Specs/agent.md §6): step 2's verdict (`verified`, plain receivers), or a
+    /// device agent's `installed` or `confirmed` (after its reboot and health check).
+    public enum Await: String, Sendable, CaseIterable { case verified, installed, confirmed }
+    public var await: Await = .verified
+    /// Awaiting beyond verified, a verified device may be silent this long (rebooting)
+    /// before idle rounds may end the session; the deadline still bounds it.
+    public var awaitSilenceMax = Interval.seconds(120)
     public var closeRepeatCount = 3
     public var carousel = false
     /// Ends the session this long after the first transmission.
