@@ -65,7 +65,8 @@ let package = Package(
         .executableTarget(
             name: "fleetcast",
             dependencies: [
-                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "DeviceAgent", "Transport", "WireFormat", "SeededRandom",
+                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "DeviceAgent", "AgentSimulation", "Transport", "WireFormat",
+                "SeededRandom", "CSocket",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

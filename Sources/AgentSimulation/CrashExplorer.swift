@@ -19,11 +19,15 @@ public struct CrashExplorer {
         case unhealthy
         /// It never comes up (a kernel that panics): the bootloader falls back after its attempts.
         case neverComesUp
+        /// Healthy, but the first reboot into it fails to start (the command fails): the
+        /// activation is undone and reported failed (A-5a); the update is offered again.
+        case rebootFailsOnce
         public var description: String {
             switch self {
             case .healthy: "healthy"
             case .unhealthy: "unhealthy"
             case .neverComesUp: "never comes up"
+            case .rebootFailsOnce: "reboot fails once"
             }
         }
     }
@@ -120,6 +124,11 @@ private final class Run {
     /// The highest sequence the durable record has held (I3); the shipped release's at first.
     var sequenceSeen: UInt64 = 1
     var finished: Outcome.Kind?
+    /// `rebootFailsOnce`: the failure happened, and its `failed` outcome was reported.
+    var rebootFailed = false
+    /// No power cut in this run.
+    let uncut: Bool
+    var failureReported = false
     var reboots = 0
     static let rebootsMax = 24
 
@@ -127,6 +136,7 @@ private final class Run {
 
     init(behaviour: CrashExplorer.Behaviour, manual: Bool, trialAttempts: UInt8, cuts: [(Int, SimulatedDisk.CutMode)], skipsSlotSync: Bool) {
         self.behaviour = behaviour; self.manual = manual; self.trialAttempts = trialAttempts; self.cuts = cuts; self.skipsSlotSync = skipsSlotSync
+        uncut = cuts.isEmpty
         disk.device("slot-a", initial: Self.oldImage)
         disk.device("slot-b", initial: [])
         // The shipped boot state, durable before the run starts (not counted as the update's).
@@ -194,16 +204,27 @@ private final class Run {
         let driver = try SlotDriver(records: records, boot: StateFileBootControl(files: SimulatedFiles(disk, "boot")), booted: booted,
                                     trialAttempts: trialAttempts, activatesAutomatically: !manual,
                                     initial: { AgentRecord(deviceID: "sim", installed: old, installedSide: booted) },
-                                    health: { [behaviour] in behaviour == .healthy ? .healthy : .unhealthy("the service did not answer") },
-                                    reboot: { () throws(StorageError) in throw StorageError.rebootRequested },
+                                    health: { [behaviour] in behaviour == .healthy || behaviour == .rebootFailsOnce ? .healthy : .unhealthy("the service did not answer") },
+                                    reboot: { [unowned self] () throws(StorageError) -> String? in
+                                        if behaviour == .rebootFailsOnce && !rebootFailed {
+                                            rebootFailed = true
+                                            return "the reboot command failed (exit 1)"
+                                        }
+                                        throw StorageError.rebootRequested
+                                    },
                                     report: { [unowned self] outcome, _ in self.reported(outcome); return true })
         do throws(StorageError) {
             try driver.start()
             // The update is offered while nothing is pending and it is neither confirmed nor rolled back.
-            if driver.machine.canInstall && driver.machine.record.installed != new && !driver.machine.hasRolledBack(new.bundleID) && finished == nil {
-                try install(driver)
-            } else if manual, case .installed = driver.machine.standing {
+            if manual, case .installed = driver.machine.standing {
                 try driver.activate()  // `fleetcast agent install`
+            }
+            // The update is offered again after a failure (a failed reboot undid its activation).
+            var offers = 0
+            while !driver.isRebooting && driver.machine.canInstall && driver.machine.record.installed != new
+                    && !driver.machine.hasRolledBack(new.bundleID) && finished == nil && offers < 2 {
+                offers += 1
+                try install(driver)
             }
         } catch {
             if error.reason == StorageError.rebootRequested.reason { throw Rebooting() }
@@ -234,7 +255,7 @@ private final class Run {
         guard o.release == new else { return }
         switch o.kind {
         case .confirmed, .rolledBack: finished = o.kind
-        case .failed: break  // interrupted: the update is offered again
+        case .failed: if rebootFailed { failureReported = true }  // interrupted, or the reboot failed: offered again
         }
     }
 
@@ -280,9 +301,11 @@ private final class Run {
         }
         if record.pending != nil { violations.append("I4: still pending at the end: \(record.pending!.phase)") }
         switch behaviour {
-        case .healthy:
+        case .healthy, .rebootFailsOnce:
             if record.installed != new || !boot[record.installedSide].confirmed { violations.append("I4: healthy update not confirmed at the end (\(boot))") }
             if finished != .confirmed { violations.append("I5: the confirm was not reported") }
+            // With a cut, the failure may not have become durable before it: the activation then stands and its reboot is tried again.
+            if behaviour == .rebootFailsOnce && uncut && !failureReported { violations.append("I5: the failed reboot was not reported") }
         case .unhealthy, .neverComesUp:
             if record.installed != old || boot.canBoot(record.installedSide.other) {
                 violations.append("I4: bad update not rolled back at the end (installed \(record.installed.version), \(boot))")

@@ -329,3 +329,17 @@ uint64_t fc_process_cpu_microseconds(void) {
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
+
+int fc_accept_local(int fd, uint32_t *peer_uid) {
+    int client = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+    if (client < 0) return -errno;
+    struct ucred cred;
+    socklen_t length = sizeof(cred);
+    if (getsockopt(client, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0) {
+        int e = errno;
+        close(client);
+        return -e;
+    }
+    *peer_uid = cred.uid;
+    return client;
+}

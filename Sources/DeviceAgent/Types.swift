@@ -105,7 +105,7 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
         case .incompatibleHardware: .incompatibleHardware
         case .rollback: .rollback
         case .notARecipient: .notARecipient
-        case .storage, .none, .interrupted, .slot, .unhealthy, .didNotBoot: .storage
+        case .storage, .none, .interrupted, .slot, .unhealthy, .didNotBoot, .rebootFailed: .storage
         case .verificationFailed: .verification
         case .decryptionFailed: .decryption
         case .sessionClosed: .sessionClosed

@@ -72,6 +72,8 @@ public final class UpdateReceiver: DatagramEndpoint {
     public enum OfferDecision: Sendable {
         case accept
         case decline(String)
+        /// Declined for a reason the sender should hear as such (`slot`: no slot fits).
+        case refuse(String, Status.Reason)
         /// Ask later: the offer waits as an `.offer` event (DATA meanwhile is buffered,
         /// a bounded amount, Specs/protocol.md P-3b).
         case later
@@ -98,6 +100,11 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// device agent's sink writes them into its spare slots as step 2 releases them
     /// (Specs/agent.md A-4). Asked once per accepted offer.
     public var makeSink: ((VerifiedManifest) throws(ReceiveFailure) -> ComponentSink)?
+
+    /// Bundles the embedder has already (installed, on trial, rolled back): an announce
+    /// of one is ignored without a word, before the policy, whose anti-rollback check
+    /// would refuse it aloud once it is installed. The manifest's signatures verified.
+    public var ignoresBundle: ((Manifest) -> Bool)?
 
     private let staging: StagingArea
     private let output: SafeDirectory?
@@ -235,6 +242,11 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// its embedder decides how long to listen.
     public var isDone: Bool { !configuration.listensAfterSession && core.isFinished && (transfer?.ended ?? true) }
 
+    /// Removes the bundle a completed session left in staging (`ReceivedUpdate.bundlePath`):
+    /// an embedder that installed the components from it, or as they were released,
+    /// needs no copy. Call it before the next session is accepted.
+    public func removeStagedBundle() { staging.directory.remove(StagingArea.bundleName) }
+
     // MARK: The embedder's answer
 
     /// Accepts the pending offer: staging is prepared (reserved, P-26a) and the
@@ -271,10 +283,10 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// Declines the pending offer; the sender hears reason `declined`. False, and
     /// nothing done, when that offer is no longer pending.
     @discardableResult
-    public func decline(_ offer: UpdateOffer, reason text: String, at now: Instant) -> Bool {
+    public func decline(_ offer: UpdateOffer, reason text: String, code: Status.Reason = .declined, at now: Instant) -> Bool {
         guard let pending = self.offer, pending.offer.session == offer.session, pending.verified.manifestBytes == offer.manifest.manifestBytes else { return false }
         self.offer = nil
-        core.decline(.declined, text, at: now)
+        core.decline(code == .none ? .declined : code, text, at: now)
         carryOut(at: now)
         return true
     }
@@ -313,6 +325,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         switch decide(o) {
         case .accept: accept(o, at: now)
         case .decline(let text): decline(o, reason: text, at: now)
+        case .refuse(let text, let code): decline(o, reason: text, code: code, at: now)
         case .later: if self.offer != nil { events.append(.offer(o)) }
         }
     }
@@ -327,7 +340,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// open the bundle and whether staging has room. What passes becomes the embedder's
     /// offer; a bundle this receiver completed already is dismissed without a word.
     private func judge(_ o: Offer, at now: Instant) {
-        if completedEnvelopes.contains(SHA256.hash(o.envelope)) {
+        if completedEnvelopes.contains(SHA256.hash(o.envelope)) || ignoresBundle?(o.manifest.manifest) == true {
             core.dismiss(at: now)
             return
         }

@@ -59,10 +59,10 @@ public final class UnverifiedBundle {
     /// already walked the chain and needs only the hash, decryption and
     /// decompression (Specs/bundle.md §8 step 4).
     public func verifyPayload(_ verified: VerifiedManifest, keys: DecryptionKeys = .init(), outputDirectory: String? = nil,
-                              componentMode: mode_t = 0o600, checkAuthChain: Bool = true,
+                              componentMode: mode_t = 0o600, checkAuthChain: Bool = true, sink: ComponentSink? = nil,
                               progress: ((_ done: UInt64, _ total: UInt64) -> Void)? = nil) throws(BundleError) -> VerifiedBundle {
         let m = verified.manifest
-        let verification = try PayloadVerification(verified, keys: keys, outputDirectory: outputDirectory, componentMode: componentMode)
+        let verification = try PayloadVerification(verified, keys: keys, outputDirectory: outputDirectory, componentMode: componentMode, sink: sink)
         let checker = checkAuthChain ? try ChainChecker(file: file, manifest: m, authOffset: header.authOffset) : nil
         let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
         var block = [UInt8](repeating: 0, count: m.transport.blockByteCount)

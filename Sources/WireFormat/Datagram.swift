@@ -387,8 +387,10 @@ public struct Status: Equatable, Sendable {
         case didNotBoot
         /// Failed: the install was cut (power, kill) before it was verified.
         case interrupted
-        /// Failed: no slot for a component, or one too small for it.
+        /// Failed: no slot for a component, one too small for it, or its write or read-back failed.
         case slot
+        /// Failed: the reboot into the update could not be started; the activation was undone.
+        case rebootFailed
     }
     public var session: SessionID
     public var receiver: ReceiverID

@@ -23,13 +23,21 @@ struct Send: ParsableCommand {
         fleet report with each device's outcome (verified, failed with its reason, \
         received, receiving, slow, gone).
 
-        Exit status: 0 every receiver verified; 32 some receiver failed or went silent, or \
-        none was heard at all (unless --carousel); 33 network error; 10-21 bundle problems \
-        (see `fleetcast --help`).
+        To a fleet of device agents (`fleetcast agent run`), --await installed keeps the \
+        session open until every device has written the update to its spare side and read \
+        it back, and --await confirmed until every device has rebooted into it, passed its \
+        health check and confirmed it, or rolled back (with the reason: unhealthy, did not \
+        boot), or failed. Devices rebooting are silent for a while (up to 120 s each); the \
+        deadline still bounds the session. The report lists each device's final state.
+
+        Exit status: 0 every receiver reached the awaited state (verified, installed or \
+        confirmed); 32 some receiver failed, rolled back or went silent, or none was heard at \
+        all (unless --carousel); 33 network error; 10-21 bundle problems (see `fleetcast --help`).
 
         Examples:
           fleetcast send update.fcb --interface eth1 --rate 500M --min-receivers 16
           fleetcast send update.fcb --interface lo --report fleet.json
+          fleetcast send update.fcb --interface br0 --min-receivers 4 --await confirmed --deadline 15m
         """
     )
 
@@ -58,6 +66,9 @@ struct Send: ParsableCommand {
 
     @Option(help: "Stop serving after this long (90s, 15m, 1h). Default: until the fleet is done or silent.")
     var deadline: String?
+
+    @Option(name: .customLong("await"), help: "What every receiver must report before the session closes: verified (step 2 passed; plain receivers), installed or confirmed (device agents).")
+    var awaitState: SenderConfig.Await = .verified
 
     @Flag(help: "Carousel: no feedback; cycle repair until --deadline (for receivers that cannot send).")
     var carousel = false
@@ -105,6 +116,7 @@ struct Send: ParsableCommand {
             config.proactiveRepairFraction = repair
             config.carousel = carousel
             config.expectedReceivers = minReceivers
+            config.await = awaitState
             config.deadline = deadline.flatMap(parseDuration).map { Interval.seconds(Double($0)) }
             let objects = try FileObjects(bundlePath: bundle, header: opened.header)
             let sender = Sender(config: config, envelope: opened.envelope, manifest: manifest, source: objects)
@@ -139,12 +151,14 @@ struct Send: ParsableCommand {
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 try encoder.encode(fleetReport).write(to: URL(fileURLWithPath: report))
             }
-            let verified = fleet.filter { $0.standing == .verified }.count
-            let failed = fleet.filter { $0.standing == .failed }.count
-            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire%@; %d receiver(s): %d verified, %d failed, %d incomplete",
+            let awaited = fleet.filter { $0.record.reached(awaitState) }.count
+            let failed = fleet.filter { $0.standing == .failed || $0.standing == .rolledBack }.count
+            say(String(format: "sent %@ in %.2f s (%@ goodput to the slowest), %.3fx payload on the wire%@; %d receiver(s): %d %@, %d failed or rolled back, %d incomplete",
                          formatBytes(payload), final.elapsed.seconds, formatRate(payload, fleetReport.secondsToAllDone ?? final.elapsed.seconds),
-                         fleetReport.wireRatio, driver.socket.segmentation ? " (UDP GSO)" : "", fleet.count, verified, failed, fleet.count - verified - failed))
-            for r in fleetReport.receivers where r.outcome != FleetStanding.verified.rawValue {
+                         fleetReport.wireRatio, driver.socket.segmentation ? " (UDP GSO)" : "", fleet.count, awaited, awaitState.rawValue, failed,
+                         fleet.count - awaited - failed))
+            // With an agent fleet every device's final state is listed; otherwise the exceptions.
+            for r in fleetReport.receivers where awaitState != .verified || r.outcome != FleetStanding.verified.rawValue {
                 say("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
             }
             if interrupted { throw ExitCode(130) }
@@ -152,7 +166,7 @@ struct Send: ParsableCommand {
                 printError("no receiver was heard: nobody joined the session (check --interface, --group, --port, and that receivers trust the bundle's signer)")
                 throw ExitCode(NetworkExit.incompleteFleet)
             }
-            if verified < fleet.count || verified < (minReceivers ?? 0) { throw ExitCode(NetworkExit.incompleteFleet) }
+            if awaited < fleet.count || awaited < (minReceivers ?? 0) { throw ExitCode(NetworkExit.incompleteFleet) }
         }
     }
 }
@@ -164,7 +178,8 @@ struct FleetReport: Encodable {
         var deviceID: String?
         var versionBefore: String?
         var installedSequenceBefore: UInt64?
-        /// verified, failed, received (every block in, no verdict heard), receiving, slow, gone.
+        /// verified, failed, received (every block in, no verdict heard), receiving, slow, gone;
+        /// a device agent's installed, activating, confirmed, rolled back.
         var outcome: String
         var failureReason: String?
         var blocksDone: UInt32
@@ -174,6 +189,8 @@ struct FleetReport: Encodable {
         /// From the first datagram heard to every block in, and to the verdict.
         var secondsToReceive: Double?
         var secondsToComplete: Double?
+        /// To the awaited state beyond verified (installed; confirmed or rolled back).
+        var secondsToSettle: Double?
     }
     var session: String
     var bundle: String
@@ -211,7 +228,8 @@ struct FleetReport: Encodable {
         rounds = p.round
         grttMilliseconds = p.grtt.seconds * 1000
         senderCPUSeconds = p.cpuSeconds
-        let finishes = fleet.compactMap(\.record.finishedAt)
+        let awaiting = driver.sender.config.await
+        let finishes = fleet.compactMap { awaiting == .verified ? $0.record.finishedAt : $0.record.settledAt }
         // From the session's start, not from the first REGISTER (receivers register after they join).
         if !fleet.isEmpty, finishes.count == fleet.count, let last = finishes.max() { secondsToAllDone = (last - driver.startedAt).seconds }
         receivers = fleet.map { r, standing in
@@ -220,10 +238,13 @@ struct FleetReport: Encodable {
                    failureReason: r.failureReason.map { "\($0)" }, blocksDone: r.blocksDone, blocksTotal: r.blocksTotal,
                    bytesReceived: r.bytesReceived, nacksSent: max(r.nacksReported, UInt32(r.nacksReceived)),
                    secondsToReceive: r.receivedAt.map { ($0 - r.firstHeard).seconds },
-                   secondsToComplete: r.finishedAt.map { ($0 - r.firstHeard).seconds })
+                   secondsToComplete: r.finishedAt.map { ($0 - r.firstHeard).seconds },
+                   secondsToSettle: r.settledAt.map { ($0 - r.firstHeard).seconds })
         }
     }
 }
+
+extension SenderConfig.Await: ExpressibleByArgument {}
 
 extension UInt32 {
     init(fromBytes b: [UInt8]) { self = b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }

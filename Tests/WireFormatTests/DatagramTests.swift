@@ -110,7 +110,7 @@ struct DatagramTests {
         refuses(status) { $0[16] = 7 }                     // confirmed with a reason
         refuses(status) { $0[16] = 5 }                     // installed with a reason
         refuses(status) { $0[16] = 9 }                     // state 9
-        refuses(status) { $0[17] = 15 }                    // reason 15
+        refuses(status) { $0[17] = 16 }                    // reason 16
         refuses(samples[4].golden) { $0[24] = 65 }         // device ID longer than 64
     }
 

@@ -70,3 +70,8 @@ uint64_t fc_monotonic_microseconds(void);
 uint64_t fc_process_cpu_microseconds(void);
 
 #endif
+
+/// Accepts one connection on a listening Unix stream socket (close-on-exec) and
+/// tells the connecting process's user ID (SO_PEERCRED): the agent's control
+/// socket answers its owner only. The client's descriptor, or -errno.
+int fc_accept_local(int fd, uint32_t *peer_uid);

@@ -54,6 +54,15 @@ public struct ReceiverRecord: Sendable {
     /// Step 2's verdict is known (verified, or failed; or an agent's later state).
     public var hasVerdict: Bool { state.rank >= State.verified.rank }
 
+    /// Whether the receiver reached the state awaited (and not a failure).
+    public func reached(_ target: SenderConfig.Await) -> Bool {
+        switch target {
+        case .verified: state != .failed && state.rank >= State.verified.rank && state != .rolledBack
+        case .installed: state != .failed && state != .rolledBack && state.rank >= State.installed.rank
+        case .confirmed: state == .confirmed
+        }
+    }
+
     /// Whether the receiver reached the state the session awaits, or can no longer.
     public func isSettled(awaiting target: SenderConfig.Await) -> Bool {
         switch target {
@@ -251,10 +260,13 @@ public struct Sender {
     /// Specs/protocol.md §3.7, P-21: a receiver's progress, or its verdict, which is ACKed.
     private mutating func handleStatus(_ s: Status, from peer: PeerAddress, at now: Instant) {
         guard var rec = record(s.receiver, from: peer, at: now) else { return }
-        rec.blocksDone = s.blocksDone
-        rec.blocksTotal = s.blocksTotal
-        rec.bytesReceived = s.bytesReceived
-        rec.nacksReported = s.nacksSent
+        // An agent's reports after step 2 carry no counts (P-21b): the transfer's stay.
+        if s.blocksTotal > 0 || s.state.rawValue <= Status.State.received.rawValue {
+            rec.blocksDone = s.blocksDone
+            rec.blocksTotal = s.blocksTotal
+            rec.bytesReceived = s.bytesReceived
+            rec.nacksReported = s.nacksSent
+        }
         switch s.state {
         case .receiving: if rec.state == .registered { rec.state = .receiving }
         case .received:
@@ -263,6 +275,10 @@ public struct Sender {
                 rec.receivedAt = now
                 stats.receiversReceived += 1
             }
+        case .failed where s.reason == .interrupted:
+            // P-21b: an agent cut during its install resumes the session if it still runs:
+            // not a verdict. ACKed, so that it stops repeating it.
+            control.append(ack(rec, s.state))
         case .complete, .failed:
             if !rec.hasVerdict {
                 rec.state = s.state == .complete ? .verified : .failed
@@ -280,7 +296,10 @@ public struct Sender {
         case .installed, .activating:
             // Specs/agent.md §6: an agent's progress after verified; not ACKed.
             let next: ReceiverRecord.State = s.state == .installed ? .installed : .activating
-            if next.rank > rec.state.rank && !rec.state.isTerminal { rec.state = next }
+            if next.rank > rec.state.rank && !rec.state.isTerminal {
+                rec.state = next
+                if config.await == .installed && rec.settledAt == nil { rec.settledAt = now }
+            }
         case .confirmed, .rolledBack:
             if !rec.state.isTerminal {
                 rec.state = s.state == .confirmed ? .confirmed : .rolledBack

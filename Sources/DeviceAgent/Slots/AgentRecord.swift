@@ -1,6 +1,16 @@
 import CBOR
 import DeliveryCore
 import FleetCrypto
+import WireFormat
+
+/// Where an update's outcome is reported (Specs/agent.md §6): the sender of the
+/// session it came in, that session, and this device's receiver ID in it.
+public struct ReportTarget: Equatable, Sendable {
+    public var sender: PeerAddress
+    public var session: SessionID
+    public var receiver: ReceiverID
+    public init(sender: PeerAddress, session: SessionID, receiver: ReceiverID) { self.sender = sender; self.session = session; self.receiver = receiver }
+}
 
 /// A software release as the agent tracks it.
 public struct Release: Equatable, Sendable {
@@ -17,7 +27,11 @@ public struct Outcome: Equatable, Sendable {
     public var kind: Kind
     public var release: Release
     public var reason: String
-    public init(_ kind: Kind, _ release: Release, reason: String = "") { self.kind = kind; self.release = release; self.reason = reason }
+    /// What the sender hears (Specs/protocol.md §3.7): none for confirmed.
+    public var code: Status.Reason
+    public init(_ kind: Kind, _ release: Release, reason: String = "", code: Status.Reason = .none) {
+        self.kind = kind; self.release = release; self.reason = reason; self.code = code
+    }
 }
 
 /// The agent's durable state (Specs/agent.md §4): what runs, what is on its way,
@@ -32,11 +46,12 @@ public struct AgentRecord: Equatable, Sendable {
         public var side: Side
         public var phase: Phase
         /// Where to report its outcome (the sender of the session it came in).
-        public var reportTo: PeerAddress?
-        /// Why it is rolling back.
+        public var reportTo: ReportTarget?
+        /// Why it is rolling back, and the code the sender hears.
         public var reason: String
-        public init(release: Release, side: Side, phase: Phase, reportTo: PeerAddress? = nil, reason: String = "") {
-            self.release = release; self.side = side; self.phase = phase; self.reportTo = reportTo; self.reason = reason
+        public var code: Status.Reason
+        public init(release: Release, side: Side, phase: Phase, reportTo: ReportTarget? = nil, reason: String = "", code: Status.Reason = .none) {
+            self.release = release; self.side = side; self.phase = phase; self.reportTo = reportTo; self.reason = reason; self.code = code
         }
     }
 
@@ -49,7 +64,7 @@ public struct AgentRecord: Equatable, Sendable {
     public var pending: Pending?
     /// The last outcome, until reported.
     public var outcome: Outcome?
-    public var outcomeReportTo: PeerAddress?
+    public var outcomeReportTo: ReportTarget?
     /// Bundles that rolled back, refused when offered again (I5), newest last.
     public var rolledBack: [[UInt8]]
     public static let rolledBackCountMax = 16
@@ -77,12 +92,13 @@ public struct AgentRecord: Equatable, Sendable {
         var entries: [(Int, CBOR)] = [(1, .text(deviceID)), (2, Self.cbor(installed)), (3, .int(installedSide.rawValue)), (4, .unsigned(sequence)),
                                       (7, .array(rolledBack.map { .bytes($0) }))]
         if let p = pending {
-            var fields: [(Int, CBOR)] = [(1, Self.cbor(p.release)), (2, .int(p.side.rawValue)), (3, .int(p.phase.rawValue)), (5, .text(p.reason))]
+            var fields: [(Int, CBOR)] = [(1, Self.cbor(p.release)), (2, .int(p.side.rawValue)), (3, .int(p.phase.rawValue)), (5, .text(p.reason)),
+                                         (6, .int(Int(p.code.rawValue)))]
             if let to = p.reportTo { fields.append((4, Self.cbor(to))) }
             entries.append((5, .intMap(fields)))
         }
         if let o = outcome {
-            var fields: [(Int, CBOR)] = [(1, .int(o.kind.rawValue)), (2, Self.cbor(o.release)), (3, .text(o.reason))]
+            var fields: [(Int, CBOR)] = [(1, .int(o.kind.rawValue)), (2, Self.cbor(o.release)), (3, .text(o.reason)), (5, .int(Int(o.code.rawValue)))]
             if let to = outcomeReportTo { fields.append((4, Self.cbor(to))) }
             entries.append((6, .intMap(fields)))
         }
@@ -103,14 +119,15 @@ public struct AgentRecord: Equatable, Sendable {
         rolledBack = rolled.compactMap(\.bytesValue)
         if let p = item[5] {
             guard let release = p[1].flatMap(Self.release), let side = p[2]?.intValue.flatMap(Side.init(rawValue:)),
-                  let phase = p[3]?.intValue.flatMap(Pending.Phase.init(rawValue:)), let reason = p[5]?.textValue else { return nil }
-            pending = Pending(release: release, side: side, phase: phase, reportTo: p[4].flatMap(Self.peer), reason: reason)
+                  let phase = p[3]?.intValue.flatMap(Pending.Phase.init(rawValue:)), let reason = p[5]?.textValue,
+                  let code = p[6].flatMap(Self.reason) else { return nil }
+            pending = Pending(release: release, side: side, phase: phase, reportTo: p[4].flatMap(Self.target), reason: reason, code: code)
         }
         if let o = item[6] {
             guard let kind = o[1]?.intValue.flatMap(Outcome.Kind.init(rawValue:)), let release = o[2].flatMap(Self.release),
-                  let reason = o[3]?.textValue else { return nil }
-            outcome = Outcome(kind, release, reason: reason)
-            outcomeReportTo = o[4].flatMap(Self.peer)
+                  let reason = o[3]?.textValue, let code = o[5].flatMap(Self.reason) else { return nil }
+            outcome = Outcome(kind, release, reason: reason, code: code)
+            outcomeReportTo = o[4].flatMap(Self.target)
         }
     }
 
@@ -121,6 +138,17 @@ public struct AgentRecord: Equatable, Sendable {
     static func release(_ item: CBOR) -> Release? {
         guard let id = item[1]?.bytesValue, let version = item[2]?.textValue, let sequence = item[3]?.uint64Value else { return nil }
         return Release(bundleID: id, version: version, sequence: sequence)
+    }
+    static func reason(_ item: CBOR) -> Status.Reason? {
+        item.intValue.flatMap { (0...255).contains($0) ? Status.Reason(rawValue: UInt8($0)) : nil }
+    }
+    static func cbor(_ t: ReportTarget) -> CBOR {
+        .intMap([(1, cbor(t.sender)), (2, .unsigned(UInt64(t.session.rawValue))), (3, .unsigned(t.receiver.rawValue))])
+    }
+    static func target(_ item: CBOR) -> ReportTarget? {
+        guard let sender = item[1].flatMap(peer), let session = item[2]?.uint64Value, session <= UInt64(UInt32.max),
+              let receiver = item[3]?.uint64Value else { return nil }
+        return ReportTarget(sender: sender, session: SessionID(UInt32(session)), receiver: ReceiverID(receiver))
     }
     static func cbor(_ p: PeerAddress) -> CBOR {
         .intMap([(1, .int(p.family == .ipv6 ? 6 : 4)), (2, .unsigned(p.high)), (3, .unsigned(p.low)), (4, .int(Int(p.port))), (5, .unsigned(UInt64(p.scopeID)))])

@@ -1,6 +1,7 @@
 import DeliveryCore
 import FleetCrypto
 import UpdateBundle
+import WireFormat
 
 /// Carries out the slot state machine's actions on a device's storage, in order,
 /// each one durable before the next (Specs/agent.md §5). Effects outside storage
@@ -12,21 +13,29 @@ public final class SlotDriver {
     public enum HealthResult: Sendable, Equatable {
         case healthy
         case unhealthy(String)
+        /// The check runs on (a command, a wait); its answer comes by `mark(healthy:reason:)`.
+        case pending
     }
 
     public private(set) var machine: SlotMachine
     public let records: RecordStore
     public let boot: BootControl
     private let health: () -> HealthResult
-    private let reboot: () throws(StorageError) -> Void
-    private let report: (Outcome, PeerAddress?) -> Bool
+    private let reboot: () throws(StorageError) -> String?
+    private let report: (Outcome, ReportTarget?) -> Bool
+
+    /// A reboot was started: nothing more is carried out (the process waits to be
+    /// stopped, or exits for the simulated reboot).
+    public private(set) var isRebooting = false
 
     /// `initial` makes the record of a device that has none yet (its first start):
     /// the release it shipped with, on the side that booted. `report` returns
-    /// whether the outcome reached its sender (or was logged for good: true).
+    /// whether the outcome reached its sender (or was logged for good: true); false
+    /// keeps it in the record, and `outcomeDelivered()` forgets it later. `reboot`
+    /// starts the reboot and returns nil, or why it could not.
     public init(records: RecordStore, boot: BootControl, booted: Side, trialAttempts: UInt8, activatesAutomatically: Bool,
                 initial: () -> AgentRecord, health: @escaping () -> HealthResult,
-                reboot: @escaping () throws(StorageError) -> Void, report: @escaping (Outcome, PeerAddress?) -> Bool) throws(StorageError) {
+                reboot: @escaping () throws(StorageError) -> String?, report: @escaping (Outcome, ReportTarget?) -> Bool) throws(StorageError) {
         self.records = records
         self.boot = boot
         self.health = health
@@ -46,7 +55,7 @@ public final class SlotDriver {
     public func start() throws(StorageError) { try run(machine.start()) }
 
     /// the spare made not bootable, then the record says `installing`.
-    public func beginInstall(_ release: Release, reportTo: PeerAddress?) throws(StorageError) {
+    public func beginInstall(_ release: Release, reportTo: ReportTarget?) throws(StorageError) {
         try run(machine.beginInstall(release, reportTo: reportTo))
     }
 
@@ -55,7 +64,8 @@ public final class SlotDriver {
         try run(machine.installFinished(verified: verified, reason: reason))
     }
 
-    public func installFailed(reason: String) throws(StorageError) { try run(machine.installFailed(reason: reason)) }
+    /// The install cannot go on; `code` is what the sender hears (Specs/protocol.md §3.7).
+    public func installFailed(reason: String, code: Status.Reason) throws(StorageError) { try run(machine.installFailed(reason: reason, code: code)) }
 
     /// A-5, for the manual trigger (`fleetcast agent install`).
     public func activate() throws(StorageError) { try run(machine.activate()) }
@@ -65,8 +75,12 @@ public final class SlotDriver {
         try run(machine.healthChecked(healthy: healthy, reason: reason))
     }
 
+    /// The outcome the `report` closure could not deliver at once has reached its sender.
+    public func outcomeDelivered() throws(StorageError) { try run(machine.outcomeReported()) }
+
     private func run(_ actions: [SlotMachine.Action]) throws(StorageError) {
         for action in actions {
+            if isRebooting { return }
             switch action {
             case .writeBootState(let state): try boot.write(state)
             case .writeRecord(let record): try records.write(record)
@@ -75,8 +89,11 @@ public final class SlotDriver {
                 switch result {
                 case .healthy: try run(machine.healthChecked(healthy: true))
                 case .unhealthy(let why): try run(machine.healthChecked(healthy: false, reason: why))
+                case .pending: break
                 }
-            case .reboot: try reboot()
+            case .reboot:
+                // A-5a: a reboot command that fails undoes the activation.
+                if let failure = try reboot() { try run(machine.rebootFailed(reason: failure)) } else { isRebooting = true }
             case .report(let outcome, let to):
                 if report(outcome, to) { try run(machine.outcomeReported()) }
             }

@@ -1,4 +1,5 @@
 import DeliveryCore
+import WireFormat
 
 /// The slot state machine (Specs/agent.md §5): what the agent does to install,
 /// activate, confirm and roll back, as pure logic. Events come in as method
@@ -22,7 +23,7 @@ public struct SlotMachine: Sendable {
         /// Restart the device (the bootloader then follows the boot state).
         case reboot
         /// Tell the sender (and the log) this outcome, then `outcomeReported`.
-        case report(Outcome, to: PeerAddress?)
+        case report(Outcome, to: ReportTarget?)
     }
 
     /// How the agent stands, for `agent status` and the sender.
@@ -73,15 +74,24 @@ public struct SlotMachine: Sendable {
     public mutating func start() -> [Action] {
         var actions = reportIfDue()
         guard let p = record.pending else {
-            // Running a side the boot state no longer lets boot (a rollback whose reboot was
-            // cut): go back to the installed one.
-            if booted != record.installedSide && !boot.canBoot(booted) { actions.append(.reboot) }
+            // Running an unconfirmed side with nothing pending: a rollback whose reboot was
+            // cut, or an activation undone after its reboot failed (`rebootFailed`) whose
+            // boot-state write was cut. That side may not boot again; go back.
+            if booted != record.installedSide && !boot[booted].confirmed {
+                if boot[booted].bootable {
+                    boot[booted] = .init(bootable: false, confirmed: false)
+                    boot.order = [record.installedSide, booted]
+                    boot.generation += 1
+                    actions.append(.writeBootState(boot))
+                }
+                actions.append(.reboot)
+            }
             return actions
         }
         switch p.phase {
         case .installing:
             // The install did not finish: report it; the spare stays not bootable.
-            actions += fail(p, reason: "interrupted before the install was verified")
+            actions += fail(p, reason: "interrupted before the install was verified", code: .interrupted)
         case .installed:
             if activatesAutomatically { actions += activate() }
         case .trial:
@@ -108,14 +118,14 @@ public struct SlotMachine: Sendable {
             return [.reboot]
         }
         // Its attempts are spent and the bootloader fell back by itself.
-        return rollBack(p, reason: "the new side did not come up (the bootloader fell back after \(trialAttempts) attempt(s))")
+        return rollBack(p, reason: "the new side did not come up (the bootloader fell back after \(trialAttempts) attempt(s))", code: .didNotBoot)
     }
 
     // MARK: Install
 
     /// An accepted update is about to be written to the spare: the spare is made not
     /// bootable first, then the record says `installing` (Specs/agent.md A-3).
-    public mutating func beginInstall(_ release: Release, reportTo: PeerAddress?) -> [Action] {
+    public mutating func beginInstall(_ release: Release, reportTo: ReportTarget?) -> [Action] {
         precondition(record.pending == nil, "one update at a time")
         var actions: [Action] = []
         let side = spare
@@ -135,7 +145,7 @@ public struct SlotMachine: Sendable {
     /// every hash matched (Specs/agent.md A-4). Only then may the side ever boot.
     public mutating func installFinished(verified: Bool, reason: String = "") -> [Action] {
         guard let p = record.pending, p.phase == .installing else { return [] }
-        guard verified else { return fail(p, reason: reason) }
+        guard verified else { return fail(p, reason: reason, code: .slot) }
         record.pending!.phase = .installed
         var actions: [Action] = [.writeRecord(record)]
         if activatesAutomatically { actions += activate() }
@@ -143,14 +153,14 @@ public struct SlotMachine: Sendable {
     }
 
     /// The install cannot go on (download failed, disk full, a hash differs).
-    public mutating func installFailed(reason: String) -> [Action] {
+    public mutating func installFailed(reason: String, code: Status.Reason) -> [Action] {
         guard let p = record.pending, p.phase == .installing || p.phase == .installed else { return [] }
-        return fail(p, reason: reason)
+        return fail(p, reason: reason, code: code)
     }
 
-    private mutating func fail(_ p: AgentRecord.Pending, reason: String) -> [Action] {
+    private mutating func fail(_ p: AgentRecord.Pending, reason: String, code: Status.Reason) -> [Action] {
         record.pending = nil
-        record.outcome = Outcome(.failed, p.release, reason: reason)
+        record.outcome = Outcome(.failed, p.release, reason: reason, code: code)
         record.outcomeReportTo = p.reportTo
         return [.writeRecord(record), .report(record.outcome!, to: p.reportTo)]
     }
@@ -172,12 +182,27 @@ public struct SlotMachine: Sendable {
         return [.writeBootState(boot), .reboot]
     }
 
+    /// The reboot into an activated update could not be started (the reboot command
+    /// failed): the activation is undone, record first, and the update reported
+    /// failed; the device goes on running the confirmed side (Specs/agent.md A-5a).
+    public mutating func rebootFailed(reason: String) -> [Action] {
+        guard let p = record.pending, p.phase == .trial, booted != p.side else { return [] }
+        var actions = fail(p, reason: reason, code: .rebootFailed)
+        if boot[p.side].bootable || boot[p.side].confirmed {
+            boot[p.side] = .init(bootable: false, confirmed: false)
+            boot.order = [p.side.other, p.side]
+            boot.generation += 1
+            actions.insert(.writeBootState(boot), at: 1)
+        }
+        return actions
+    }
+
     // MARK: Health, confirm, roll back
 
     /// The health check's result on a side on trial.
     public mutating func healthChecked(healthy: Bool, reason: String = "") -> [Action] {
         guard let p = record.pending, p.phase == .trial, booted == p.side, !boot[p.side].confirmed else { return [] }
-        if !healthy { return rollBack(p, reason: reason.isEmpty ? "the health check failed" : reason) }
+        if !healthy { return rollBack(p, reason: reason.isEmpty ? "the health check failed" : reason, code: .unhealthy) }
         // Confirm in the boot state first, then in the record.
         boot[p.side] = .init(bootable: true, confirmed: true)
         boot.generation += 1
@@ -197,9 +222,10 @@ public struct SlotMachine: Sendable {
 
     /// The record says `rollingBack` first, so that a crash cannot leave a rollback
     /// half done that looks like an activation not yet written.
-    private mutating func rollBack(_ p: AgentRecord.Pending, reason: String) -> [Action] {
+    private mutating func rollBack(_ p: AgentRecord.Pending, reason: String, code: Status.Reason) -> [Action] {
         record.pending!.phase = .rollingBack
         record.pending!.reason = reason
+        record.pending!.code = code
         return [.writeRecord(record)] + finishRollback(record.pending!)
     }
 
@@ -212,7 +238,7 @@ public struct SlotMachine: Sendable {
             actions.append(.writeBootState(boot))
         }
         record.pending = nil
-        record.outcome = Outcome(.rolledBack, p.release, reason: p.reason)
+        record.outcome = Outcome(.rolledBack, p.release, reason: p.reason, code: p.code)
         record.outcomeReportTo = p.reportTo
         record.rememberRolledBack(p.release.bundleID)
         actions += [.writeRecord(record), .report(record.outcome!, to: p.reportTo)]
