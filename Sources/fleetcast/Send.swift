@@ -289,4 +289,11 @@ nonisolated(unsafe) var interrupted = false
 func installInterruptHandlers() {
     signal(SIGINT) { _ in interrupted = true }
     signal(SIGTERM) { _ in interrupted = true }
+    // A parent may have started us with these blocked (the mask is inherited): a
+    // daemon that systemd cannot stop with SIGTERM is no daemon.
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGINT)
+    sigaddset(&set, SIGTERM)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
 }
