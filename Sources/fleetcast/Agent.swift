@@ -103,12 +103,12 @@ struct AgentRun: ParsableCommand {
         let logger = Logger(label: "fleetcast.agent")
         try reportingAgentFailures {
             installInterruptHandlers()
+            // A missing or bad key file is a ConfigError (exit 66), reported below, before anything is touched.
+            let identity = try config.identity(deviceID: "unset")
             let files = try AgentFiles(config, create: true)
             let booted = try AgentFiles.bootedSide(config)
             // A device's first start: the boot state as shipped, the running side good.
             if try files.records.read() == nil, (try? files.boot.read()) == nil { try files.boot.initialize(current: booted) }
-            // A missing or bad key file is a ConfigError (exit 66), reported below.
-            let identity = try config.identity(deviceID: "unset")
             var receiving = UpdateReceiver.Configuration(identity: identity, stagingDirectory: config.stagingDirectory)
             receiving.tuning.inactivityTimeout = .seconds(10)
             var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)

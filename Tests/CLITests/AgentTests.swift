@@ -251,4 +251,111 @@ struct AgentTests {
         #expect(killed.killedRuns == 1, "\(killed.exits)")
         for d in devices { #expect(d.exits.contains(75), "\(d.name): \(d.exits)") }
     }
+
+    @Test("Bad input, each refused with its own reason and the running side intact: other hardware, old sequence, slot too small, no room, a failing reboot command, a health check that times out")
+    func badInput() throws {
+        let f = try NetworkFixture(imageBytes: 3_000_000, encrypted: false)
+        let lan = try TestLAN(receivers: 6, loss: [])
+        let key = f.w.file("vendor.pub")
+        let slot = 4 << 20
+        // No room: staging on a 1 MiB file system, too small for the 3 MB bundle.
+        let tiny = f.w.file("tiny")
+        try FileManager.default.createDirectory(atPath: tiny, withIntermediateDirectories: true)
+        let mounted = try runTool("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny])
+        #expect(mounted.status == 0, "mount: \(mounted.output)")
+        defer { _ = try? runTool("/usr/bin/umount", [tiny]) }
+        let cases: [(TestDevice, String)] = [
+            (try TestDevice("otherhw", in: f.w, lan: lan, host: "r1", slotBytes: slot, trustedKey: key, config: ["device": ["hardware": "other-board"]]),
+             "incompatibleHardware"),
+            (try TestDevice("oldseq", in: f.w, lan: lan, host: "r2", slotBytes: slot, trustedKey: key, config: ["shipped": ["version": "1.5", "sequence": 5]]),
+             "rollback"),
+            (try TestDevice("small", in: f.w, lan: lan, host: "r3", slotBytes: 2 << 20, trustedKey: key), "slot"),
+            (try TestDevice("full", in: f.w, lan: lan, host: "r4", slotBytes: slot, trustedKey: key, config: ["staging-dir": tiny + "/staging"]), "storage"),
+            (try TestDevice("noreboot", in: f.w, lan: lan, host: "r5", slotBytes: slot, trustedKey: key,
+                            config: ["simulated-reboot": false, "reboot-command": ["sh", "-c", "echo reboot refused >&2; exit 1"]]), "rebootFailed"),
+            (try TestDevice("hangs", in: f.w, lan: lan, host: "r6", slotBytes: slot, trustedKey: key,
+                            config: ["health-check": ["command": ["sleep", "30"], "timeout": 1]]), "unhealthy"),
+        ]
+        let devices = cases.map(\.0)
+        for d in devices { d.powerOn() }
+        defer { for d in devices { d.powerOff() } }
+        for d in devices { #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.name) did not start: \(d.logs)") }
+        let s = try sender(lan, f, f.w.file("update.fcb"), receivers: devices.count, awaiting: "confirmed")
+        let senderStatus = s.wait(seconds: 150)
+        for d in devices { d.powerOff() }
+        #expect(senderStatus == 32, "sender: \(s.output)")
+        let report = fleetReport(f)
+        for (d, reason) in cases {
+            let v = DeviceView(json: d.status() ?? [:])
+            let outcome = report[v.device]
+            let expected = reason == "unhealthy" ? "rolled back" : "failed"
+            #expect(outcome?.outcome == expected && outcome?.reason == reason, "\(d.name): \(String(describing: outcome)), \(s.output)\n\(d.logs)")
+            // The running side is untouched, good, and what the device runs.
+            #expect(v.installedSide == "a" && v.side("a")?.bootable == true && v.side("a")?.confirmed == true && v.side("b")?.bootable == false,
+                    "\(d.name): \(v.json)")
+            #expect(d.slot("a", bytes: TestDevice.shippedImageBytes) == d.oldImage, "\(d.name): the running slot changed")
+            #expect(v.standing == "idle", "\(d.name): \(v.json)")
+        }
+        #expect(DeviceView(json: devices[1].status() ?? [:]).storedSequence == 5)
+        // The refused ones never wrote a byte to their spare slot.
+        for d in devices.prefix(4) { #expect(d.slot("b", bytes: 1 << 20).allSatisfy { $0 == 0 }, "\(d.name) wrote its spare slot") }
+    }
+
+    @Test("An expired bundle is refused at the offer; the device keeps running its side")
+    func expired() throws {
+        let f = try NetworkFixture(imageBytes: 1_000_000, encrypted: false)
+        // Made two days ago, valid for one.
+        let r = try fleetcast(["pack", "--quiet", "--output", "expired.fcb", "--product", "lab", "--hardware", "lab-board", "--version", "3.0",
+                               "--sequence", "3", "--component", "rootfs=image", "--sign", "vendor.key", "--created-at", "\(UInt64(Date().timeIntervalSince1970) - 172_800)",
+                               "--expires-in", "1d"], in: f.w.path)
+        #expect(r.status == 0, "\(r.stderr)")
+        let lan = try TestLAN(receivers: 1, loss: [])
+        let d = try TestDevice("dev", in: f.w, lan: lan, host: "r1", slotBytes: 2 << 20, trustedKey: f.w.file("vendor.pub"))
+        d.powerOn()
+        defer { d.powerOff() }
+        #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.logs)")
+        let s = try sender(lan, f, f.w.file("expired.fcb"), receivers: 1, awaiting: "confirmed", seconds: 60)
+        #expect(s.wait(seconds: 90) == 32, "\(s.output)")
+        d.powerOff()
+        let v = DeviceView(json: d.status() ?? [:])
+        #expect(fleetReport(f)[v.device]?.reason == "expired", "\(s.output)")
+        #expect(v.installedVersion == "1.0" && v.side("a")?.confirmed == true && v.side("b")?.bootable == false, "\(v.json)")
+    }
+
+    @Test("The configuration is checked field by field: unknown, missing, wrong type, out of range, a key file missing")
+    func configuration() throws {
+        let w = Workspace()
+        _ = try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        let base: [String: Any] = [
+            "shipped": ["version": "1.0", "sequence": 1], "trust": ["keys": ["vendor.pub"]],
+            "network": ["group": "239.192.0.42"], "state-dir": "state", "staging-dir": "staging",
+            "slots": ["rootfs": ["a": "a.img", "b": "b.img"]], "boot": ["directory": "boot", "booted-from": "booted"],
+        ]
+        func run(_ change: (inout [String: Any]) -> Void) throws -> Run {
+            var c = base
+            change(&c)
+            try JSONSerialization.data(withJSONObject: c).write(to: URL(fileURLWithPath: w.file("agent.json")))
+            return try fleetcast(["agent", "run", "--config", w.file("agent.json")], in: w.path)
+        }
+        let cases: [((inout [String: Any]) -> Void, Int32, String)] = [
+            ({ $0["trigerr"] = "manual" }, 64, "trigerr: unknown field"),
+            ({ $0["network"] = ["group": "239.192.0.42", "prot": 4711] }, 64, "network.prot: unknown field"),
+            ({ $0["state-dir"] = nil }, 64, "state-dir: missing"),
+            ({ $0["trial-attempts"] = "3" }, 64, "trial-attempts: expected a whole number, got a string"),
+            ({ $0["trial-attempts"] = 0 }, 64, "trial-attempts: 0 is outside 1...10"),
+            ({ $0["trigger"] = "sometimes" }, 64, "trigger: 'sometimes' is not one of 'automatic', 'manual'"),
+            ({ $0["simulated-reboot"] = 1 }, 64, "simulated-reboot: expected true or false, got a number"),
+            ({ $0["slots"] = ["rootfs": ["a": "a.img"]] }, 64, "slots.rootfs.b: missing"),
+            ({ $0["trust"] = ["keys": ["missing.pub"]] }, 66, "missing.pub: key file missing"),
+        ]
+        for (change, status, message) in cases {
+            let r = try run(change)
+            #expect(r.status == status && r.stderr.contains(message), "expected \(status) '\(message)', got \(r.status): \(r.stderr)")
+        }
+        try Data("{ not json".utf8).write(to: URL(fileURLWithPath: w.file("broken.json")))
+        let broken = try fleetcast(["agent", "run", "--config", w.file("broken.json")], in: w.path)
+        #expect(broken.status == 64 && broken.stderr.contains("not valid JSON"), "\(broken.stderr)")
+        let none = try fleetcast(["agent", "run", "--config", w.file("absent.json")], in: w.path)
+        #expect(none.status == 66, "\(none.stderr)")
+    }
 }
