@@ -91,6 +91,6 @@ let package = Package(
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto"]),
+        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto", "DeviceAgent"]),
     ]
 )

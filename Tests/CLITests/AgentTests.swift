@@ -1,5 +1,8 @@
+import DeviceAgent
+import FleetCrypto
 import Foundation
 import Testing
+import UpdateBundle
 
 /// A device for `fleetcast agent run`: A/B slots as files, a configuration, and
 /// the loop that a device's power and bootloader make: run the agent; when it
@@ -83,6 +86,8 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
                 let killed = killedByTest()
                 if killed { lock.lock(); killedRuns += 1; lock.unlock() }
                 guard !stop, status == 75 || killed else { return }
+                // A test that looks at the files after a kill holds the restart until it is done.
+                if killed && holdAfterKill { resume.wait() }
                 if status == 75 || rebootAfterKill { _ = try? fleetcast(["agent", "boot", "--config", configPath], in: directory) }
             }
         }
@@ -95,20 +100,40 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
     private var kills = 0
     /// Agent runs ended by `kill9`.
     private(set) var killedRuns = 0
+    /// Waits until the loop has seen `n` killed runs end.
+    func waitUntilKilled(_ n: Int) -> Bool {
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            lock.lock()
+            let k = killedRuns
+            lock.unlock()
+            if k >= n { return true }
+            usleep(5_000)
+        }
+        return false
+    }
     private func killedByTest() -> Bool {
         lock.lock(); defer { lock.unlock() }
         if kills > 0 { kills -= 1; return true }
         return false
     }
 
-    /// Kills the running agent with SIGKILL (the loop starts it again).
-    func kill9() {
+    /// After `kill9`, the loop waits for `release()` before it starts the agent again.
+    var holdAfterKill = false
+    private let resume = DispatchSemaphore(value: 0)
+    func release() { resume.signal() }
+
+    /// Kills the running agent with SIGKILL (the loop starts it again); false when
+    /// none was running (between two runs).
+    @discardableResult
+    func kill9() -> Bool {
         lock.lock()
         let p = current
         if p != nil { kills += 1 }
         lock.unlock()
         // The loop's own wait sees it end (one waiter per process).
         if let p { kill(p.process.processIdentifier, SIGKILL) }
+        return p != nil
     }
 
     /// Stops the agent (SIGTERM) and the loop; waits for both.
@@ -357,5 +382,130 @@ struct AgentTests {
         #expect(broken.status == 64 && broken.stderr.contains("not valid JSON"), "\(broken.stderr)")
         let none = try fleetcast(["agent", "run", "--config", w.file("absent.json")], in: w.path)
         #expect(none.status == 66, "\(none.stderr)")
+    }
+
+    @Test("kill -9 at seeded random moments of download, install and activation, on real files: after every kill the invariants hold (Specs/agent.md I1-I5)")
+    func killNine() throws {
+        let env = ProcessInfo.processInfo.environment
+        let seed = env["FLEETCAST_KILL_SEED"].flatMap { UInt64($0) } ?? 0x6B11_9A7E
+        let target = env["FLEETCAST_KILL_RUNS"].flatMap { Int($0) } ?? 50
+        var rng = SeededGenerator(seed: seed)
+        let w = Workspace()
+        for r in [try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)] { #expect(r.status == 0) }
+        let lan = try TestLAN(receivers: 1, loss: [])
+        let imageBytes = 12_000_000
+        let d = try TestDevice("dev", in: w, lan: lan, host: "r1", slotBytes: 16 << 20, trustedKey: w.file("vendor.pub"),
+                               config: ["health-check": ["command": ["sh", "-c", "sleep 0.3"], "timeout": 20]])
+        var check = InvariantCheck(device: d, imageBytes: imageBytes)
+        check.verified.insert(SHA256Digest(d.oldImage + [UInt8](repeating: 0, count: imageBytes - d.oldImage.count)))
+        d.holdAfterKill = true
+        d.powerOn(bootsMax: 400, seconds: 900)
+        defer { d.powerOff() }
+        #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.logs)")
+        var kills = 0
+        var phases: [String: Int] = [:]
+        var round = 0
+        let started = Date()
+        while kills < target && round < 40 && Date().timeIntervalSince(started) < 600 {
+            round += 1
+            // Each round a new release: a fresh image, the next sequence.
+            // Words, not bytes, from the generator: a debug build draws 12 M bytes slowly.
+            let words = (0..<(imageBytes / 8)).map { _ in rng.next() }
+            let image = words.withUnsafeBytes { [UInt8]($0) }
+            FileManager.default.createFile(atPath: w.file("image-\(round)"), contents: Data(image))
+            let packed = try fleetcast(["pack", "--quiet", "--output", "u\(round).fcb", "--product", "lab", "--hardware", "lab-board", "--version", "\(round + 1).0",
+                                        "--sequence", "\(round + 1)", "--component", "rootfs=image-\(round)", "--sign", "vendor.key",
+                                        "--compression", round % 2 == 0 ? "zlib" : "none"], in: w.path)
+            #expect(packed.status == 0, "\(packed.stderr)")
+            check.verified.insert(SHA256Digest(image))
+            let (path, args) = lan.command(on: "s", ["send", w.file("u\(round).fcb"), "--rate", "150M", "--min-receivers", "1", "--await", "confirmed",
+                                                     "--deadline", "120s", "--quiet"])
+            let s = BackgroundProcess(path, args, log: w.file("s\(round).log"))
+            try s.start()
+            // Kill at random moments until the round settles; every kill is checked.
+            while s.process.isRunning && kills < target {
+                usleep(UInt32.random(in: 50_000...1_500_000, using: &rng))  // the moment of the kill, drawn from the seed
+                guard s.process.isRunning else { break }
+                d.rebootAfterKill = Bool.random(using: &rng)
+                guard d.kill9() else { continue }
+                kills += 1
+                // The files as the kill left them (the agent is not restarted meanwhile).
+                #expect(d.waitUntilKilled(kills), "kill \(kills) not seen")
+                let phase = check.run(after: "kill \(kills) (seed \(seed))")
+                phases[phase, default: 0] += 1
+                d.release()
+            }
+            let status = s.wait(seconds: 150)
+            // The round settles by itself after the last kill: confirmed, or rolled back (attempts spent).
+            let settled = d.waitFor(seconds: 60) { ($0["standing"] as? String) == "idle" && ($0["running"] as? Bool) == true }
+            #expect(settled != nil, "round \(round) did not settle (seed \(seed)): \(d.logs.suffix(3000))")
+            _ = check.run(after: "round \(round) settled (seed \(seed))")
+            let record = check.record()
+            let confirmed = record?.installed.version == "\(round + 1).0"
+            let rolledBack = record?.rolledBack.count ?? 0 > check.rolledBackSeen
+            check.rolledBackSeen = record?.rolledBack.count ?? 0
+            #expect(confirmed || rolledBack, "I4: round \(round) neither confirmed nor rolled back (seed \(seed)): \(String(describing: record))")
+            #expect(status == 0 || rolledBack, "round \(round): sender \(String(describing: status)): \(s.output)")
+            if confirmed { #expect(d.slot(record!.installedSide == .a ? "a" : "b", bytes: imageBytes) == image, "round \(round): the confirmed slot differs") }
+        }
+        print("kill -9: \(kills) kills over \(round) releases, by phase at the kill: \(phases.sorted { $0.key < $1.key }) (seed \(seed))")
+        #expect(kills >= target, "only \(kills) kills in time (seed \(seed))")
+        #expect(check.violations.isEmpty, "seed \(seed): \(check.violations.prefix(10))")
+        #expect(phases["installing", default: 0] > 0 && phases["trial", default: 0] > 0, "kills missed a phase: \(phases) (seed \(seed))")
+    }
+}
+
+/// Specs/agent.md I1-I3 on the device's real files, after every kill.
+struct InvariantCheck {
+    let device: TestDevice
+    let imageBytes: Int
+    /// Digests (of the first `imageBytes` of a slot) of images that were verified: shipped and every release.
+    var verified: Set<SHA256Digest> = []
+    var sequenceSeen: UInt64 = 1
+    var rolledBackSeen = 0
+    var violations: [String] = []
+
+    func record() -> AgentRecord? {
+        guard let dir = try? SafeDirectory(path: device.directory + "/state") else { return nil }
+        return try? RecordStore(files: dir).read()
+    }
+
+    /// Checks, and returns the phase the record was in ("idle", "installing", ...).
+    mutating func run(after what: String) -> String {
+        guard let bootDir = try? SafeDirectory(path: device.directory + "/boot"), let boot = try? StateFileBootControl(files: bootDir).read() else {
+            violations.append("\(what): I1: no valid boot state")
+            return "?"
+        }
+        func holdsVerified(_ side: Side) -> Bool { verified.contains(SHA256Digest(device.slot(side == .a ? "a" : "b", bytes: imageBytes))) }
+        if boot.confirmedSide == nil || !holdsVerified(boot.confirmedSide!) { violations.append("\(what): I1: no confirmed side holding a verified image: \(boot)") }
+        for side in Side.allCases where boot[side].bootable && !holdsVerified(side) { violations.append("\(what): I2: side \(side) bootable, image not verified: \(boot)") }
+        guard let r = record() else {
+            violations.append("\(what): no readable record")
+            return "?"
+        }
+        if r.sequence < sequenceSeen { violations.append("\(what): I3: the stored sequence fell from \(sequenceSeen) to \(r.sequence)") }
+        if r.sequence > sequenceSeen && (r.installed.sequence != r.sequence || !boot[r.installedSide].confirmed) {
+            violations.append("\(what): I3: the sequence rose to \(r.sequence) without a confirm: \(r), \(boot)")
+        }
+        sequenceSeen = max(sequenceSeen, r.sequence)
+        return r.pending.map { "\($0.phase)" } ?? "idle"
+    }
+}
+
+struct SHA256Digest: Hashable {
+    let bytes: [UInt8]
+    init(_ data: [UInt8]) { bytes = SHA256.hash(data) }
+}
+
+/// A seeded generator for the kill moments (splitmix64).
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }
