@@ -98,6 +98,13 @@ struct AgentRun: ParsableCommand {
     @Flag(help: "No periodic progress in the log while receiving.")
     var quiet = false
 
+    @Option(help: "Drop this percentage of incoming data datagrams at random, to see repair work (tests, demos).")
+    var simulateLoss: Double = 0
+
+    func validate() throws {
+        guard (0..<100).contains(simulateLoss) else { throw ValidationError("--simulate-loss is a percentage below 100") }
+    }
+
     func run() throws {
         let config = try options.load()
         let logger = Logger(label: "fleetcast.agent")
@@ -127,7 +134,7 @@ struct AgentRun: ParsableCommand {
             let group = try SocketAddress(host: config.group, port: config.port)
             let interface = try config.interface.map { try NetworkInterface(name: $0) }
             let pump = try ReceiverPump(endpoint: service, settings: ReceiverEndpoint(group: group, interface: interface),
-                                        seed: UInt64(fromBytes: try SecureRandom.bytes(8)))
+                                        simulatedLoss: simulateLoss / 100, seed: UInt64(fromBytes: try SecureRandom.bytes(8)))
             let control = try ControlSocket(directory: config.stateDirectory)
             let r = service.driver.machine.record
             logger.info("device \(r.deviceID): booted side \(booted.name), installed \(r.installed.version) (sequence \(r.sequence)) on side \(r.installedSide.name), \(service.describe(service.driver.machine.standing)); listening on \(group)\(interface.map { " on \($0)" } ?? "")")

@@ -6,12 +6,15 @@ import Logging
 struct Fleetcast: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fleetcast",
-        abstract: "Build, inspect and verify signed, encrypted software update data sets.",
+        abstract: "Build, send, receive, verify and install signed, encrypted software updates.",
         discussion: """
         Step A (vendor): `keygen` makes signing and device keys, `pack` turns images into a \
         signed bundle. Devices: `verify` checks signatures, expiry, hardware, anti-rollback, \
-        sizes and every hash, decrypts, and writes the components. `demo` runs it all on a \
-        generated image and shows forged bundles being refused.
+        sizes and every hash, decrypts, and writes the components. `send` multicasts a bundle \
+        to a fleet; `receive` takes it (steps B, 1, 2); `agent` is the device agent that also \
+        installs it into the spare A/B side, reboots into it, health-checks, and confirms or \
+        rolls back (steps 3, 4). `demo` runs step A and step 2 on a generated image and shows \
+        forged bundles being refused; `scripts/demo` runs the whole fleet.
 
         Exit status: 0 success; 10 malformed; 11 unknown critical field; 12 signature; \
         13 expired; 14 incompatible hardware; 15 rollback; 16 size mismatch; 17 hash \

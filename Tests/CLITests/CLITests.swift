@@ -148,7 +148,7 @@ struct CLITests {
         let w = Workspace()
         let top = try fleetcast(["--help"], in: w.path)
         #expect(top.status == 0 && top.stdout.contains("Exit status"))
-        for (command, phrase) in [("keygen", "0600"), ("pack", "NAME=PATH"), ("inspect", "verify"), ("verify", "anti-rollback"), ("demo", "tampers")] {
+        for (command, phrase) in [("keygen", "0600"), ("pack", "NAME=PATH"), ("inspect", "verify"), ("verify", "anti-rollback"), ("demo", "tampers"), ("agent", "simulated-reboot"), ("send", "--await")] {
             let r = try fleetcast([command, "--help"], in: w.path)
             #expect(r.status == 0 && r.stdout.contains(phrase), "\(command): \(r.stdout)")
         }

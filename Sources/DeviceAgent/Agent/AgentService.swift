@@ -300,7 +300,9 @@ public final class AgentService: DatagramEndpoint {
                     plan = nil
                     sink = nil
                     guarded { () throws(StorageError) in try driver.installFailed(reason: failure.text, code: failure.statusReason) }
-                } else if case .refused = e {
+                } else if case .refused = e, lastRefusal.map({ $0 != (session, failure.text) }) ?? true {
+                    // Once per session: a sender announces every second.
+                    lastRefusal = (session, failure.text)
                     events.append(.declined(failure.text))
                 }
             case .offer, .joined, .received: break
@@ -377,6 +379,7 @@ public final class AgentService: DatagramEndpoint {
     }
 
     private var lastReported: Outcome?
+    private var lastRefusal: (SessionID, String)?
 
     private func reportRequested(_ outcome: Outcome, _ target: ReportTarget?) -> Bool {
         if !events.contains(where: { if case .outcome(let o) = $0 { o == outcome } else { false } }) { events.append(.outcome(outcome)) }
