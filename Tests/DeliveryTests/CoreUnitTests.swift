@@ -170,6 +170,43 @@ struct CoreUnitTests {
         #expect(sender.receivers[ReceiverID(4)]?.state == .verified)
     }
 
+    /// The bench's 1 GiB agent run at 5% loss: the device reported every block in,
+    /// then fsynced and read back its slot for 3 s without a STATUS, and the sender
+    /// closed with it "gone" while it went on to verify and confirm.
+    @Test("A receiver finishing step 2 may be silent for stepTwoSilenceMax, not receiverSilenceMax (Specs/protocol.md P-12)",
+          arguments: [(verdictAfterSeconds: 10, closesAllDone: true), (verdictAfterSeconds: 40, closesAllDone: false)])
+    func stepTwoSilence(verdictAfterSeconds: UInt64, closesAllDone: Bool) async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
+        #expect(sender.config.receiverSilenceMax < .seconds(10) && sender.config.stepTwoSilenceMax == .seconds(30))
+        func report(_ state: Status.State, at now: Instant) {
+            sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(4), state: state, reason: .none,
+                                                         blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(),
+                                  from: .benchmark(4), at: now)
+        }
+        var now = Instant.zero
+        while !sender.isFinished && now.microseconds < 60_000_000 {
+            sender.handleTimeout(at: now)
+            while let _ = sender.pollTransmit(at: now) {}
+            if now.microseconds == 200_000 { report(.received, at: now) }
+            if now.microseconds == 5_000_000 {
+                let standing = sender.fleet(at: now).first?.standing
+                #expect(standing == .received, "silent 4.8 s after received: still finishing step 2")
+            }
+            if now.microseconds == verdictAfterSeconds * 1_000_000 { report(.complete, at: now) }
+            now = now + Interval(microseconds: 100_000)
+        }
+        #expect(sender.isFinished)
+        if closesAllDone {
+            #expect(sender.stats.closes[.allDone] == 1)
+            #expect(sender.receivers[ReceiverID(4)]?.state == .verified)
+        } else {
+            // Silent past stepTwoSilenceMax: gone, and the session ends on its idle rounds.
+            #expect(sender.stats.closes[.idle] == 1)
+            #expect(now.microseconds > 30_000_000 && now.microseconds < 32_000_000)
+        }
+    }
+
     @Test("Awaiting confirmed, the sender waits past verified and installed for each device's final state (Specs/protocol.md P-12, P-21b)")
     func awaitConfirmed() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)

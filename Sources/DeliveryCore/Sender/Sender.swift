@@ -84,7 +84,7 @@ public enum FleetStanding: String, Sendable {
     case receiving
     /// Behind: under half the median progress of the receivers still receiving.
     case slow
-    /// Silent for `receiverSilenceMax` without a verdict.
+    /// Silent for `receiverSilenceMax` without a verdict (`stepTwoSilenceMax` once every block was in).
     case gone
     /// A device agent's states after verified (Specs/agent.md §6).
     case installed, activating, confirmed
@@ -106,7 +106,7 @@ extension Sender {
             case .activating: standing = .activating
             case .confirmed: standing = .confirmed
             case .rolledBack: standing = .rolledBack
-            case .received: standing = now >= r.lastHeard + config.receiverSilenceMax ? .gone : .received
+            case .received: standing = now >= r.lastHeard + config.stepTwoSilenceMax ? .gone : .received
             case .registered, .receiving:
                 let fraction = r.blocksTotal == 0 ? 0 : Double(r.blocksDone) / Double(r.blocksTotal)
                 if now >= r.lastHeard + config.receiverSilenceMax { standing = .gone }
@@ -366,13 +366,15 @@ public struct Sender {
     }
 
     /// Specs/protocol.md P-12: idle rounds end the session only once every receiver
-    /// without a verdict has been silent for `receiverSilenceMax` (it is gone), and
+    /// without a verdict has been silent for `receiverSilenceMax` (`stepTwoSilenceMax`
+    /// once it reported every block in; then it is gone), and
     /// expected receivers not yet heard have had `expectedReceiverWaitMax`.
     private func isWaiting(at now: Instant) -> Bool {
         let live = receivers.values.contains { r in
             guard !r.isSettled(awaiting: config.await) else { return false }
-            // A device verified and on its way to the awaited state may be silent a while (rebooting).
-            let silence = r.hasVerdict ? config.awaitSilenceMax : config.receiverSilenceMax
+            // A device verified and on its way to the awaited state may be silent a while
+            // (rebooting), and one finishing step 2 while it fsyncs and reads back its slots.
+            let silence = r.hasVerdict ? config.awaitSilenceMax : r.state == .received ? config.stepTwoSilenceMax : config.receiverSilenceMax
             return now < r.lastHeard + silence
         }
         if live { return true }

@@ -42,6 +42,12 @@ public struct SenderConfig: Sendable {
     public var waitingRoundInterval = Interval.milliseconds(100)
     /// A receiver not heard from for this long is gone; until then idle rounds do not end the session.
     public var receiverSilenceMax = Interval.seconds(3)
+    /// A receiver that reported every block in (`received`: step 2 finishing) may be
+    /// silent this long before it is gone (Specs/protocol.md P-12). Its last step-2
+    /// work is a few calls it cannot interrupt to report: the fsync of a large slot or
+    /// staging file and the read-back of every slot (1 GiB: 3 s in the lab, longer on
+    /// flash), so `receiverSilenceMax` would take a busy device for a lost one.
+    public var stepTwoSilenceMax = Interval.seconds(30)
     public var announceInterval = Interval.seconds(1)
     public var announceStartCopies = 3
     /// The announce is also repeated after this many data datagrams.

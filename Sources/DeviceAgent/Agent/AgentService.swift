@@ -62,8 +62,8 @@ public struct AgentSettings: Sendable {
 public enum AgentEvent: Sendable {
     /// An update was accepted; its bytes go to the spare side.
     case installing(Release, side: Side)
-    /// Written, read back, verified on the spare side.
-    case installed(Release, side: Side)
+    /// Written, read back, verified on the spare side; what the writing cost.
+    case installed(Release, side: Side, InstallStats)
     /// Manual trigger: installed, waiting for `install()`.
     case ready(Release)
     /// The reboot into the update starts.
@@ -75,6 +75,15 @@ public enum AgentEvent: Sendable {
     case declined(String)
     /// The outcome reached its sender.
     case reported(Outcome)
+}
+
+/// What an install cost, beside the transfer it overlapped.
+public struct InstallStats: Sendable {
+    public var bytes: UInt64
+    /// Inside the slots' writes and fsyncs.
+    public var writeSeconds: Double
+    /// Reading every slot back and hashing it.
+    public var readBackSeconds: Double
 }
 
 public struct AgentError: Error, Sendable, CustomStringConvertible {
@@ -320,14 +329,17 @@ public final class AgentService: DatagramEndpoint {
             // The slots hold the update now: staging keeps no second copy.
             if update.bundlePath != nil { receiver.removeStagedBundle() }
         }
+        var used = sink
         if settings.installPath == .bundleFirst {
             guard let path = update.bundlePath, let plan else {
                 guarded { () throws(StorageError) in try driver.installFinished(verified: false, reason: "no staged bundle to install from") }
                 return
             }
             do {
+                let s = SlotSink(plan: plan)
+                used = s
                 _ = try UnverifiedBundle(path: path).verifyPayload(update.verified.manifest, keys: receiver.configuration.identity.keys,
-                                                                   checkAuthChain: false, sink: SlotSink(plan: plan))
+                                                                   checkAuthChain: false, sink: s)
             } catch {
                 guarded { () throws(StorageError) in try driver.installFinished(verified: false, reason: "installing from the bundle: \(error.reason)") }
                 return
@@ -337,7 +349,8 @@ public final class AgentService: DatagramEndpoint {
             guarded { () throws(StorageError) in try driver.installFinished(verified: false, reason: "the post-install hook failed: \(failure)") }
             return
         }
-        events.append(.installed(release, side: p.side))
+        events.append(.installed(release, side: p.side, InstallStats(bytes: used?.bytesWritten ?? 0, writeSeconds: used?.writeSeconds ?? 0,
+                                                                      readBackSeconds: used?.readBackSeconds ?? 0)))
         if let target = p.reportTo { reporter.report(progress: .installed, to: target, at: now) }
         guarded { () throws(StorageError) in try driver.installFinished(verified: true) }
         if settings.trigger == .manual, case .installed = driver.machine.standing { events.append(.ready(release)) }

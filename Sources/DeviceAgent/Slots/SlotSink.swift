@@ -1,6 +1,9 @@
 import BundleFormat
 import DeliveryCore
 import UpdateBundle
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A slot on a real device: an existing regular file or block device, written in
 /// place from offset 0 (Specs/agent.md §1, A-4). A file slot is made beforehand at
@@ -105,6 +108,17 @@ public final class SlotSink: ComponentSink {
     static let writebackChunkByteCount: UInt64 = 8 << 20
     /// Bytes written to slots so far (progress).
     public private(set) var bytesWritten: UInt64 = 0
+    /// Seconds spent inside the slots' writes and fsyncs, and in the read-back: the
+    /// install's own cost, beside the transfer it overlaps (bench/agent compares the
+    /// write rate with dd's).
+    public private(set) var writeSeconds = 0.0
+    public private(set) var readBackSeconds = 0.0
+
+    private static func seconds() -> Double {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
+    }
 
     public init(plan: SlotPlan) {
         self.plan = plan
@@ -133,6 +147,8 @@ public final class SlotSink: ComponentSink {
     private func flush() throws(BundleError) {
         guard let i = current, !buffer.isEmpty else { return }
         let entry = plan.entries[i]
+        let started = Self.seconds()
+        defer { writeSeconds += Self.seconds() - started }
         let result = buffer.withUnsafeBytes { b in Result { () throws(StorageError) in try entry.slot.write(b, at: offset) } }
         if case .failure(let e) = result { throw BundleError(.io, "writing \(entry.path): \(e.reason)") }
         offset += UInt64(buffer.count)
@@ -148,6 +164,8 @@ public final class SlotSink: ComponentSink {
         try flush()
         guard let i = current else { return }
         let entry = plan.entries[i]
+        let started = Self.seconds()
+        defer { writeSeconds += Self.seconds() - started }
         do { try entry.slot.sync() } catch { throw BundleError(.io, "fsync of \(entry.path): \(error.reason)") }
         current = nil
     }
@@ -155,6 +173,8 @@ public final class SlotSink: ComponentSink {
     /// Specs/agent.md A-4, I2: every slot read back and hashed.
     public func release() throws(BundleError) -> [String: String] {
         var paths: [String: String] = [:]
+        let started = Self.seconds()
+        defer { readBackSeconds += Self.seconds() - started }
         for e in plan.entries {
             (e.slot as? FileSlot)?.dropCachedPages()
             let ok: Bool
