@@ -106,7 +106,11 @@ public final class ReceiverPump {
             }
             let after = MonotonicClock.now()
             if let d = endpoint.nextDeadline, after >= d { endpoint.handleTimeout(at: after) }
-            if endpoint.hasPendingWork { endpoint.performPendingWork(at: MonotonicClock.now()) }
+            if endpoint.hasPendingWork {
+                // What is due goes out before the work, which may block for a while (P-21).
+                flushFeedback()
+                endpoint.performPendingWork(at: MonotonicClock.now())
+            }
             flushFeedback()
             if after >= nextTick {
                 tick(after)

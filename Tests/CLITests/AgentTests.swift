@@ -277,10 +277,10 @@ struct AgentTests {
         for d in devices { #expect(d.exits.contains(75), "\(d.name): \(d.exits)") }
     }
 
-    @Test("Bad input, each refused with its own reason and the running side intact: other hardware, old sequence, slot too small, no room, a failing reboot command, a health check that times out")
+    @Test("Bad input, each refused with its own reason and the running side intact: other hardware, old sequence, slot too small, no room, a failing reboot command, a health check that times out, the disk full during the install")
     func badInput() throws {
         let f = try NetworkFixture(imageBytes: 3_000_000, encrypted: false)
-        let lan = try TestLAN(receivers: 6, loss: [])
+        let lan = try TestLAN(receivers: 7, loss: [])
         let key = f.w.file("vendor.pub")
         let slot = 4 << 20
         // No room: staging on a 1 MiB file system, too small for the 3 MB bundle.
@@ -289,6 +289,17 @@ struct AgentTests {
         let mounted = try runTool("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny])
         #expect(mounted.status == 0, "mount: \(mounted.output)")
         defer { _ = try? runTool("/usr/bin/umount", [tiny]) }
+        // The disk full during the install: the spare slot is a sparse 4 MiB file on a
+        // 1 MiB file system, so the offer's size check passes and a write fails midway.
+        let slotfs = f.w.file("slotfs")
+        try FileManager.default.createDirectory(atPath: slotfs, withIntermediateDirectories: true)
+        let slotfsMounted = try runTool("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", slotfs])
+        #expect(slotfsMounted.status == 0, "mount: \(slotfsMounted.output)")
+        defer { _ = try? runTool("/usr/bin/umount", [slotfs]) }
+        _ = FileManager.default.createFile(atPath: slotfs + "/rootfs.b", contents: nil)
+        let sparse = try #require(FileHandle(forWritingAtPath: slotfs + "/rootfs.b"))
+        try sparse.truncate(atOffset: UInt64(slot))
+        try sparse.close()
         let cases: [(TestDevice, String)] = [
             (try TestDevice("otherhw", in: f.w, lan: lan, host: "r1", slotBytes: slot, trustedKey: key, config: ["device": ["hardware": "other-board"]]),
              "incompatibleHardware"),
@@ -300,6 +311,8 @@ struct AgentTests {
                             config: ["simulated-reboot": false, "reboot-command": ["sh", "-c", "echo reboot refused >&2; exit 1"]]), "rebootFailed"),
             (try TestDevice("hangs", in: f.w, lan: lan, host: "r6", slotBytes: slot, trustedKey: key,
                             config: ["health-check": ["command": ["sleep", "30"], "timeout": 1]]), "unhealthy"),
+            (try TestDevice("diskfull", in: f.w, lan: lan, host: "r7", slotBytes: slot, trustedKey: key,
+                            config: ["slots": ["rootfs": ["a": "rootfs.a", "b": slotfs + "/rootfs.b"]]]), "storage"),
         ]
         let devices = cases.map(\.0)
         for d in devices { d.powerOn() }
@@ -322,6 +335,8 @@ struct AgentTests {
             #expect(v.standing == "idle", "\(d.name): \(v.json)")
         }
         #expect(DeviceView(json: devices[1].status() ?? [:]).storedSequence == 5)
+        // The full disk was met by a slot write, midway (not by the offer's checks).
+        #expect(devices[6].logs.contains("No space left on device"), "\(devices[6].logs)")
         // The refused ones never wrote a byte to their spare slot.
         for d in devices.prefix(4) { #expect(d.slot("b", bytes: 1 << 20).allSatisfy { $0 == 0 }, "\(d.name) wrote its spare slot") }
     }

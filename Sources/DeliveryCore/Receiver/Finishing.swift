@@ -35,6 +35,16 @@ struct Finishing {
         timers[.closeConfirm] = s.timers[.closeConfirm]
     }
 
+    /// Specs/protocol.md P-21: the first STATUS `received` goes out at once, before
+    /// the device finishes step 2: that end (a large fsync, a slot read back) may
+    /// take seconds in which nothing is sent, and the sender must know by then that
+    /// every block is in (it allows `stepTwoSilenceMax` for it, not `receiverSilenceMax`).
+    mutating func reportReceived(at now: Instant, receiver r: inout Receiver) {
+        guard !carousel else { return }
+        r.sendStatus(.received, .none, session: id, report: report, to: sender)
+        timers[.status] = now + r.config.statusInterval
+    }
+
     /// The session failed before its transfer completed.
     init(failed s: Session, reason: Status.Reason, text: String, at now: Instant, config: ReceiverConfig) {
         id = s.id; carousel = s.carousel; sender = s.sender; grtt = s.grtt

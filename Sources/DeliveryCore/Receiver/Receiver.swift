@@ -318,7 +318,9 @@ public struct Receiver {
         } else if s.isTransferComplete {
             s.commitIfDue(force: true, actions: &actions)
             actions.append(.verify)
-            put(Finishing(completed: s))
+            var f = Finishing(completed: s)
+            f.reportReceived(at: now, receiver: &self)
+            put(f)
         } else {
             put(s)
         }

@@ -55,6 +55,8 @@ public struct AgentSettings: Sendable {
     public var shipped: Release
     /// How often a running health check is looked at.
     public var healthPollInterval = Interval.milliseconds(100)
+    /// Specs/agent.md A-5b: a failed reboot back to the installed side is tried again this often.
+    public var rebootRetryInterval = Interval.seconds(30)
     public init(slots: [String: SlotPair], booted: Side, shipped: Release) { self.slots = slots; self.booted = booted; self.shipped = shipped }
 }
 
@@ -117,6 +119,7 @@ public final class AgentService: DatagramEndpoint {
     private var sink: SlotSink?
     private var healthRunning = false
     private var healthPollAt: Instant?
+    private var rebootRetryAt: Instant?
     private var now = Instant.zero
     /// When the reboot was started: the loop ends a moment later (`isDone`).
     public private(set) var rebootStartedAt: Instant?
@@ -182,6 +185,14 @@ public final class AgentService: DatagramEndpoint {
     public func start(at now: Instant) {
         self.now = now
         guarded { () throws(StorageError) in try driver.start() }
+        scheduleRebootRetry()
+    }
+
+    /// Specs/agent.md A-5b: while the device runs a side it must leave and no reboot
+    /// is under way, the reboot is tried again every `rebootRetryInterval`.
+    private func scheduleRebootRetry() {
+        if driver.isRebooting || !driver.machine.needsReboot { rebootRetryAt = nil }
+        else if rebootRetryAt == nil { rebootRetryAt = now + settings.rebootRetryInterval }
     }
 
     public func pollEvent() -> AgentEvent? { events.isEmpty ? nil : events.removeFirst() }
@@ -207,6 +218,7 @@ public final class AgentService: DatagramEndpoint {
         healthRunning = false
         healthPollAt = nil
         try checked { () throws(StorageError) in try driver.mark(healthy: good, reason: good ? "" : "marked bad by hand") }
+        scheduleRebootRetry()
     }
 
     public func describe(_ s: SlotMachine.Standing) -> String {
@@ -235,7 +247,12 @@ public final class AgentService: DatagramEndpoint {
         self.now = now
         if let d = receiver.nextDeadline, now >= d { receiver.handleTimeout(at: now) }
         if healthRunning, let at = healthPollAt, now >= at { pollHealth() }
+        if let at = rebootRetryAt, now >= at {
+            rebootRetryAt = nil
+            guarded { () throws(StorageError) in try driver.retryReboot() }
+        }
         drainReceiver()
+        scheduleRebootRetry()
     }
 
     public func pollTransmit() -> Transmit? {
@@ -244,7 +261,7 @@ public final class AgentService: DatagramEndpoint {
     }
 
     public var nextDeadline: Instant? {
-        [receiver.nextDeadline, reporter.nextDeadline, healthRunning ? healthPollAt : nil].compactMap { $0 }.min()
+        [receiver.nextDeadline, reporter.nextDeadline, healthRunning ? healthPollAt : nil, rebootRetryAt].compactMap { $0 }.min()
     }
 
     public var hasPendingWork: Bool { receiver.hasPendingWork }

@@ -75,6 +75,9 @@ public final class SlotDriver {
         try run(machine.healthChecked(healthy: healthy, reason: reason))
     }
 
+    /// A-5b: the reboot back to the installed side, tried again after it failed.
+    public func retryReboot() throws(StorageError) { try run(machine.retryReboot()) }
+
     /// The outcome the `report` closure could not deliver at once has reached its sender.
     public func outcomeDelivered() throws(StorageError) { try run(machine.outcomeReported()) }
 

@@ -66,8 +66,18 @@ public struct SlotMachine: Sendable {
 
     /// The side an update goes to.
     public var spare: Side { record.installedSide.other }
-    /// Whether an update may start now (nothing pending).
-    public var canInstall: Bool { record.pending == nil }
+    /// Whether an update may start now: nothing pending, and the device runs its
+    /// installed side. After a rollback whose reboot failed it runs the side it left,
+    /// which is the spare: nothing may be written there before it reboots back (A-5b).
+    public var canInstall: Bool { record.pending == nil && booted == record.installedSide }
+
+    /// Specs/agent.md A-5b: nothing pending, running a side that is neither the
+    /// installed one nor confirmed (a rollback, or an undone activation, whose reboot
+    /// failed or was cut): the device must reboot back, and tries again until it does.
+    public var needsReboot: Bool { record.pending == nil && booted != record.installedSide && !boot[booted].confirmed }
+
+    /// A-5b: the reboot back, tried again.
+    public func retryReboot() -> [Action] { needsReboot ? [.reboot] : [] }
 
     // MARK: Start (Specs/agent.md A-6)
 
@@ -77,7 +87,7 @@ public struct SlotMachine: Sendable {
             // Running an unconfirmed side with nothing pending: a rollback whose reboot was
             // cut, or an activation undone after its reboot failed (`rebootFailed`) whose
             // boot-state write was cut. That side may not boot again; go back.
-            if booted != record.installedSide && !boot[booted].confirmed {
+            if needsReboot {
                 if boot[booted].bootable {
                     boot[booted] = .init(bootable: false, confirmed: false)
                     boot.order = [record.installedSide, booted]
