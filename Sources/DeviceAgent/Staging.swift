@@ -23,10 +23,31 @@ import Glibc
 /// and `bundle.partial` keeps the header, the envelope and the auth chain around
 /// a hole: every payload byte is written once.
 ///
+/// Given a device agent's spare slot (P-29b: a lone plain component is the payload
+/// and goes to that slot), the payload is staged in the slot itself, written in
+/// place, and staging holds no copy of the image at all.
+///
 /// Every file is reached under the directory's descriptor and never through a
 /// link (P-26b); the staging directory must be this user's and not writable by
 /// others, since what it holds is trusted once verified.
 public final class StagingArea {
+    /// Where the payload is staged when it is not inside `bundle.partial`.
+    public enum PayloadPlace {
+        /// Specs/protocol.md P-29a: the component file to be, `<name>.partial` in the
+        /// output directory, created and reserved here and renamed at the release.
+        case outputFile(SafeDirectory, String)
+        /// Specs/protocol.md P-29b: a device agent's spare slot, which exists and whose
+        /// size is its capacity; written in place, never created, truncated or removed.
+        case slot(File, path: String)
+
+        var path: String {
+            switch self {
+            case .outputFile(let dir, let name): dir.file(name)
+            case .slot(_, let path): path
+            }
+        }
+    }
+
     /// The staging directory, held open.
     public let directory: SafeDirectory
     static let partialName = "bundle.partial", journalName = "journal", bundleName = "bundle"
@@ -39,8 +60,8 @@ public final class StagingArea {
     public private(set) var header: BundleHeader?
     /// The envelope `file` was prepared for (a header only gives sizes).
     private var envelope: [UInt8]?
-    /// The prepared session's payload file (P-29a), in the output directory.
-    private var payload: (directory: SafeDirectory, name: String, file: File)?
+    /// The prepared session's payload file (P-29a, P-29b), and where it is.
+    private var payload: (place: PayloadPlace, file: File)?
     /// Named limit: a journal file larger than this is refused as corrupt
     /// (the envelope's limit plus two bitmaps for the largest payload).
     public static let journalByteCountMax = BundleLimits.envelopeByteCountMax + 4 << 20
@@ -66,8 +87,10 @@ public final class StagingArea {
         return ReceiverID(id)
     }
 
-    /// The payload file of the prepared session, if it is staged on its own (P-29a).
-    public var payloadPath: String? { payload.map { $0.directory.file($0.name) } }
+    /// The payload file of the prepared session, if it is staged on its own (P-29a, P-29b).
+    public var payloadPath: String? { payload?.place.path }
+    /// Where the prepared session's payload is staged, if on its own.
+    public var payloadPlace: PayloadPlace? { payload?.place }
 
     private func closeFiles() {
         file = nil
@@ -78,7 +101,7 @@ public final class StagingArea {
 
     // MARK: Journal
 
-    /// The journal and whether it staged the payload in a file of its own (P-29a);
+    /// The journal and whether it staged the payload in a file of its own (P-29a, P-29b);
     /// nil with the reason when it cannot be used, nil without one when there is none.
     public func loadJournal() -> (journal: (ProgressJournal, payloadApart: Bool)?, note: String?) {
         guard let bytes = directory.readWhole(Self.journalName, limit: Self.journalByteCountMax) else { return (nil, nil) }
@@ -88,7 +111,7 @@ public final class StagingArea {
     /// Resume state for the core: the journal plus the auth-chain blocks it lists, read back.
     /// Nil (start afresh) if the payload was staged elsewhere than `payloadFile` says now,
     /// or the partial files do not match the journal's envelope.
-    public func resumeState(journal: ProgressJournal, payloadApart: Bool, manifest: Manifest, payloadFile: (SafeDirectory, String)?) -> ResumeState? {
+    public func resumeState(journal: ProgressJournal, payloadApart: Bool, manifest: Manifest, payloadFile: PayloadPlace?) -> ResumeState? {
         guard payloadApart == (payloadFile != nil) else { return nil }
         let expected = BundleHeader(envelopeLength: journal.envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
         guard (try? open(for: expected, envelope: journal.envelope, payloadFile: payloadFile, create: false)) != nil, let file else { return nil }
@@ -118,15 +141,15 @@ public final class StagingArea {
     /// header and envelope match (true), otherwise starts new ones, reserved (P-26a),
     /// and removes the journal that described the old ones (false).
     @discardableResult
-    public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: (SafeDirectory, String)?) throws(StorageError) -> Bool {
+    public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: PayloadPlace?) throws(StorageError) -> Bool {
         let h = BundleHeader(envelopeLength: envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
-        if header == h, self.envelope == envelope, file != nil, payload?.name == payloadFile?.1 { return true }
+        if header == h, self.envelope == envelope, file != nil, payload?.place.path == payloadFile?.path { return true }
         if (try? open(for: h, envelope: envelope, payloadFile: payloadFile, create: false)) != nil { return true }
         directory.remove(Self.journalName)
         do { try open(for: h, envelope: envelope, payloadFile: payloadFile, create: true) } catch {
             // A failed reservation leaves no partial file behind to hold the space.
             directory.remove(Self.partialName)
-            if let (dir, name) = payloadFile { dir.remove(name) }
+            if case .outputFile(let dir, let name)? = payloadFile { dir.remove(name) }
             throw StorageError(error.reason)
         }
         return false
@@ -135,16 +158,26 @@ public final class StagingArea {
     /// Bytes the files `prepare` would replace hold on disk now (a stale download's
     /// reservation): free space a new bundle may count on, in the staging directory
     /// and (the payload file) in the output directory.
-    public func reclaimableBytes(payloadFile: (SafeDirectory, String)?) -> (staging: UInt64, output: UInt64) {
-        (directory.allocatedBytes(Self.partialName), payloadFile.map { $0.0.allocatedBytes($0.1) } ?? 0)
+    public func reclaimableBytes(payloadFile: PayloadPlace?) -> (staging: UInt64, output: UInt64) {
+        guard case .outputFile(let dir, let name)? = payloadFile else { return (directory.allocatedBytes(Self.partialName), 0) }
+        return (directory.allocatedBytes(Self.partialName), dir.allocatedBytes(name))
     }
 
-    private func open(for h: BundleHeader, envelope: [UInt8], payloadFile: (SafeDirectory, String)?, create: Bool) throws(BundleError) {
+    private func open(for h: BundleHeader, envelope: [UInt8], payloadFile: PayloadPlace?, create: Bool) throws(BundleError) {
         closeFiles()
         let f = create ? try directory.createExclusive(Self.partialName, mode: 0o600, readable: true) : try directory.open(Self.partialName, writable: true)
         var p: File?
-        if let (dir, name) = payloadFile {
+        switch payloadFile {
+        case .outputFile(let dir, let name)?:
             p = create ? try dir.createExclusive(name, mode: 0o600, readable: true) : try dir.open(name, writable: true)
+        case .slot(let slot, let path)?:
+            // P-29b: the slot is what it is; it must hold the payload.
+            let capacity = try slot.extent().size
+            guard capacity >= UInt64(h.payloadLength) else {
+                throw BundleError(.io, "slot \(path) (\(capacity) bytes) cannot stage the \(h.payloadLength)-byte payload")
+            }
+            p = slot
+        case nil: break
         }
         let prefix = h.encoded() + envelope
         if create {
@@ -153,26 +186,32 @@ public final class StagingArea {
             // reserve gets a sparse file of the right size instead. A payload staged on its
             // own (P-29a) is reserved in its file, and bundle.partial keeps a hole for it.
             let total = "for the \(h.totalSize)-byte bundle"
-            if let p, let (dir, name) = payloadFile {
+            if let p, let place = payloadFile {
                 _ = try f.reserve(offset: 0, length: h.payloadOffset, what: "\(total) in \(directory.path)")
                 _ = try f.reserve(offset: h.authOffset, length: UInt64(h.authLength), what: "\(total) in \(directory.path)")
-                _ = try p.reserve(offset: 0, length: UInt64(h.payloadLength), what: "\(total) for its \(h.payloadLength)-byte payload in \(dir.file(name))")
-                try p.truncate(to: UInt64(h.payloadLength))
+                if case .outputFile = place {
+                    _ = try p.reserve(offset: 0, length: UInt64(h.payloadLength), what: "\(total) for its \(h.payloadLength)-byte payload in \(place.path)")
+                    try p.truncate(to: UInt64(h.payloadLength))
+                }
             } else {
                 _ = try f.reserve(offset: 0, length: h.totalSize, what: "\(total) in \(directory.path)")
             }
             try f.truncate(to: h.totalSize)
             try f.write(prefix, at: 0)
         } else {
-            guard try f.size == h.totalSize, (try? f.read(at: 0, count: prefix.count)) == prefix,
-                  try p.map({ (file) throws(BundleError) in try file.size == UInt64(h.payloadLength) }) ?? true else {
+            let payloadFits: Bool
+            switch payloadFile {
+            case .outputFile?: payloadFits = try p!.size == UInt64(h.payloadLength)
+            case .slot?, nil: payloadFits = true  // a slot's size was checked above
+            }
+            guard try f.size == h.totalSize, (try? f.read(at: 0, count: prefix.count)) == prefix, payloadFits else {
                 throw BundleError(.io, "\(partialPath) belongs to another bundle")
             }
         }
         file = f
         header = h
         self.envelope = envelope
-        if let p, let (dir, name) = payloadFile { payload = (dir, name, p) }
+        if let p, let payloadFile { payload = (payloadFile, p) }
     }
 
     /// Writes a verified block (Specs/protocol.md P-20: only verified bytes reach staging).
@@ -198,10 +237,12 @@ public final class StagingArea {
         return (file, h.payloadOffset)
     }
 
-    /// What `finish()` leaves: the bundle, or (P-29a) the payload in a file of its own.
+    /// What `finish()` leaves: the bundle, or the payload in a file of its own (P-29a),
+    /// or in the slot it was staged in (P-29b).
     public enum Staged: Sendable {
         case bundle(String)
         case payload(String)
+        case slot(String)
     }
 
     /// Makes the complete file durable and renames it to `bundle`; or, when the payload
@@ -212,12 +253,13 @@ public final class StagingArea {
         do {
             if let payload {
                 try payload.file.sync()
-                let path = payload.directory.file(payload.name)
+                let place = payload.place
                 closeFiles()
                 directory.remove(Self.journalName)
                 directory.remove(Self.partialName)
                 try directory.sync()
-                return .payload(path)
+                if case .slot(_, let path) = place { return .slot(path) }
+                return .payload(place.path)
             }
             try file.sync()
             closeFiles()

@@ -98,8 +98,10 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     /// Where an accepted update's components go instead of the output directory: a
     /// device agent's sink writes them into its spare slots as step 2 releases them
-    /// (Specs/agent.md A-4). Asked once per accepted offer.
-    public var makeSink: ((VerifiedManifest) throws(ReceiveFailure) -> ComponentSink)?
+    /// (Specs/agent.md A-4). Asked once per accepted offer, with whether the payload is
+    /// staged in the slot already (P-29b: the sink then only makes it durable and reads
+    /// it back).
+    public var makeSink: ((VerifiedManifest, _ stagedInSlot: Bool) throws(ReceiveFailure) -> ComponentSink)?
 
     /// Bundles the embedder has already (installed, on trial, rolled back): an announce
     /// of one is ignored without a word, before the policy, whose anti-rollback check
@@ -108,6 +110,7 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     private let staging: StagingArea
     private let output: SafeDirectory?
+    private let payloadSlot: ((Manifest) -> StagingArea.PayloadPlace?)?
     private let installed: () -> InstalledSoftware
     private let unixTime: () -> UInt64
     private let spill: FileSpill
@@ -145,10 +148,14 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     /// `installed` is asked at every offer and again before release; `unixTime` is the
     /// wall clock that expiry is judged by (injected for tests); `seed` (default: from
-    /// the system's randomness) draws the NACK backoff.
+    /// the system's randomness) draws the NACK backoff. `payloadSlot` (a device
+    /// agent's) gives the spare slot that a manifest's lone plain component would go
+    /// to, where the payload is then staged (Specs/protocol.md P-29b), or nil.
     public init(configuration: Configuration, installed: @escaping () -> InstalledSoftware,
-                unixTime: @escaping () -> UInt64 = { UInt64(time(nil)) }, seed: UInt64? = nil) throws(ReceiveFailure) {
+                unixTime: @escaping () -> UInt64 = { UInt64(time(nil)) }, seed: UInt64? = nil,
+                payloadSlot: ((Manifest) -> StagingArea.PayloadPlace?)? = nil) throws(ReceiveFailure) {
         self.configuration = configuration
+        self.payloadSlot = payloadSlot
         self.installed = installed
         self.unixTime = unixTime
         do {
@@ -266,7 +273,7 @@ public final class UpdateReceiver: DatagramEndpoint {
             if resuming, let resume {
                 for b in resume.progress.payloadBlocks where b < t.stored.count { t.stored[b] = true }
             }
-            if configuration.verifyDuringTransfer { t.verification = try makeVerification(t.verified, staged: payloadFile != nil) }
+            if configuration.verifyDuringTransfer { t.verification = try makeVerification(t.verified, staged: payloadFile) }
         } catch {
             core.decline(error.statusReason, error.text, at: now)
             events.append(.refused(session: offer.session, error))
@@ -307,7 +314,7 @@ public final class UpdateReceiver: DatagramEndpoint {
                 t.complete = true
                 events.append(.received(session: core.session ?? SessionID(0)))
                 if t.verification == nil {
-                    do { t.verification = try makeVerification(t.verified, staged: staging.payloadPath != nil) } catch { end(t, failure: error, at: now) }
+                    do { t.verification = try makeVerification(t.verified, staged: staging.payloadPlace) } catch { end(t, failure: error, at: now) }
                 }
             case .failed(let reason, let text):
                 if let t = transfer { end(t, failure: ReceiveFailure(status: reason, text), at: now, toldCore: true) }
@@ -366,10 +373,11 @@ public final class UpdateReceiver: DatagramEndpoint {
     }
 
     /// Bytes the bundle needs in staging and in the output directory: the payload
-    /// staged as the component (P-29a) counts in the output only.
+    /// staged as the component (P-29a) counts in the output only, and in a slot
+    /// (P-29b) nowhere.
     private func needs(_ o: Offer, _ m: Manifest) -> (total: UInt64, staging: UInt64, output: UInt64) {
         let total = BundleHeader(envelopeLength: o.envelope.count, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
-        let separate = Self.stagesPayloadAsComponent(configuration, m)
+        let separate = Self.stagesPayloadAsComponent(configuration, m) || stagesPayloadInSlot(m)
         let output = configuration.outputDirectory == nil ? 0 : m.components.reduce(UInt64(0)) { $0 + $1.size }
         return (total, separate ? total - m.payload.size : total, output)
     }
@@ -378,7 +386,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// its components declines it before a byte is staged. Space that the stale files
     /// of an earlier download hold counts as free: preparing replaces them. (The
     /// reservation at the join still decides: free space can go meanwhile.)
-    private func checkRoom(_ n: (total: UInt64, staging: UInt64, output: UInt64), payloadFile: (SafeDirectory, String)?) throws(BundleError) {
+    private func checkRoom(_ n: (total: UInt64, staging: UInt64, output: UInt64), payloadFile: StagingArea.PayloadPlace?) throws(BundleError) {
         let stale = staging.reclaimableBytes(payloadFile: payloadFile)
         var byFileSystem: [UInt: (path: String, free: UInt64, need: UInt64)] = [:]
         let places = [(configuration.stagingDirectory, n.staging, stale.staging)] + (configuration.outputDirectory.map { [($0, n.output, stale.output)] } ?? [])
@@ -449,6 +457,7 @@ public final class UpdateReceiver: DatagramEndpoint {
             switch staged {
             case .payload(let path): output?.remove(String(path.split(separator: "/").last ?? ""))
             case .bundle: staging.directory.remove(StagingArea.bundleName)
+            case .slot: break  // the slot stays, not bootable (Specs/agent.md A-3)
             }
             throw ReceiveFailure(error)
         }
@@ -463,13 +472,15 @@ public final class UpdateReceiver: DatagramEndpoint {
     private func end(_ t: Transfer, failure: ReceiveFailure, at now: Instant, toldCore: Bool = false) {
         guard !t.ended else { return }
         t.ended = true
+        // The session as the embedder knew it: an aborted core forgets it.
+        let session = core.session ?? SessionID(0)
         // Step 2's temporaries go with it (B-11: a failed verification leaves nothing).
         t.verification = nil
         if !toldCore {
             if core.isVerifying { core.handleVerdict(.failed(failure.statusReason, failure.text), at: now) }
             else { core.abort(failure.statusReason, failure.text, at: now) }
         }
-        events.append(.failed(session: core.session ?? SessionID(0), failure))
+        events.append(.failed(session: session, failure))
     }
 
     // MARK: Set-up
@@ -481,16 +492,27 @@ public final class UpdateReceiver: DatagramEndpoint {
         c.outputDirectory != nil && !c.keepBundle && c.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
     }
 
-    private func stagedPayloadFile(_ m: Manifest) throws(ReceiveFailure) -> (SafeDirectory, String)? {
-        guard Self.stagesPayloadAsComponent(configuration, m), let output else { return nil }
-        return (output, m.components[0].name + Manifest.temporarySuffix)
+    /// Specs/protocol.md P-29b: a device agent's payload that is its lone plain
+    /// component is staged in the spare slot itself (step 2 during the transfer, no
+    /// bundle kept): the slot is then written once, and staging holds no copy.
+    func stagesPayloadInSlot(_ m: Manifest) -> Bool {
+        payloadSlot != nil && !configuration.keepBundle && configuration.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
     }
 
-    private func makeVerification(_ verified: VerifiedManifest, staged: Bool) throws(ReceiveFailure) -> PayloadVerification {
-        let sink = try makeSink.map { (make) throws(ReceiveFailure) in try make(verified) }
+    private func stagedPayloadFile(_ m: Manifest) throws(ReceiveFailure) -> StagingArea.PayloadPlace? {
+        if Self.stagesPayloadAsComponent(configuration, m), let output { return .outputFile(output, m.components[0].name + Manifest.temporarySuffix) }
+        if stagesPayloadInSlot(m) { return payloadSlot?(m) }
+        return nil
+    }
+
+    private func makeVerification(_ verified: VerifiedManifest, staged: StagingArea.PayloadPlace?) throws(ReceiveFailure) -> PayloadVerification {
+        var inSlot = false
+        if case .slot? = staged { inSlot = true }
+        if inSlot && makeSink == nil { throw ReceiveFailure(.storage, "a payload staged in a slot needs a sink to read it back (makeSink)") }
+        let sink = try makeSink.map { (make) throws(ReceiveFailure) in try make(verified, inSlot) }
         do {
             return try PayloadVerification(verified, keys: configuration.identity.keys, outputDirectory: sink == nil ? configuration.outputDirectory : nil,
-                                           componentStaged: staged && sink == nil, componentMode: configuration.componentMode, sink: sink)
+                                           componentStaged: staged != nil && sink == nil, componentMode: configuration.componentMode, sink: sink)
         } catch { throw ReceiveFailure(error) }
     }
 

@@ -169,6 +169,8 @@ struct AgentRun: ParsableCommand {
     private func log(_ e: AgentEvent, _ logger: Logger) {
         switch e {
         case .installing(let r, let side): logger.notice("installing \(r.version) (sequence \(r.sequence)) into side \(side.name) as it is received")
+        case .installed(let r, let side, let st) where st.writtenInPlace:
+            logger.notice("installed \(r.version) on side \(side.name): every slot read back and matched; \(formatBytes(st.bytes)) staged in the slot as it arrived (written once), its final fsync \(String(format: "%.2f", st.writeSeconds)) s, read back in \(String(format: "%.2f", st.readBackSeconds)) s")
         case .installed(let r, let side, let st):
             logger.notice("installed \(r.version) on side \(side.name): every slot read back and matched; \(formatBytes(st.bytes)) written in \(String(format: "%.2f", st.writeSeconds)) s of writes and fsyncs (\(formatRate(st.bytes, st.writeSeconds))), read back in \(String(format: "%.2f", st.readBackSeconds)) s")
         case .ready(let r): logger.notice("\(r.version) is ready: `fleetcast agent install` activates it")

@@ -283,10 +283,11 @@ struct AgentTests {
         let lan = try TestLAN(receivers: 7, loss: [])
         let key = f.w.file("vendor.pub")
         let slot = 4 << 20
-        // No room: staging on a 1 MiB file system, too small for the 3 MB bundle.
+        // No room: staging on a 32 KiB file system, too small even for the bundle's
+        // envelope and auth chain (its 3 MB plain payload would go to the slot, P-29b).
         let tiny = f.w.file("tiny")
         try FileManager.default.createDirectory(atPath: tiny, withIntermediateDirectories: true)
-        let mounted = try runTool("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny])
+        let mounted = try runTool("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=32k", "tmpfs", tiny])
         #expect(mounted.status == 0, "mount: \(mounted.output)")
         defer { _ = try? runTool("/usr/bin/umount", [tiny]) }
         // The disk full during the install: the spare slot is a sparse 4 MiB file on a
@@ -332,13 +333,37 @@ struct AgentTests {
             #expect(v.installedSide == "a" && v.side("a")?.bootable == true && v.side("a")?.confirmed == true && v.side("b")?.bootable == false,
                     "\(d.name): \(v.json)")
             #expect(d.slot("a", bytes: TestDevice.shippedImageBytes) == d.oldImage, "\(d.name): the running slot changed")
-            #expect(v.standing == "idle", "\(d.name): \(v.json)")
+            #expect(v.standing == "idle", "\(d.name): \(v.json)\n\(d.logs)")
         }
         #expect(DeviceView(json: devices[1].status() ?? [:]).storedSequence == 5)
         // The full disk was met by a slot write, midway (not by the offer's checks).
         #expect(devices[6].logs.contains("No space left on device"), "\(devices[6].logs)")
         // The refused ones never wrote a byte to their spare slot.
         for d in devices.prefix(4) { #expect(d.slot("b", bytes: 1 << 20).allSatisfy { $0 == 0 }, "\(d.name) wrote its spare slot") }
+    }
+
+    @Test("No room for a second copy: a plain image is staged in the spare slot itself (Specs/protocol.md P-29b), with staging smaller than the image")
+    func noSecondCopy() throws {
+        let f = try NetworkFixture(imageBytes: 3_000_000, encrypted: false)
+        let lan = try TestLAN(receivers: 1, loss: [5])
+        // Staging on a 1 MiB file system: a third of the image.
+        let small = f.w.file("small")
+        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+        let mounted = try runTool("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small])
+        #expect(mounted.status == 0, "mount: \(mounted.output)")
+        defer { _ = try? runTool("/usr/bin/umount", [small]) }
+        let d = try TestDevice("dev", in: f.w, lan: lan, host: "r1", slotBytes: 4 << 20, trustedKey: f.w.file("vendor.pub"),
+                               config: ["staging-dir": small + "/staging"])
+        d.powerOn()
+        defer { d.powerOff() }
+        #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.logs)")
+        let s = try sender(lan, f, f.w.file("update.fcb"), receivers: 1, awaiting: "confirmed")
+        #expect(s.wait(seconds: 150) == 0, "\(s.output)\n\(d.logs)")
+        d.powerOff()
+        let v = DeviceView(json: d.status() ?? [:])
+        #expect(v.installedVersion == "2.0" && v.installedSide == "b" && v.side("b")?.confirmed == true, "\(v.json)")
+        #expect(d.slot("b", bytes: f.image.count) == f.image, "the confirmed slot differs from the image")
+        #expect(d.logs.contains("staged in the slot as it arrived"), "\(d.logs)")
     }
 
     @Test("An expired bundle is refused at the offer; the device keeps running its side")

@@ -82,6 +82,9 @@ public enum AgentEvent: Sendable {
 /// What an install cost, beside the transfer it overlapped.
 public struct InstallStats: Sendable {
     public var bytes: UInt64
+    /// The payload was staged in the slot as it arrived (Specs/protocol.md P-29b):
+    /// `writeSeconds` is then the final fsync only.
+    public var writtenInPlace: Bool
     /// Inside the slots' writes and fsyncs.
     public var writeSeconds: Double
     /// Reading every slot back and hashing it.
@@ -154,18 +157,28 @@ public final class AgentService: DatagramEndpoint {
         config.listensAfterSession = true
         if settings.installPath == .bundleFirst { config.keepBundle = true }
         do {
+            // Specs/protocol.md P-29b: a lone plain component's payload is staged in the
+            // spare slot it goes to, so that the image is written once and staging holds
+            // no copy of it. (Asked at offers and at a resume; written only once accepted,
+            // after A-3 made the spare not bootable.)
+            let slots = settings.slots
+            let payloadSlot: ((Manifest) -> StagingArea.PayloadPlace?)? = settings.installPath == .bundleFirst ? nil : { [unowned driver] m in
+                guard m.components.count == 1, let pair = slots[m.components[0].installTarget],
+                      let slot = try? FileSlot(path: pair[driver.machine.spare]), slot.capacity >= m.payload.size else { return nil }
+                return .slot(slot.file, path: slot.path)
+            }
             receiver = try UpdateReceiver(configuration: config, installed: { [unowned driver] in
                 let r = driver.machine.record
                 return InstalledSoftware(version: r.installed.version, sequence: r.sequence)
-            }, unixTime: unixTime, seed: seed)
+            }, unixTime: unixTime, seed: seed, payloadSlot: payloadSlot)
         } catch { throw AgentError("staging: \(error.text)") }
         bridge.service = self
         receiver.decideOffer = { [unowned self] offer in decide(offer) }
         receiver.ignoresBundle = { [unowned self] manifest in knows(manifest.bundleID) }
         if settings.installPath == .stream {
-            receiver.makeSink = { [unowned self] _ throws(ReceiveFailure) in
+            receiver.makeSink = { [unowned self] _, inSlot throws(ReceiveFailure) in
                 guard let plan else { throw ReceiveFailure(.storage, "no slot plan for this update") }
-                let s = SlotSink(plan: plan)
+                let s = SlotSink(plan: plan, writtenInPlace: inSlot)
                 sink = s
                 return s
             }
@@ -366,7 +379,9 @@ public final class AgentService: DatagramEndpoint {
             guarded { () throws(StorageError) in try driver.installFinished(verified: false, reason: "the post-install hook failed: \(failure)") }
             return
         }
-        events.append(.installed(release, side: p.side, InstallStats(bytes: used?.bytesWritten ?? 0, writeSeconds: used?.writeSeconds ?? 0,
+        let inPlace = used?.writtenInPlace ?? false
+        events.append(.installed(release, side: p.side, InstallStats(bytes: inPlace ? update.verified.manifest.manifest.payload.size : used?.bytesWritten ?? 0,
+                                                                      writtenInPlace: inPlace, writeSeconds: used?.writeSeconds ?? 0,
                                                                       readBackSeconds: used?.readBackSeconds ?? 0)))
         if let target = p.reportTo { reporter.report(progress: .installed, to: target, at: now) }
         guarded { () throws(StorageError) in try driver.installFinished(verified: true) }

@@ -14,7 +14,9 @@ public final class FileSlot: SlotDevice {
     public let path: String
     public let capacity: UInt64
     public let isBlockDevice: Bool
-    private let file: File
+    /// The slot opened for reading and writing (the receiver stages a lone plain
+    /// payload here, Specs/protocol.md P-29b).
+    let file: File
 
     public init(path: String) throws(StorageError) {
         do {
@@ -95,8 +97,14 @@ public struct SlotPair: Equatable, Sendable {
 /// slot is fsynced when its component ends; `release` reads every slot back and
 /// hashes it against the component's signed SHA-256, and only a match lets the
 /// update go on to `installed` (I2).
+///
+/// `writtenInPlace`: the receiver staged the payload in the slot already, as it
+/// arrived (Specs/protocol.md P-29b: a lone plain component); the bytes step 2
+/// releases are what the slot holds, so they are not written again: the sink
+/// makes the slot durable and reads it back.
 public final class SlotSink: ComponentSink {
     public let plan: SlotPlan
+    public let writtenInPlace: Bool
     private var current: Int?
     private var offset: UInt64 = 0
     private var buffer: [UInt8] = []
@@ -120,9 +128,11 @@ public final class SlotSink: ComponentSink {
         return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
     }
 
-    public init(plan: SlotPlan) {
+    public init(plan: SlotPlan, writtenInPlace: Bool = false) {
+        precondition(!writtenInPlace || plan.entries.count == 1, "only a lone component is staged in its slot (P-29b)")
         self.plan = plan
-        buffer.reserveCapacity(Self.writeByteCount)
+        self.writtenInPlace = writtenInPlace
+        if !writtenInPlace { buffer.reserveCapacity(Self.writeByteCount) }
     }
 
     public func begin(_ component: Manifest.Component) throws(BundleError) {
@@ -135,6 +145,7 @@ public final class SlotSink: ComponentSink {
     }
 
     public func write(_ bytes: UnsafeRawBufferPointer) throws(BundleError) {
+        if writtenInPlace { return }
         var rest = bytes
         while !rest.isEmpty {
             let n = min(rest.count, Self.writeByteCount - buffer.count)
