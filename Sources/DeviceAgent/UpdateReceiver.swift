@@ -48,6 +48,12 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// Step 2 block by block as blocks arrive (Specs/bundle.md B-15b), or after the
         /// transfer from the staged bundle.
         public var verifyDuringTransfer = true
+        /// Step 2 on a thread of its own, reading the staged blocks back as they come
+        /// in order, so that hashing, decryption, inflation and the components' writes
+        /// do not hold up the socket (`fleetcast receive` and `agent` set it). False:
+        /// it runs in bounded slices of `performPendingWork`, in the caller's loop, and
+        /// everything is deterministic.
+        public var stepTwoThread = false
         /// Mode of released component files.
         public var componentMode: mode_t = 0o600
         /// After a session ends (its final STATUS acknowledged), listen for the next one,
@@ -134,6 +140,10 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// Payload blocks staged (this run or journalled before).
         var stored: [Bool]
         var verification: PayloadVerification?
+        /// With `stepTwoThread`: the thread that owns `verification` while it runs, and
+        /// how far the payload is staged without a gap.
+        var worker: StepTwoWorker?
+        var stagedUpTo = 0
         /// Every block is in: step 2 is to finish.
         var complete = false
         /// The outcome was emitted (once); nothing of the session is carried out after it.
@@ -145,6 +155,8 @@ public final class UpdateReceiver: DatagramEndpoint {
                                                                   profile: verified.manifest.transport).blockCount)
         }
     }
+
+    deinit { transfer?.worker?.stop() }
 
     /// `installed` is asked at every offer and again before release; `unixTime` is the
     /// wall clock that expiry is judged by (injected for tests); `seed` (default: from
@@ -202,6 +214,7 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     /// A datagram from the group or the sender, with its source address, at `now` (your monotonic clock).
     public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+        lastNow = now
         bytesHeard += UInt64(bytes.count)
         core.handleDatagram(bytes, from: peer, at: now)
         carryOut(at: now)
@@ -209,6 +222,7 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     /// Call when `nextDeadline` has passed.
     public func handleTimeout(at now: Instant) {
+        lastNow = now
         core.handleTimeout(at: now)
         carryOut(at: now)
     }
@@ -217,12 +231,25 @@ public final class UpdateReceiver: DatagramEndpoint {
     public func pollTransmit() -> Transmit? { core.pollTransmit() }
     /// The next event for the embedder, or nil.
     public func pollEvent() -> UpdateEvent? { events.isEmpty ? nil : events.removeFirst() }
-    /// When `handleTimeout` next has something to do.
-    public var nextDeadline: Instant? { core.nextDeadline }
+    /// When `handleTimeout` next has something to do (or, while step 2's thread
+    /// finishes a complete transfer, when to look at it again).
+    public var nextDeadline: Instant? {
+        guard let t = transfer, !t.ended, t.complete, t.worker != nil, let lastNow else { return core.nextDeadline }
+        let look = lastNow + Self.stepTwoPollInterval
+        return core.nextDeadline.map { min($0, look) } ?? look
+    }
+
+    /// How often the loop looks at step 2's thread once every block is in.
+    public static let stepTwoPollInterval = Interval.milliseconds(5)
+    private var lastNow: Instant?
 
     /// Whether step 2 has staged blocks to read back, or is to finish: call `performPendingWork`.
     public var hasPendingWork: Bool {
         guard let t = transfer, !t.ended else { return false }
+        if let w = t.worker {
+            let p = w.progress
+            return p.failure != nil || (t.complete && p.consumed == t.stored.count)
+        }
         if t.complete { return true }
         guard let v = t.verification else { return false }
         return v.nextBlock < v.blockCount && t.stored[v.nextBlock]
@@ -235,7 +262,16 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// A bounded slice of step 2 (`verificationBlocksPerCall` read-backs, or its end).
     public func performPendingWork(at now: Instant) {
         guard let t = transfer, !t.ended else { return }
+        lastNow = now
         do throws(ReceiveFailure) {
+            if let w = t.worker {
+                let p = w.progress
+                if let failure = p.failure { throw failure }
+                guard t.complete && p.consumed == t.stored.count else { return }
+                // Every block consumed: the verification is this loop's again.
+                w.stop()
+                t.worker = nil
+            }
             try feedStaged(t, blockCountMax: Self.verificationBlocksPerCall)
             if t.complete, let v = t.verification, v.nextBlock == v.blockCount { try finishStepTwo(t, at: now) }
         } catch {
@@ -273,7 +309,7 @@ public final class UpdateReceiver: DatagramEndpoint {
             if resuming, let resume {
                 for b in resume.progress.payloadBlocks where b < t.stored.count { t.stored[b] = true }
             }
-            if configuration.verifyDuringTransfer { t.verification = try makeVerification(t.verified, staged: payloadFile) }
+            if configuration.verifyDuringTransfer { startVerification(t, try makeVerification(t.verified, staged: payloadFile)) }
         } catch {
             core.decline(error.statusReason, error.text, at: now)
             events.append(.refused(session: offer.session, error))
@@ -314,7 +350,7 @@ public final class UpdateReceiver: DatagramEndpoint {
                 t.complete = true
                 events.append(.received(session: core.session ?? SessionID(0)))
                 if t.verification == nil {
-                    do { t.verification = try makeVerification(t.verified, staged: staging.payloadPlace) } catch { end(t, failure: error, at: now) }
+                    do { startVerification(t, try makeVerification(t.verified, staged: staging.payloadPlace)) } catch { end(t, failure: error, at: now) }
                 }
             case .failed(let reason, let text):
                 if let t = transfer { end(t, failure: ReceiveFailure(status: reason, text), at: now, toldCore: true) }
@@ -411,8 +447,30 @@ public final class UpdateReceiver: DatagramEndpoint {
         core.handleStored(object, block: block)
         guard object == .payload, block < t.stored.count else { return }
         t.stored[block] = true
+        if let w = t.worker {
+            if block == t.stagedUpTo {
+                while t.stagedUpTo < t.stored.count && t.stored[t.stagedUpTo] { t.stagedUpTo += 1 }
+                w.staged(upTo: t.stagedUpTo)
+            }
+            return
+        }
         // Step 2 takes the block straight from memory when it is the next one.
         if let v = t.verification, v.nextBlock == block { consume(t, v, block: block, bytes, at: now) }
+    }
+
+    /// Step 2 begins: in this loop, or on its own thread (`stepTwoThread`) from the
+    /// blocks staged so far.
+    private func startVerification(_ t: Transfer, _ v: PayloadVerification) {
+        t.verification = v
+        guard configuration.stepTwoThread else { return }
+        let staging = staging
+        let w = StepTwoWorker(verification: v) { (range) throws(ReceiveFailure) in
+            do throws(StorageError) { return try staging.readPayload(offset: range.lowerBound, count: range.count) } catch { throw ReceiveFailure(.storage, error.reason) }
+        }
+        t.stagedUpTo = 0
+        while t.stagedUpTo < t.stored.count && t.stored[t.stagedUpTo] { t.stagedUpTo += 1 }
+        w.start(stagedUpTo: t.stagedUpTo)
+        t.worker = w
     }
 
     private func consume(_ t: Transfer, _ v: PayloadVerification, block: Int, _ bytes: [UInt8], at now: Instant) {
@@ -474,6 +532,9 @@ public final class UpdateReceiver: DatagramEndpoint {
         t.ended = true
         // The session as the embedder knew it: an aborted core forgets it.
         let session = core.session ?? SessionID(0)
+        // Step 2's thread stops before its verification goes.
+        t.worker?.stop()
+        t.worker = nil
         // Step 2's temporaries go with it (B-11: a failed verification leaves nothing).
         t.verification = nil
         if !toldCore {

@@ -117,6 +117,7 @@ struct AgentRun: ParsableCommand {
             // A device's first start: the boot state as shipped, the running side good.
             if try files.records.read() == nil, (try? files.boot.read()) == nil { try files.boot.initialize(current: booted) }
             var receiving = UpdateReceiver.Configuration(identity: identity, stagingDirectory: config.stagingDirectory)
+            receiving.stepTwoThread = true
             receiving.tuning.inactivityTimeout = .seconds(10)
             var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)
             settings.trialAttempts = config.trialAttempts

@@ -128,6 +128,7 @@ struct Receive: ParsableCommand {
         var config = UpdateReceiver.Configuration(identity: identity, stagingDirectory: stagingDir, outputDirectory: outputDir)
         config.keepBundle = keepBundle || bundleOut != nil
         config.verifyDuringTransfer = !verifyAfterTransfer
+        config.stepTwoThread = true
         config.componentMode = mode_t(componentMode, radix: 8)!  // checked in validate()
         config.tuning.inactivityTimeout = .seconds(10)
         config.tuning.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()

@@ -64,8 +64,9 @@ struct LoopbackTests {
         return Instant(microseconds: UInt64(t.tv_sec) * 1_000_000 + UInt64(t.tv_nsec) / 1000)
     }
 
-    @Test("UpdateReceiver fed by real UDP multicast on lo, a Sender on the other side: verified, released, reported")
-    func realSockets() throws {
+    @Test("UpdateReceiver fed by real UDP multicast on lo, a Sender on the other side: verified, released, reported (step 2 in the loop, or on its own thread)",
+          arguments: [false, true])
+    func realSockets(stepTwoThread: Bool) throws {
         let f = AgentFixture(imageBytes: 600_000)
         let packed = try f.pack()
         let group: UInt32 = 0xEFC0_2A63  // 239.192.42.99
@@ -78,7 +79,9 @@ struct LoopbackTests {
         var sender = Sender(config: config, envelope: packed.envelope, manifest: packed.manifest,
                             source: InMemoryObjects(authChain: packed.authChain, payload: packed.payload))
         let world = DeviceWorld()
-        let receiver = try UpdateReceiver(configuration: f.configuration(), installed: { world.installed }, unixTime: { world.unixTime })
+        var configuration = f.configuration()
+        configuration.stepTwoThread = stepTwoThread
+        let receiver = try UpdateReceiver(configuration: configuration, installed: { world.installed }, unixTime: { world.unixTime })
         receiver.decideOffer = { offer in offer.manifest.manifest.sequence == 7 ? .accept : .decline("unexpected") }
         var events: [UpdateEvent] = []
         let start = Self.monotonicNow()
