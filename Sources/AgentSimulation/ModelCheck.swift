@@ -46,8 +46,6 @@ public struct SlotModelChecker {
         public var states = 0
         public var transitions = 0
         public var crashTransitions = 0
-        /// States from which I4 was checked by running on (each one).
-        public var settleChecks = 0
         /// The longest shortest path from the first state (breadth-first levels).
         public var depth = 0
         public var violations: [String] = []
@@ -99,7 +97,6 @@ public struct SlotModelChecker {
             for world in level {
                 report.states += 1
                 for v in model.violations(in: world) { violations.insert(v) }
-                report.settleChecks += 1
                 if let v = model.settles(from: world) { violations.insert("I4: \(v) (from \(world))") }
                 for (successor, step) in model.successors(of: world) {
                     report.transitions += 1

@@ -1,8 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import BundleFormat
-import UpdateBundle
 
 /// Step 2 on a thread of its own (`Configuration.stepTwoThread`): reads the staged
 /// blocks back in order and feeds them to the verification (hash, decrypt,
@@ -18,8 +16,8 @@ import UpdateBundle
 /// is only read here (the loop writes other blocks of the same files meanwhile:
 /// `pread` and `pwrite` of distinct ranges).
 final class StepTwoWorker: @unchecked Sendable {
-    private let verification: PayloadVerification
-    private let read: (Range<UInt64>) throws(ReceiveFailure) -> [UInt8]
+    private let blockCount: Int
+    private let feed: (Int) throws(ReceiveFailure) -> Void
     // Allocated, not stored inline: pthread objects must not move.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
@@ -30,10 +28,11 @@ final class StepTwoWorker: @unchecked Sendable {
     private var consumed = 0
     private var failure: ReceiveFailure?
 
-    /// `read` reads a staged byte range of the payload back.
-    init(verification: PayloadVerification, read: @escaping (Range<UInt64>) throws(ReceiveFailure) -> [UInt8]) {
-        self.verification = verification
-        self.read = read
+    /// `feed` reads staged block b back and gives it to the verification (the one
+    /// the loop uses without a thread); `blockCount` blocks in all.
+    init(blockCount: Int, feed: @escaping (Int) throws(ReceiveFailure) -> Void) {
+        self.blockCount = blockCount
+        self.feed = feed
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(wake, nil)
     }
@@ -88,11 +87,9 @@ final class StepTwoWorker: @unchecked Sendable {
                 while !cancelled && failure == nil && consumed >= stagedUpTo { pthread_cond_wait(wake, mutex) }
                 return cancelled || failure != nil ? nil : consumed
             }
-            guard let b = next, b < verification.blockCount else { break }
+            guard let b = next, b < blockCount else { break }
             do throws(ReceiveFailure) {
-                let bytes = try read(verification.byteRange(ofBlock: b))
-                let result = bytes.withUnsafeBytes { p in Result { () throws(BundleError) in try verification.consume(block: b, bytes: p) } }
-                if case .failure(let e) = result { throw ReceiveFailure(e) }
+                try feed(b)
                 locked { consumed = b + 1 }
             } catch {
                 locked { failure = error }

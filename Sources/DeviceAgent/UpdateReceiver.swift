@@ -112,7 +112,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// Bundles the embedder has already (installed, on trial, rolled back): an announce
     /// of one is ignored without a word, before the policy, whose anti-rollback check
     /// would refuse it aloud once it is installed. The manifest's signatures verified.
-    public var ignoresBundle: ((Manifest) -> Bool)?
+    public var ignoresBundle: ((Manifest, SessionID) -> Bool)?
 
     private let staging: StagingArea
     private let output: SafeDirectory?
@@ -383,7 +383,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// open the bundle and whether staging has room. What passes becomes the embedder's
     /// offer; a bundle this receiver completed already is dismissed without a word.
     private func judge(_ o: Offer, at now: Instant) {
-        if completedEnvelopes.contains(SHA256.hash(o.envelope)) || ignoresBundle?(o.manifest.manifest) == true {
+        if completedEnvelopes.contains(SHA256.hash(o.envelope)) || ignoresBundle?(o.manifest.manifest, o.session) == true {
             core.dismiss(at: now)
             return
         }
@@ -464,9 +464,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         t.verification = v
         guard configuration.stepTwoThread else { return }
         let staging = staging
-        let w = StepTwoWorker(verification: v) { (range) throws(ReceiveFailure) in
-            do throws(StorageError) { return try staging.readPayload(offset: range.lowerBound, count: range.count) } catch { throw ReceiveFailure(.storage, error.reason) }
-        }
+        let w = StepTwoWorker(blockCount: v.blockCount) { (b) throws(ReceiveFailure) in try Self.feedStaged(block: b, to: v, from: staging) }
         t.stagedUpTo = 0
         while t.stagedUpTo < t.stored.count && t.stored[t.stagedUpTo] { t.stagedUpTo += 1 }
         w.start(stagedUpTo: t.stagedUpTo)
@@ -483,13 +481,18 @@ public final class UpdateReceiver: DatagramEndpoint {
         guard let v = t.verification else { return }
         var fed = 0
         while fed < blockCountMax, !t.ended, v.nextBlock < v.blockCount, t.stored[v.nextBlock] {
-            let range = v.byteRange(ofBlock: v.nextBlock)
-            let bytes: [UInt8]
-            do { bytes = try staging.readPayload(offset: range.lowerBound, count: range.count) } catch { throw ReceiveFailure(.storage, error.reason) }
-            let result = bytes.withUnsafeBytes { p in Result { () throws(BundleError) in try v.consume(block: v.nextBlock, bytes: p) } }
-            if case .failure(let error) = result { throw ReceiveFailure(error) }
+            try Self.feedStaged(block: v.nextBlock, to: v, from: staging)
             fed += 1
         }
+    }
+
+    /// Staged block `b` read back and consumed by step 2 (in this loop, or on step 2's thread).
+    private static func feedStaged(block b: Int, to v: PayloadVerification, from staging: StagingArea) throws(ReceiveFailure) {
+        let range = v.byteRange(ofBlock: b)
+        let bytes: [UInt8]
+        do { bytes = try staging.readPayload(offset: range.lowerBound, count: range.count) } catch { throw ReceiveFailure(.storage, error.reason) }
+        let result = bytes.withUnsafeBytes { p in Result { () throws(BundleError) in try v.consume(block: b, bytes: p) } }
+        if case .failure(let error) = result { throw ReceiveFailure(error) }
     }
 
     /// The end of step 2 (Specs/bundle.md §8 step 7, B-11): staging made durable, the

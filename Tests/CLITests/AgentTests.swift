@@ -338,6 +338,10 @@ struct AgentTests {
         #expect(DeviceView(json: devices[1].status() ?? [:]).storedSequence == 5)
         // The full disk was met by a slot write, midway (not by the offer's checks).
         #expect(devices[6].logs.contains("No space left on device"), "\(devices[6].logs)")
+        // A failure that would recur is not tried again in the same session (Specs/agent.md A-10).
+        for d in [devices[4], devices[6]] {
+            #expect(d.logs.components(separatedBy: "update 2.0 failed").count == 2, "\(d.name) failed more than once:\n\(d.logs)")
+        }
         // The refused ones never wrote a byte to their spare slot.
         for d in devices.prefix(4) { #expect(d.slot("b", bytes: 1 << 20).allSatisfy { $0 == 0 }, "\(d.name) wrote its spare slot") }
     }

@@ -174,7 +174,7 @@ public final class AgentService: DatagramEndpoint {
         } catch { throw AgentError("staging: \(error.text)") }
         bridge.service = self
         receiver.decideOffer = { [unowned self] offer in decide(offer) }
-        receiver.ignoresBundle = { [unowned self] manifest in knows(manifest.bundleID) }
+        receiver.ignoresBundle = { [unowned self] manifest, session in knows(manifest.bundleID, session: session) }
         if settings.installPath == .stream {
             receiver.makeSink = { [unowned self] _, inSlot throws(ReceiveFailure) in
                 guard let plan else { throw ReceiveFailure(.storage, "no slot plan for this update") }
@@ -295,12 +295,18 @@ public final class AgentService: DatagramEndpoint {
     // MARK: Offers (Specs/agent.md A-3)
 
     /// Bundles installed, pending, confirmed or rolled back here: ignored without a word.
-    private func knows(_ bundleID: [UInt8]) -> Bool {
+    private func knows(_ bundleID: [UInt8], session: SessionID) -> Bool {
         let r = driver.machine.record
         if bundleID == r.installed.bundleID || bundleID == r.pending?.release.bundleID { return true }
         if let o = r.outcome, o.kind != .failed, o.release.bundleID == bundleID { return true }
+        // a bundle that failed in this session (other than by an interruption) would
+        // fail again; its sender has the failure, and the session's announces are ignored.
+        if let f = failedInSession, f.session == session, f.bundleID == bundleID { return true }
         return driver.machine.hasRolledBack(bundleID)
     }
+
+    /// The last update that failed, other than by an interruption, and its session.
+    private var failedInSession: (session: SessionID, bundleID: [UInt8])?
 
     private func decide(_ offer: UpdateOffer) -> UpdateReceiver.OfferDecision {
         let m = offer.manifest.manifest
@@ -429,6 +435,9 @@ public final class AgentService: DatagramEndpoint {
     private func reportRequested(_ outcome: Outcome, _ target: ReportTarget?) -> Bool {
         if !events.contains(where: { if case .outcome(let o) = $0 { o == outcome } else { false } }) { events.append(.outcome(outcome)) }
         lastReported = outcome
+        if outcome.kind == .failed, outcome.code != .interrupted, let session = target?.session {
+            failedInSession = (session, outcome.release.bundleID)
+        }
         guard let target else { return true }  // no sender to tell: the log has it
         let state: Status.State = switch outcome.kind {
         case .confirmed: .confirmed
