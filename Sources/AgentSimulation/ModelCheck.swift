@@ -199,7 +199,7 @@ struct World: CustomStringConvertible {
     }
 }
 
-/// What led from one state to the next.
+/// What led from one state to the next: power cuts are counted, and a transition that breaks an invariant names its step.
 enum Step: Equatable {
     case powerCut, powerOn, action, offer(Int), activateByHand, writeDone, writeCorrupt, writeFailed, restart
 }
@@ -415,14 +415,14 @@ private struct Model {
     /// I3 and I5 (twice) on a transition.
     func violations(from a: World, to b: World, by step: Step) -> [String] {
         var out: [String] = []
-        if b.record.sequence < a.record.sequence { out.append("I3: the stored sequence fell from \(a.record.sequence) to \(b.record.sequence) (\(b))") }
+        if b.record.sequence < a.record.sequence { out.append("I3: the stored sequence fell from \(a.record.sequence) to \(b.record.sequence) (by \(step), to \(b))") }
         if b.record.sequence > a.record.sequence {
             let confirm = b.record.installed.sequence == b.record.sequence && b.boot[b.record.installedSide].confirmed
                 && b.record.outcome?.kind == .confirmed
-            if !confirm { out.append("I3: the stored sequence rose to \(b.record.sequence) outside a confirm (\(b))") }
+            if !confirm { out.append("I3: the stored sequence rose to \(b.record.sequence) outside a confirm (by \(step), to \(b))") }
         }
         if let p = b.record.pending, p.phase == .installing, a.record.pending?.phase != .installing, a.finished.contains(index(of: p.release)) {
-            out.append("I5: release \(index(of: p.release) + 1), confirmed or rolled back before, is installed again (\(b))")
+            out.append("I5: release \(index(of: p.release) + 1), confirmed or rolled back before, is installed again (by \(step), to \(b))")
         }
         return out
     }

@@ -530,7 +530,7 @@ public final class Simulation {
 
     private func finish() {
         result.duration = now - .zero
-        result.traceDigest = trace.finalize().prefix(16).map { String(format: "%02x", $0) }.joined()
+        result.traceDigest = trace.finalize().prefix(16).hexString
         // The worst receiver's realized loss rate sets the minimum (the definition).
         result.worstLoss = nodes.filter { !$0.spec.downlink.isDead }.map { $0.down.realizedLoss }.max() ?? 0
         for (i, node) in nodes.enumerated() {

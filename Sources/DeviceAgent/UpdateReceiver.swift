@@ -553,14 +553,20 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// once) when components go to an output directory, no bundle is kept, step 2 runs
     /// during the transfer, and the only component is the plain payload (B-16).
     static func stagesPayloadAsComponent(_ c: Configuration, _ m: Manifest) -> Bool {
-        c.outputDirectory != nil && !c.keepBundle && c.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
+        c.outputDirectory != nil && stagesPayloadApart(c, m)
+    }
+
+    /// P-29a and P-29b alike: no bundle kept, step 2 during the transfer, and the only
+    /// component is the plain payload (B-16).
+    static func stagesPayloadApart(_ c: Configuration, _ m: Manifest) -> Bool {
+        !c.keepBundle && c.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
     }
 
     /// Specs/protocol.md P-29b: a device agent's payload that is its lone plain
     /// component is staged in the spare slot itself (step 2 during the transfer, no
     /// bundle kept): the slot is then written once, and staging holds no copy.
     func stagesPayloadInSlot(_ m: Manifest) -> Bool {
-        payloadSlot != nil && !configuration.keepBundle && configuration.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
+        payloadSlot != nil && Self.stagesPayloadApart(configuration, m)
     }
 
     private func stagedPayloadFile(_ m: Manifest) throws(ReceiveFailure) -> StagingArea.PayloadPlace? {

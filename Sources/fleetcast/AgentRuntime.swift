@@ -1,6 +1,7 @@
 import CSocket
 import DeliveryCore
 import DeviceAgent
+import FleetCrypto
 import Foundation
 import Logging
 import Transport
@@ -267,7 +268,7 @@ struct AgentStatusReport: Codable {
     var rolledBackBundles: Int
 
     init(record r: AgentRecord, boot: BootState?, booted: Side?, standing: String, running: Bool, transfer: Transfer?) {
-        func info(_ x: Release) -> ReleaseInfo { ReleaseInfo(version: x.version, sequence: x.sequence, bundle: x.bundleID.map { String(format: "%02x", $0) }.joined()) }
+        func info(_ x: Release) -> ReleaseInfo { ReleaseInfo(version: x.version, sequence: x.sequence, bundle: x.bundleID.hexString) }
         self.running = running
         device = r.deviceID
         self.standing = standing

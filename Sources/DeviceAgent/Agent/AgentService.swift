@@ -190,7 +190,7 @@ public final class AgentService: DatagramEndpoint {
 
     private static func randomDeviceID() -> String {
         let bytes = (try? SecureRandom.bytes(8)) ?? []
-        return "dev-" + bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        return "dev-" + bytes.hexString
     }
 
     /// Specs/agent.md A-6: reconcile the record with the boot state and the booted

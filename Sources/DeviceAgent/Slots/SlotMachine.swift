@@ -88,12 +88,7 @@ public struct SlotMachine: Sendable {
             // cut, or an activation undone after its reboot failed (`rebootFailed`) whose
             // boot-state write was cut. That side may not boot again; go back.
             if needsReboot {
-                if boot[booted].bootable {
-                    boot[booted] = .init(bootable: false, confirmed: false)
-                    boot.order = [record.installedSide, booted]
-                    boot.generation += 1
-                    actions.append(.writeBootState(boot))
-                }
+                if let write = retire(booted) { actions.append(write) }
                 actions.append(.reboot)
             }
             return actions
@@ -139,12 +134,7 @@ public struct SlotMachine: Sendable {
         precondition(record.pending == nil, "one update at a time")
         var actions: [Action] = []
         let side = spare
-        if boot[side].bootable || boot[side].confirmed {
-            boot[side] = .init(bootable: false, confirmed: false)
-            boot.order = [record.installedSide, side]
-            boot.generation += 1
-            actions.append(.writeBootState(boot))
-        }
+        if let write = retire(side) { actions.append(write) }
         record.pending = .init(release: release, side: side, phase: .installing, reportTo: reportTo)
         record.outcome = nil
         actions.append(.writeRecord(record))
@@ -198,12 +188,7 @@ public struct SlotMachine: Sendable {
     public mutating func rebootFailed(reason: String) -> [Action] {
         guard let p = record.pending, p.phase == .trial, booted != p.side else { return [] }
         var actions = fail(p, reason: reason, code: .rebootFailed)
-        if boot[p.side].bootable || boot[p.side].confirmed {
-            boot[p.side] = .init(bootable: false, confirmed: false)
-            boot.order = [p.side.other, p.side]
-            boot.generation += 1
-            actions.insert(.writeBootState(boot), at: 1)
-        }
+        if let write = retire(p.side) { actions.insert(write, at: 1) }
         return actions
     }
 
@@ -241,12 +226,7 @@ public struct SlotMachine: Sendable {
 
     private mutating func finishRollback(_ p: AgentRecord.Pending) -> [Action] {
         var actions: [Action] = []
-        if boot[p.side].bootable || boot[p.side].confirmed {
-            boot[p.side] = .init(bootable: false, confirmed: false)
-            boot.order = [p.side.other, p.side]
-            boot.generation += 1
-            actions.append(.writeBootState(boot))
-        }
+        if let write = retire(p.side) { actions.append(write) }
         record.pending = nil
         record.outcome = Outcome(.rolledBack, p.release, reason: p.reason, code: p.code)
         record.outcomeReportTo = p.reportTo
@@ -254,6 +234,16 @@ public struct SlotMachine: Sendable {
         actions += [.writeRecord(record), .report(record.outcome!, to: p.reportTo)]
         if booted == p.side { actions.append(.reboot) }
         return actions
+    }
+
+    /// `side` made not bootable and last in the order, the other first; the boot-state
+    /// write that says so, or nil when it says so already.
+    private mutating func retire(_ side: Side) -> Action? {
+        guard boot[side].bootable || boot[side].confirmed else { return nil }
+        boot[side] = .init(bootable: false, confirmed: false)
+        boot.order = [side.other, side]
+        boot.generation += 1
+        return .writeBootState(boot)
     }
 
     // MARK: Reports
