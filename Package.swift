@@ -82,7 +82,7 @@ let package = Package(
         .testTarget(name: "DeliveryTests", dependencies: ["DeliveryCore", "DeliverySimulation", "WireFormat", "UpdateBundle", "SeededRandom"]),
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SeededRandom"]),
         .testTarget(name: "CBORTests", dependencies: ["CBOR"]),
-        .testTarget(name: "TransportTests", dependencies: ["Transport"]),
+        .testTarget(name: "TransportTests", dependencies: ["Transport", "DeliveryCore"]),
         // Public API only (no @testable import): DeviceAgent as a device maker embeds it.
         .testTarget(name: "DeviceAgentTests", dependencies: ["DeviceAgent", "DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
         .testTarget(name: "AgentSimulationTests", dependencies: ["AgentSimulation", "DeviceAgent"]),

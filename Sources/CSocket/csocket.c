@@ -208,12 +208,20 @@ int fc_enable_gro(int fd) {
 #endif
 }
 
-int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths, int *segment_sizes) {
+int fc_enable_timestamps(int fd) {
+    int on = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on)) < 0) return -errno;
+    return 0;
+}
+
+int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths, int *segment_sizes,
+                  int64_t *ages_us) {
     if (count > FC_BATCH_MAX) count = FC_BATCH_MAX;
     struct mmsghdr msgs[FC_BATCH_MAX];
     struct iovec iov[FC_BATCH_MAX];
-    // Room for one UDP_GRO control message (an int) per slot.
-    union { char bytes[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control[FC_BATCH_MAX];
+    // Room per slot for one UDP_GRO control message (an int) and one kernel
+    // receive timestamp (SCM_TIMESTAMPNS, a timespec).
+    union { char bytes[CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(struct timespec))]; struct cmsghdr align; } control[FC_BATCH_MAX];
     memset(msgs, 0, sizeof(struct mmsghdr) * (size_t)count);
     for (int i = 0; i < count; i++) {
         iov[i].iov_base = buffer + (size_t)i * (size_t)slot_bytes;
@@ -227,19 +235,32 @@ int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *s
     }
     int n = recvmmsg(fd, msgs, (unsigned)count, MSG_DONTWAIT, NULL);
     if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -errno;
+    // The kernel stamps with CLOCK_REALTIME; an age (now - stamp) carries over to
+    // the monotonic clock the cores use. Read once, after the call: every age
+    // then includes the time the datagram waited in the socket's queue.
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
     for (int i = 0; i < n; i++) {
         sources[i].length = msgs[i].msg_hdr.msg_namelen;
         lengths[i] = (msgs[i].msg_hdr.msg_flags & MSG_TRUNC) ? -1 : (int)msgs[i].msg_len;
         segment_sizes[i] = 0;
-#ifdef UDP_GRO
+        ages_us[i] = -1;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msgs[i].msg_hdr); c != NULL; c = CMSG_NXTHDR(&msgs[i].msg_hdr, c)) {
+#ifdef UDP_GRO
             if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
                 int size;
                 memcpy(&size, CMSG_DATA(c), sizeof(size));
                 segment_sizes[i] = size;
             }
-        }
 #endif
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS && c->cmsg_len >= CMSG_LEN(sizeof(struct timespec))) {
+                struct timespec stamp;
+                memcpy(&stamp, CMSG_DATA(c), sizeof(stamp));
+                int64_t age = ((int64_t)now.tv_sec - (int64_t)stamp.tv_sec) * 1000000 + ((int64_t)now.tv_nsec - (int64_t)stamp.tv_nsec) / 1000;
+                // A wall clock stepped back shows as a negative age: unknown.
+                ages_us[i] = age >= 0 ? age : -1;
+            }
+        }
     }
     return n;
 }

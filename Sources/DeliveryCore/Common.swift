@@ -10,6 +10,8 @@ public struct Instant: Comparable, Hashable, Sendable, CustomStringConvertible {
     public static func < (a: Self, b: Self) -> Bool { a.microseconds < b.microseconds }
     public static func + (a: Self, d: Interval) -> Self { Instant(microseconds: a.microseconds &+ d.microseconds) }
     public static func - (a: Self, b: Self) -> Interval { Interval(microseconds: a.microseconds >= b.microseconds ? a.microseconds - b.microseconds : 0) }
+    /// An earlier instant, no earlier than zero.
+    public static func - (a: Self, d: Interval) -> Self { Instant(microseconds: a.microseconds >= d.microseconds ? a.microseconds - d.microseconds : 0) }
     public var description: String { "\(microseconds / 1_000_000).\(String(microseconds % 1_000_000 + 1_000_000).dropFirst())s" }
 }
 
@@ -151,8 +153,10 @@ import Darwin
 /// not network, done between reads. The loop owns the sockets and the clock;
 /// the endpoint owns every decision.
 public protocol DatagramEndpoint: AnyObject {
-    /// A datagram that arrived from `peer` (its source address) at `now`.
-    func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant)
+    /// A datagram from `peer` (its source address), handled at `now`; the kernel
+    /// received it at `arrivedAt` (<= `now`; earlier when it waited in the
+    /// socket's queue, Specs/protocol.md P-25a).
+    func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant, arrivedAt: Instant)
     /// Called when `nextDeadline` has passed.
     func handleTimeout(at now: Instant)
     /// The next datagram to send, or nil.
@@ -166,4 +170,11 @@ public protocol DatagramEndpoint: AnyObject {
     func performPendingWork(at now: Instant)
     /// Nothing more to receive or send: the loop may end.
     var isDone: Bool { get }
+}
+
+extension DatagramEndpoint {
+    /// A datagram that arrived at `now` (a loop without arrival timestamps).
+    public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+        handleDatagram(bytes, from: peer, at: now, arrivedAt: now)
+    }
 }

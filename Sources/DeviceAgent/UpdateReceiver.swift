@@ -212,11 +212,13 @@ public final class UpdateReceiver: DatagramEndpoint {
 
     // MARK: DatagramEndpoint
 
-    /// A datagram from the group or the sender, with its source address, at `now` (your monotonic clock).
-    public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+    /// A datagram from the group or the sender, with its source address, at `now`
+    /// (your monotonic clock); `arrivedAt` is when the host received it (kernel
+    /// timestamps), `now` if you do not know.
+    public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant, arrivedAt: Instant) {
         lastNow = now
         bytesHeard += UInt64(bytes.count)
-        core.handleDatagram(bytes, from: peer, at: now)
+        core.handleDatagram(bytes, from: peer, at: now, arrivedAt: arrivedAt)
         carryOut(at: now)
     }
 

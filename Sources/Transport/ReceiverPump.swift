@@ -76,6 +76,8 @@ public final class ReceiverPump {
         try groupSocket.bind(settings.group)
         try groupSocket.join(group: settings.group, on: settings.interface)
         coalescing = settings.coalesce && groupSocket.enableCoalescing()
+        // Specs/protocol.md P-25a: a POLL's hold time includes its wait in the queue.
+        _ = groupSocket.enableArrivalTimestamps()
         groupIncoming = coalescing ? ReceiveBatch(coalesced: true) : ReceiveBatch()
         feedbackSocket = try UDPSocket(family: settings.group.family)
         try feedbackSocket.bind(.any(settings.group.family, port: 0))
@@ -130,7 +132,7 @@ public final class ReceiverPump {
             for i in 0..<incoming.count {
                 guard let bytes = incoming.datagram(i) else { continue }
                 if simulatedLoss > 0, bytes.count > 1, bytes[1] == Datagram.Kind.data.rawValue, lossRandom.unit() < simulatedLoss { continue }
-                endpoint.handleDatagram(bytes, from: incoming.peer(i), at: now)
+                endpoint.handleDatagram(bytes, from: incoming.peer(i), at: now, arrivedAt: incoming.age(i).map { now - $0 } ?? now)
                 queueFeedback()
             }
             flushFeedback()

@@ -71,6 +71,8 @@ public final class SenderDriver {
         try socket.setMulticastOutput(interface: endpoint.interface, ttl: endpoint.ttl, loopback: endpoint.multicastLoopback)
         socket.segmentation = endpoint.segmentation
         try socket.bind(endpoint.bindAddress)
+        // Specs/protocol.md P-25a: a NACK's round-trip sample leaves out its wait in the queue.
+        _ = socket.enableArrivalTimestamps()
         startedAt = MonotonicClock.now()
         cpuAtStart = MonotonicClock.processCPUSeconds()
     }
@@ -131,7 +133,7 @@ public final class SenderDriver {
             for i in 0..<incoming.count {
                 guard let bytes = incoming.datagram(i) else { continue }
                 // The core keeps each receiver's address (P-22): the datagram is parsed once.
-                sender.handleDatagram(bytes, from: incoming.peer(i), at: now)
+                sender.handleDatagram(bytes, from: incoming.peer(i), at: now, arrivedAt: incoming.age(i).map { now - $0 })
             }
         }
     }

@@ -202,7 +202,9 @@ public final class UDPSocket {
         let rc = batch.sources.withUnsafeMutableBufferPointer { s in
             batch.lengths.withUnsafeMutableBufferPointer { l in
                 batch.segmentSizes.withUnsafeMutableBufferPointer { g in
-                    fc_recv_batch(fd, buffer, Int32(slot), Int32(capacity), s.baseAddress!, l.baseAddress!, g.baseAddress!)
+                    batch.ages.withUnsafeMutableBufferPointer { a in
+                        fc_recv_batch(fd, buffer, Int32(slot), Int32(capacity), s.baseAddress!, l.baseAddress!, g.baseAddress!, a.baseAddress!)
+                    }
                 }
             }
         }
@@ -217,6 +219,11 @@ public final class UDPSocket {
     /// message (UDP GRO, Specs/protocol.md P-24a); read them with a
     /// `ReceiveBatch(coalesced: true)`. False when the kernel cannot.
     public func enableCoalescing() -> Bool { fc_enable_gro(fd) == 0 }
+
+    /// Asks the kernel to stamp each datagram with its arrival (SO_TIMESTAMPNS),
+    /// so that a batch tells how long each waited in the socket's queue
+    /// (`ReceiveBatch.age(_:)`, Specs/protocol.md P-25a). False when it cannot.
+    public func enableArrivalTimestamps() -> Bool { fc_enable_timestamps(fd) == 0 }
 }
 
 /// Datagrams waiting to be sent in one system call, copied into slots that are reused.
@@ -273,6 +280,8 @@ public final class ReceiveBatch {
     fileprivate var sources: [fc_addr]
     fileprivate var lengths: [Int32]
     fileprivate var segmentSizes: [Int32]
+    /// Per message: microseconds since the kernel received it, -1 if not stamped.
+    fileprivate var ages: [Int64]
     /// The datagrams the last receive returned: where each starts in `buffer`,
     /// its length (-1: truncated) and the message (hence source) it came in.
     fileprivate var datagrams: [(start: Int, length: Int, message: Int)] = []
@@ -288,6 +297,7 @@ public final class ReceiveBatch {
         sources = [fc_addr](repeating: fc_addr(), count: capacity)
         lengths = [Int32](repeating: 0, count: capacity)
         segmentSizes = [Int32](repeating: 0, count: capacity)
+        ages = [Int64](repeating: -1, count: capacity)
         datagrams.reserveCapacity(capacity)
     }
 
@@ -317,6 +327,14 @@ public final class ReceiveBatch {
         let d = datagrams[i]
         guard d.length >= 0 else { return nil }
         return Array(UnsafeRawBufferPointer(start: buffer + d.start, count: d.length))
+    }
+
+    /// How long before the receive call the kernel got the i-th datagram (the
+    /// time it waited in the socket's queue), or nil when the socket does not
+    /// stamp arrivals (`UDPSocket.enableArrivalTimestamps`).
+    public func age(_ i: Int) -> Interval? {
+        let a = ages[datagrams[i].message]
+        return a >= 0 ? Interval(microseconds: UInt64(a)) : nil
     }
 
     public func source(_ i: Int) -> SocketAddress { SocketAddress(raw: sources[datagrams[i].message]) }

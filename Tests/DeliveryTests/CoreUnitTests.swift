@@ -147,6 +147,70 @@ struct CoreUnitTests {
         #expect(sender.stats.malformed[.badVersion] == 1)
     }
 
+    /// The 1 GiB agent bench at 5% loss (bench/RESULTS.md, issue 13): a receiver
+    /// still busy at the end of the first pass answered a POLL that had waited
+    /// 300 ms in its socket's queue, and the sender's GRTT estimate jumped from
+    /// 10 ms to 309 ms and stayed high for the last repair rounds.
+    ///
+    /// A sender and a receiver on a 1 ms link; every third DATA is lost, so the
+    /// receiver NACKs after the first POLL. `queued` says where a datagram waits
+    /// 300 ms before it is handled: the POLL at the receiver, or the NACK at the
+    /// sender. With `stamped`, the host hands over when the datagram arrived
+    /// (kernel timestamps, P-25a). Returns the sender's largest GRTT estimate.
+    static func grttAfterQueueing(_ bundle: SimulationBundle, queued: Datagram.Kind, stamped: Bool) -> Interval {
+        var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
+        var receiver = Receiver(config: receiverConfig(bundle))
+        let link = Interval.milliseconds(1), wait = Interval.milliseconds(300)
+        // In flight: (handled at, arrived at, bytes), to the receiver and to the sender.
+        var toReceiver: [(at: Instant, arrived: Instant, bytes: [UInt8])] = []
+        var toSender: [(at: Instant, arrived: Instant, bytes: [UInt8])] = []
+        var dataCount = 0
+        var now = Instant.zero
+        var grttMax = sender.currentGRTT
+        while now.microseconds < 2_000_000 && !sender.isFinished {
+            sender.handleTimeout(at: now)
+            while let t = sender.pollTransmit(at: now) {
+                let kind = t.bytes[1]
+                if kind == Datagram.Kind.data.rawValue { dataCount += 1; if dataCount % 3 == 0 { continue } }
+                let arrived = now + link
+                toReceiver.append((kind == queued.rawValue ? arrived + wait : arrived, arrived, t.bytes))
+            }
+            while let i = toReceiver.firstIndex(where: { $0.at <= now }) {
+                let d = toReceiver.remove(at: i)
+                receiver.handleDatagram(d.bytes, from: senderPeer, at: now, arrivedAt: stamped ? d.arrived : nil)
+                if let offer = receiver.pendingOffer { receiver.accept(try! offer.manifest.admit(under: Simulation.devicePolicy), at: now) }
+            }
+            receiver.handleTimeout(at: now)
+            while let a = receiver.pollAction() {
+                if case .store(let object, let block, _, _) = a { receiver.handleStored(object, block: block) }
+            }
+            while let t = receiver.pollTransmit() {
+                let arrived = now + link
+                toSender.append((t.bytes[1] == queued.rawValue ? arrived + wait : arrived, arrived, t.bytes))
+            }
+            while let i = toSender.firstIndex(where: { $0.at <= now }) {
+                let d = toSender.remove(at: i)
+                sender.handleDatagram(d.bytes, from: .benchmark(4), at: now, arrivedAt: stamped ? d.arrived : nil)
+            }
+            grttMax = max(grttMax, sender.currentGRTT)
+            now = now + Interval(microseconds: 500)
+        }
+        #expect(sender.round > 0 && sender.stats.nacks > 0, "the receiver NACKed after a POLL")
+        return grttMax
+    }
+
+    @Test("P-25a: a POLL queued at the receiver, or a NACK queued at the sender, does not count as path delay when the host stamps arrivals",
+          arguments: [Datagram.Kind.poll, .nack])
+    func arrivalTimestamps(queued: Datagram.Kind) async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let stamped = Self.grttAfterQueueing(bundle, queued: queued, stamped: true)
+        let unstamped = Self.grttAfterQueueing(bundle, queued: queued, stamped: false)
+        // The link's RTT is 1 ms: the estimate never rises above its 10 ms start.
+        #expect(stamped <= .milliseconds(10), "GRTT \(stamped.microseconds) µs with arrival times")
+        // Without them the 300 ms wait is taken for path delay: the test can fail.
+        #expect(unstamped >= .milliseconds(250), "GRTT \(unstamped.microseconds) µs without arrival times")
+    }
+
     @Test("STATUS complete is ACKed; the sender closes when every receiver is done")
     func completionHandshake() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)

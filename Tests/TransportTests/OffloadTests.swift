@@ -1,3 +1,5 @@
+import DeliveryCore
+import Glibc
 import Testing
 import Transport
 
@@ -65,5 +67,40 @@ struct OffloadTests {
             let r = try Self.roundTrip(sent, segmentation: segmentation, coalesce: coalesce)
             #expect(r.datagrams == sent, "segmentation \(segmentation), coalescing \(coalesce)")
         }
+    }
+
+    /// Specs/protocol.md P-25a: the age a batch reports is the time a datagram
+    /// waited in the socket's queue. The wait here is the thing measured, made
+    /// by not reading for 50 ms; nothing waits on it for synchronisation.
+    /// Linux turns arrival stamping on for the host a moment after the first
+    /// socket asks (a deferred static key), and stamps a datagram that came
+    /// before that when it is read (age 0): the first tries may show that.
+    @Test("Arrival timestamps: a datagram left 50 ms in the queue is reported at least 50 ms old")
+    func arrivalAge() throws {
+        let receiver = try UDPSocket(family: .ipv4)
+        try receiver.bind(try SocketAddress(host: "127.0.0.1", port: 0))
+        #expect(receiver.enableArrivalTimestamps(), "SO_TIMESTAMPNS refused by this kernel")
+        let plain = try UDPSocket(family: .ipv4)
+        try plain.bind(try SocketAddress(host: "127.0.0.1", port: 0))
+        let sender = try UDPSocket(family: .ipv4)
+        let queuedFor = Interval.milliseconds(50)
+        let incoming = ReceiveBatch()
+        var ages: [UInt64] = []
+        for _ in 0..<10 {
+            let batch = SendBatch(capacity: 2)
+            batch.append([1, 2, 3], to: try receiver.localAddress())
+            batch.append([4, 5, 6], to: try plain.localAddress())
+            #expect(try sender.send(batch) == 2)
+            let start = MonotonicClock.now()
+            while MonotonicClock.now() < start + queuedFor { usleep(5000) }
+            #expect(try plain.receive(into: incoming) == 1)
+            #expect(incoming.age(0) == nil, "a socket without timestamps reports no age")
+            #expect(try receiver.receive(into: incoming) == 1)
+            let age = try #require(incoming.age(0))
+            ages.append(age.microseconds)
+            if age >= queuedFor { break }
+        }
+        let last = Interval(microseconds: ages.last ?? 0)
+        #expect(last >= queuedFor && last < .seconds(5), "ages in µs, one per try: \(ages)")
     }
 }

@@ -47,8 +47,15 @@ int fc_enable_gro(int fd);
 /// Receives up to `count` messages without blocking into `count` slots of
 /// `slot_bytes` each; `lengths[i]` is the message's size, or -1 if it was
 /// truncated; `segment_sizes[i]` is the GRO segment size, or 0 when the
-/// message is one datagram. Returns the number received (0 when none is waiting).
-int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths, int *segment_sizes);
+/// message is one datagram; `ages_us[i]` is how long ago (in microseconds) the
+/// kernel received the message, or -1 when it did not stamp it (see
+/// `fc_enable_timestamps`). Returns the number received (0 when none is waiting).
+int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *sources, int *lengths, int *segment_sizes,
+                  int64_t *ages_us);
+/// Asks the kernel to stamp each datagram with the time it arrived
+/// (SO_TIMESTAMPNS), so that `fc_recv_batch` can tell how long it waited in
+/// the socket's queue. 0, or -errno.
+int fc_enable_timestamps(int fd);
 /// Segmentation offload (UDP_SEGMENT): at most this many datagrams, and this
 /// many bytes of them, per message (the kernel's UDP_MAX_SEGMENTS and the
 /// largest UDP payload).

@@ -30,7 +30,8 @@ struct FeedbackState {
     var promised: [BlockKey: RepairPromise] = [:]
     var nackDatagramsThisRound = 0
     var lastNackAt: Instant?
-    /// The latest POLL's sent-at and when it arrived, echoed in NACKs for the GRTT.
+    /// The latest POLL's sent-at and when it arrived at the host (P-25a), echoed
+    /// in NACKs for the GRTT.
     var pollEcho: (sentAt: UInt64, heardAt: Instant)?
     var nacksSent = 0
 
@@ -133,7 +134,8 @@ extension Receiver {
     }
 
     /// Specs/protocol.md P-10, P-17a: a POLL starts a round; its timing is clamped.
-    mutating func handlePoll(_ p: Poll, _ s: inout Session, at now: Instant) {
+    /// P-25a: the echo's hold time counts from the POLL's arrival at the host.
+    mutating func handlePoll(_ p: Poll, _ s: inout Session, at now: Instant, arrivedAt: Instant) {
         guard !s.carousel else { return }
         s.grtt = Self.clampGRTT(p.grttMicroseconds)
         s.timers[.closeConfirm] = nil
@@ -147,7 +149,7 @@ extension Receiver {
             s.feedback.nackDatagramsThisRound = 0
             s.feedback.afterPoll = true
         }
-        s.feedback.pollEcho = (p.sentAtMicroseconds, now)
+        s.feedback.pollEcho = (p.sentAtMicroseconds, arrivedAt)
         scheduleNack(&s, at: now)
     }
 

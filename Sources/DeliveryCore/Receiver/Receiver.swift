@@ -234,8 +234,10 @@ public struct Receiver {
 
     // MARK: Events in
 
-    /// A datagram from `peer` (its source address), at `now`.
-    public mutating func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+    /// A datagram from `peer` (its source address), handled at `now`. `arrivedAt`
+    /// is when the host received it, if the loop knows (kernel timestamps): a
+    /// POLL's hold time in the NACK then counts from there (P-25a).
+    public mutating func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant, arrivedAt: Instant? = nil) {
         let datagram: Datagram
         do { datagram = try Datagram(parsing: bytes) } catch {
             stats.malformed.add(error.code)
@@ -243,7 +245,7 @@ public struct Receiver {
         }
         switch state {
         case .listening, .offered: handleUnjoined(datagram, from: peer, at: now)
-        case .receiving: handleInSession(datagram, from: peer, at: now)
+        case .receiving: handleInSession(datagram, from: peer, at: now, arrivedAt: min(arrivedAt ?? now, now))
         case .finishing: handleFinishing(datagram, at: now)
         case .modifying: preconditionFailure("re-entered while the state was being changed")
         }

@@ -94,7 +94,7 @@ struct Session {
 extension Receiver {
     // MARK: Datagrams of a joined session
 
-    mutating func handleInSession(_ datagram: Datagram, from peer: PeerAddress, at now: Instant) {
+    mutating func handleInSession(_ datagram: Datagram, from peer: PeerAddress, at now: Instant, arrivedAt: Instant) {
         withSession(at: now) { s, r in
             guard datagram.sessionID == s.id else {
                 r.stats.drops.add(.otherSession)
@@ -109,7 +109,7 @@ extension Receiver {
                 s.grtt = Self.clampGRTT(a.grttMicroseconds)
                 s.groupSize = Int(min(a.groupSize, Self.groupSizeMax))
             case .data(let d): r.handleData(d, &s, at: now)
-            case .poll(let p): r.handlePoll(p, &s, at: now)
+            case .poll(let p): r.handlePoll(p, &s, at: now, arrivedAt: arrivedAt)
             case .close:
                 // Specs/protocol.md P-13a: a CLOSE may be forged; it takes effect only if the
                 // session then stays quiet (genuine data or a POLL cancels it).

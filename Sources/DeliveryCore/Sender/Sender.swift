@@ -185,9 +185,11 @@ public struct Sender {
 
     // MARK: Feedback in
 
-    /// A feedback datagram from `peer`, at `now`. The peer is remembered per receiver
-    /// (bounded by the receiver table): its ACKs go there.
-    public mutating func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+    /// A feedback datagram from `peer`, handled at `now`. The peer is remembered per
+    /// receiver (bounded by the receiver table): its ACKs go there. `arrivedAt` is
+    /// when the host received it, if the driver knows (kernel timestamps): a NACK's
+    /// round-trip sample then leaves out the time it waited here (P-25a).
+    public mutating func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant, arrivedAt: Instant? = nil) {
         let datagram: Datagram
         do { datagram = try Datagram(parsing: bytes) } catch {
             stats.malformed.add(error.code)
@@ -208,7 +210,7 @@ public struct Sender {
             rec.versionBefore = r.version
             rec.installedSequence = r.installedSequence
             receivers[r.receiver] = rec
-        case .nack(let n): handleNack(n, from: peer, at: now)
+        case .nack(let n): handleNack(n, from: peer, at: now, arrivedAt: min(arrivedAt ?? now, now))
         case .status(let s): handleStatus(s, from: peer, at: now)
         case .announce, .data, .poll, .close, .ack: stats.drops.add(.fromSender)
         }
@@ -226,7 +228,7 @@ public struct Sender {
         return ReceiverRecord(id: id, address: peer, firstHeard: now, lastHeard: now)
     }
 
-    private mutating func handleNack(_ n: Nack, from peer: PeerAddress, at now: Instant) {
+    private mutating func handleNack(_ n: Nack, from peer: PeerAddress, at now: Instant, arrivedAt: Instant) {
         guard phase != .closing && phase != .finished, var rec = record(n.receiver, from: peer, at: now) else { return }
         rec.nacksReceived += 1
         rec.nacksThisRound += 1
@@ -235,9 +237,11 @@ public struct Sender {
         guard rec.nacksThisRound <= config.nackPerReceiverPerRoundMax else { stats.drops.add(.nackRateLimited); return }
         stats.nacks += 1
         nacksThisRound += 1
-        if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= now.microseconds {
-            let rtt = now.microseconds - n.echoedSentAtMicroseconds - min(UInt64(n.holdMicroseconds), now.microseconds - n.echoedSentAtMicroseconds)
-            updateGRTT(Interval(microseconds: rtt))
+        // Specs/protocol.md P-17, P-25a: path time only, without the time the POLL and the
+        // NACK waited in either host (the receiver's hold, and this host's queue).
+        if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= arrivedAt.microseconds {
+            let elapsed = arrivedAt.microseconds - n.echoedSentAtMicroseconds
+            updateGRTT(Interval(microseconds: elapsed - min(UInt64(n.holdMicroseconds), elapsed)))
         }
         for e in n.entries {
             let layout = layouts[e.object == .authChain ? 0 : 1]

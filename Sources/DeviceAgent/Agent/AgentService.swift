@@ -246,13 +246,13 @@ public final class AgentService: DatagramEndpoint {
 
     // MARK: DatagramEndpoint
 
-    public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant) {
+    public func handleDatagram(_ bytes: [UInt8], from peer: PeerAddress, at now: Instant, arrivedAt: Instant) {
         self.now = now
         if bytes.count > 1, bytes[1] == Datagram.Kind.ack.rawValue, case .ack(let ack)? = try? Datagram(parsing: bytes), reporter.acknowledge(ack) {
             guarded { () throws(StorageError) in try driver.outcomeDelivered() }
             if let o = lastReported { events.append(.reported(o)) }
         }
-        receiver.handleDatagram(bytes, from: peer, at: now)
+        receiver.handleDatagram(bytes, from: peer, at: now, arrivedAt: arrivedAt)
         drainReceiver()
     }
 
