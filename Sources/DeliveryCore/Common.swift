@@ -21,6 +21,7 @@ public struct Interval: Comparable, Hashable, Sendable {
     public init(microseconds: UInt64) { self.microseconds = microseconds }
     public static func milliseconds(_ ms: UInt64) -> Interval { Interval(microseconds: ms * 1000) }
     public static func seconds(_ s: Double) -> Interval { Interval(microseconds: UInt64(s * 1e6)) }
+    public static let zero = Interval(microseconds: 0)
     public static func < (a: Self, b: Self) -> Bool { a.microseconds < b.microseconds }
     public static func * (d: Interval, f: Double) -> Interval { Interval(microseconds: UInt64(Double(d.microseconds) * f)) }
     public static func + (a: Interval, b: Interval) -> Interval { Interval(microseconds: a.microseconds &+ b.microseconds) }

@@ -78,6 +78,8 @@ public enum ReceiverDrop: Int, TallyKey {
     case otherSession, feedbackFromPeer, notReceiving, preJoinBufferFull
     case symbolSize, blockRange, symbolRange, blocksInFlight
     case unauthenticatedBufferFull, badTag, announceRefusedBefore
+    /// P-29c: a payload symbol of a block beyond the staging window.
+    case beyondWindow
 
     public var tallyName: String {
         switch self {
@@ -92,6 +94,7 @@ public enum ReceiverDrop: Int, TallyKey {
         case .unauthenticatedBufferFull: "data.unauthenticatedBufferFull"
         case .badTag: "data.badTag"
         case .announceRefusedBefore: "announce.refusedBefore"
+        case .beyondWindow: "data.beyondWindow"
         }
     }
 }

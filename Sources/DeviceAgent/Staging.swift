@@ -140,13 +140,16 @@ public final class StagingArea {
     /// Opens the staging files for a session's envelope: reuses partial files whose
     /// header and envelope match (true), otherwise starts new ones, reserved (P-26a),
     /// and removes the journal that described the old ones (false).
+    /// `reservesPayload` false (P-29c: a payload staged through a window) reserves
+    /// the header, the envelope and the auth chain only, and leaves the payload's
+    /// range sparse: blocks take space as they come and give it back when released.
     @discardableResult
-    public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: PayloadPlace?) throws(StorageError) -> Bool {
+    public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: PayloadPlace?, reservesPayload: Bool = true) throws(StorageError) -> Bool {
         let h = BundleHeader(envelopeLength: envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
         if header == h, self.envelope == envelope, file != nil, payload?.place.path == payloadFile?.path { return true }
         if (try? open(for: h, envelope: envelope, payloadFile: payloadFile, create: false)) != nil { return true }
         directory.remove(Self.journalName)
-        do { try open(for: h, envelope: envelope, payloadFile: payloadFile, create: true) } catch {
+        do { try open(for: h, envelope: envelope, payloadFile: payloadFile, create: true, reservesPayload: reservesPayload) } catch {
             // A failed reservation leaves no partial file behind to hold the space.
             directory.remove(Self.partialName)
             if case .outputFile(let dir, let name)? = payloadFile { dir.remove(name) }
@@ -163,7 +166,7 @@ public final class StagingArea {
         return (directory.allocatedBytes(Self.partialName), dir.allocatedBytes(name))
     }
 
-    private func open(for h: BundleHeader, envelope: [UInt8], payloadFile: PayloadPlace?, create: Bool) throws(BundleError) {
+    private func open(for h: BundleHeader, envelope: [UInt8], payloadFile: PayloadPlace?, create: Bool, reservesPayload: Bool = true) throws(BundleError) {
         closeFiles()
         let f = create ? try directory.createExclusive(Self.partialName, mode: 0o600, readable: true) : try directory.open(Self.partialName, writable: true)
         var p: File?
@@ -186,7 +189,10 @@ public final class StagingArea {
             // reserve gets a sparse file of the right size instead. A payload staged on its
             // own (P-29a) is reserved in its file, and bundle.partial keeps a hole for it.
             let total = "for the \(h.totalSize)-byte bundle"
-            if let p, let place = payloadFile {
+            if payloadFile == nil && !reservesPayload {
+                _ = try f.reserve(offset: 0, length: h.payloadOffset, what: "\(total) in \(directory.path)")
+                _ = try f.reserve(offset: h.authOffset, length: UInt64(h.authLength), what: "\(total) in \(directory.path)")
+            } else if let p, let place = payloadFile {
                 _ = try f.reserve(offset: 0, length: h.payloadOffset, what: "\(total) in \(directory.path)")
                 _ = try f.reserve(offset: h.authOffset, length: UInt64(h.authLength), what: "\(total) in \(directory.path)")
                 if case .outputFile = place {
@@ -231,6 +237,18 @@ public final class StagingArea {
         do { return try source.read(at: base + offset, count: count) } catch { throw StorageError(error.reason) }
     }
 
+    /// Specs/protocol.md P-29c: frees the staged payload bytes `[offset, offset +
+    /// count)`, which step 2 has consumed and no durable journal lists any more.
+    /// Only a payload staged in bundle.partial; best effort where the file system
+    /// cannot punch holes.
+    public func releasePayload(offset: UInt64, count: UInt64) {
+        guard payload == nil, let h = header, let file, offset + count <= h.payloadLength else { return }
+        file.releaseSpace(offset: h.payloadOffset + offset, length: count)
+    }
+
+    /// Bytes bundle.partial holds on disk now (P-29c's window, measured).
+    public var partialAllocatedBytes: UInt64 { directory.allocatedBytes(Self.partialName) }
+
     /// Where payload byte 0 lies: its own file (P-29a), or bundle.partial at the payload offset.
     private func payloadPlace(_ h: BundleHeader, _ file: File) -> (File, UInt64) {
         if let payload { return (payload.file, 0) }
@@ -238,19 +256,30 @@ public final class StagingArea {
     }
 
     /// What `finish()` leaves: the bundle, or the payload in a file of its own (P-29a),
-    /// or in the slot it was staged in (P-29b).
+    /// or in the slot it was staged in (P-29b), or nothing: the payload went to step 2
+    /// through a window and its staging was freed (P-29c).
     public enum Staged: Sendable {
         case bundle(String)
         case payload(String)
         case slot(String)
+        case released
     }
 
     /// Makes the complete file durable and renames it to `bundle`; or, when the payload
     /// was staged on its own (P-29a), makes that file durable and removes the rest
-    /// (bundle.partial has a hole where the payload would be: it is no bundle).
-    public func finish() throws(StorageError) -> Staged {
+    /// (bundle.partial has a hole where the payload would be: it is no bundle). With
+    /// `payloadReleased` (P-29c: holes where step 2 consumed), bundle.partial is no
+    /// bundle either and goes.
+    public func finish(payloadReleased: Bool = false) throws(StorageError) -> Staged {
         guard let file else { throw StorageError("nothing staged") }
         do {
+            if payloadReleased && payload == nil {
+                closeFiles()
+                directory.remove(Self.journalName)
+                directory.remove(Self.partialName)
+                try directory.sync()
+                return .released
+            }
             if let payload {
                 try payload.file.sync()
                 let place = payload.place

@@ -54,6 +54,18 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// it runs in bounded slices of `performPendingWork`, in the caller's loop, and
         /// everything is deterministic.
         public var stepTwoThread = false
+        /// Specs/protocol.md P-29c: a payload staged in staging while step 2 runs during
+        /// the transfer (compressed, encrypted or of several components; no bundle
+        /// kept) goes through a window: at most this many bytes of blocks are staged
+        /// ahead of step 2, and what step 2 has consumed is freed. Staging then needs
+        /// room for the window, not for the payload. Nil stages the payload whole.
+        public var stagingWindowBytes: UInt64? = Configuration.stagingWindowBytesDefault
+        /// 64 MiB: half a second of a gigabit link, far more than the first pass's
+        /// repair takes to fill a gap (bench/RESULTS.md, issue 13).
+        public static let stagingWindowBytesDefault: UInt64 = 64 << 20
+        /// Named limit: a window holds this many blocks at least (twice the sender's
+        /// interleave window), whatever `stagingWindowBytes` says.
+        public static let stagingWindowBlockCountMin = 16
         /// Mode of released component files.
         public var componentMode: mode_t = 0o600
         /// After a session ends (its final STATUS acknowledged), listen for the next one,
@@ -95,6 +107,10 @@ public final class UpdateReceiver: DatagramEndpoint {
     public private(set) var resumedBlocks = 0
     /// Bytes of every datagram handed in.
     public private(set) var bytesHeard: UInt64 = 0
+    /// Specs/protocol.md P-29c: the most bytes the staged bundle of the current or
+    /// last session held on disk, seen before each release of consumed blocks (0
+    /// without a window).
+    public private(set) var stagingAllocatedBytesMax: UInt64 = 0
 
     /// Decides offers as they come, once each, without waiting for the embedder's
     /// loop: a device that installs whatever its policy admits (`fleetcast receive`,
@@ -144,16 +160,27 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// how far the payload is staged without a gap.
         var worker: StepTwoWorker?
         var stagedUpTo = 0
+        /// P-29c: blocks staged ahead of step 2 at most, the window's end given to the
+        /// core, and the blocks whose staging was freed (nil: no window).
+        let windowBlocks: Int?
+        let geometry: BlockGeometry
+        var windowEnd = 0
+        var released = 0
         /// Every block is in: step 2 is to finish.
         var complete = false
         /// The outcome was emitted (once); nothing of the session is carried out after it.
         var ended = false
-        init(verified: VerifiedManifest, envelope: [UInt8]) {
+        init(verified: VerifiedManifest, envelope: [UInt8], windowBlocks: Int?) {
             self.verified = verified
             self.envelope = envelope
-            stored = [Bool](repeating: false, count: BlockGeometry(payloadSize: verified.manifest.payload.size,
-                                                                  profile: verified.manifest.transport).blockCount)
+            self.windowBlocks = windowBlocks
+            geometry = BlockGeometry(payloadSize: verified.manifest.payload.size, profile: verified.manifest.transport)
+            stored = [Bool](repeating: false, count: geometry.blockCount)
+            windowEnd = windowBlocks ?? stored.count
         }
+
+        /// Payload blocks step 2 has consumed, in order.
+        var consumed: Int { worker?.progress.consumed ?? verification?.nextBlock ?? 0 }
     }
 
     deinit { transfer?.worker?.stop() }
@@ -301,11 +328,14 @@ public final class UpdateReceiver: DatagramEndpoint {
     public func accept(_ offer: UpdateOffer, at now: Instant) -> Bool {
         guard let pending = self.offer, pending.offer.session == offer.session, pending.verified.manifestBytes == offer.manifest.manifestBytes else { return false }
         self.offer = nil
-        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope)
+        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope, windowBlocks: windowBlocks(pending.verified.manifest))
         var resuming = pending.offer.resumes
         do throws(ReceiveFailure) {
             let payloadFile = try stagedPayloadFile(pending.verified.manifest)
-            do { resuming = try staging.prepare(envelope: pending.offer.envelope, manifest: pending.verified.manifest, payloadFile: payloadFile) && resuming }
+            do {
+                resuming = try staging.prepare(envelope: pending.offer.envelope, manifest: pending.verified.manifest, payloadFile: payloadFile,
+                                               reservesPayload: t.windowBlocks == nil) && resuming
+            }
             catch { throw ReceiveFailure(.storage, error.reason) }
             // Journalled blocks are staged already (in the files just reused); step 2 reads them back.
             if resuming, let resume {
@@ -319,8 +349,9 @@ public final class UpdateReceiver: DatagramEndpoint {
             return true
         }
         transfer = t
+        stagingAllocatedBytesMax = 0
         events.append(.joined(session: offer.session, manifest: t.verified.manifest))
-        core.accept(pending.verified, resuming: resuming, at: now)
+        core.accept(pending.verified, resuming: resuming, payloadWindowEnd: t.windowBlocks, at: now)
         carryOut(at: now)
         return true
     }
@@ -343,10 +374,18 @@ public final class UpdateReceiver: DatagramEndpoint {
             switch action {
             case .offer(let o): judge(o, at: now)
             case .store(let object, let block, let offset, let bytes): store(object, block, offset, bytes, at: now)
-            case .commit(let journal):
+            case .commit(var journal):
                 // Once a store failed, no journal may list what it did not write (P-20).
                 guard let t = transfer, !t.ended else { continue }
-                do { try staging.commit(journal) } catch { end(t, failure: ReceiveFailure(.storage, error.reason), at: now) }
+                // P-29c: what step 2 consumed leaves the journal, then its staging is freed
+                // (a restart asks for it again: step 2 starts over from block 0).
+                let consumed = t.windowBlocks == nil ? 0 : t.consumed
+                if consumed > 0 { journal.payloadBlocks.removeAll { $0 < consumed } }
+                do { try staging.commit(journal) } catch {
+                    end(t, failure: ReceiveFailure(.storage, error.reason), at: now)
+                    continue
+                }
+                if consumed > t.released { releaseStaged(t, upTo: consumed) }
             case .verify:
                 guard let t = transfer, !t.ended else { continue }
                 t.complete = true
@@ -358,8 +397,26 @@ public final class UpdateReceiver: DatagramEndpoint {
                 if let t = transfer { end(t, failure: ReceiveFailure(status: reason, text), at: now, toldCore: true) }
             }
         }
+        if let t = transfer, !t.ended, let w = t.windowBlocks { moveWindow(t, blocks: w, at: now) }
         askAboutOffer(at: now)
         if configuration.listensAfterSession, core.isFinished, transfer?.ended ?? true { listenAgain() }
+    }
+
+    /// Specs/protocol.md P-29c: the window follows step 2.
+    private func moveWindow(_ t: Transfer, blocks: Int, at now: Instant) {
+        let end = min(t.stored.count, t.consumed + blocks)
+        guard end > t.windowEnd else { return }
+        t.windowEnd = end
+        core.setPayloadWindow(end: end, at: now)
+    }
+
+    /// Frees the staging of payload blocks `released..<n` (consumed, in no journal).
+    private func releaseStaged(_ t: Transfer, upTo n: Int) {
+        // The most staging holds is just before a release.
+        stagingAllocatedBytesMax = max(stagingAllocatedBytesMax, staging.partialAllocatedBytes)
+        let start = t.geometry.byteRange(ofBlock: t.released).lowerBound, end = t.geometry.byteRange(ofBlock: n - 1).upperBound
+        staging.releasePayload(offset: start, count: end - start)
+        t.released = n
     }
 
     /// `decideOffer`, once per offer, outside the loop over actions.
@@ -417,6 +474,11 @@ public final class UpdateReceiver: DatagramEndpoint {
         let total = BundleHeader(envelopeLength: o.envelope.count, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
         let separate = Self.stagesPayloadAsComponent(configuration, m) || stagesPayloadInSlot(m)
         let output = configuration.outputDirectory == nil ? 0 : m.components.reduce(UInt64(0)) { $0 + $1.size }
+        if !separate, let w = windowBlocks(m) {
+            // P-29c: the window, and the blocks staged between two journals before their release.
+            let blocks = UInt64(w + commitBlockCount(m))
+            return (total, total - m.payload.size + min(m.payload.size, blocks * UInt64(m.transport.blockByteCount)), output)
+        }
         return (total, separate ? total - m.payload.size : total, output)
     }
 
@@ -504,7 +566,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     private func finishStepTwo(_ t: Transfer, at now: Instant) throws(ReceiveFailure) {
         guard let v = t.verification else { return }
         let staged: StagingArea.Staged
-        do { staged = try staging.finish() } catch { throw ReceiveFailure(.storage, error.reason) }
+        do { staged = try staging.finish(payloadReleased: t.windowBlocks != nil) } catch { throw ReceiveFailure(.storage, error.reason) }
         do {
             try currentPolicy().check(t.verified.manifest)
             let result = try v.finish()
@@ -521,6 +583,7 @@ public final class UpdateReceiver: DatagramEndpoint {
             case .payload(let path): output?.remove(String(path.split(separator: "/").last ?? ""))
             case .bundle: staging.directory.remove(StagingArea.bundleName)
             case .slot: break  // the slot stays, not bootable (Specs/agent.md A-3)
+            case .released: break  // nothing was kept (P-29c)
             }
             throw ReceiveFailure(error)
         }
@@ -562,6 +625,26 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// component is the plain payload (B-16).
     static func stagesPayloadApart(_ c: Configuration, _ m: Manifest) -> Bool {
         !c.keepBundle && c.verifyDuringTransfer && PayloadVerification.componentIsPayload(m)
+    }
+
+    /// Specs/protocol.md P-29c: the staging window in blocks, when step 2 runs during
+    /// the transfer and releases into an output directory or a sink, no bundle is
+    /// kept (without either, the bundle is what the receiver makes), the payload is
+    /// staged in staging (not apart, P-29a, P-29b), and it is larger than the
+    /// window; nil otherwise.
+    func windowBlocks(_ m: Manifest) -> Int? {
+        guard let bytes = configuration.stagingWindowBytes, !configuration.keepBundle, configuration.verifyDuringTransfer,
+              configuration.outputDirectory != nil || makeSink != nil,
+              !Self.stagesPayloadAsComponent(configuration, m), !stagesPayloadInSlot(m) else { return nil }
+        let blockBytes = UInt64(m.transport.blockByteCount)
+        let blocks = max(Configuration.stagingWindowBlockCountMin, Int(min(bytes / blockBytes, UInt64(Int32.max))))
+        let payloadBlocks = BlockGeometry(payloadSize: m.payload.size, profile: m.transport).blockCount
+        return payloadBlocks > blocks ? blocks : nil
+    }
+
+    /// Blocks between two journal commits, as the core counts them.
+    private func commitBlockCount(_ m: Manifest) -> Int {
+        configuration.tuning.commitBlockCount ?? max(1, configuration.tuning.commitByteCount / m.transport.blockByteCount)
     }
 
     /// Specs/protocol.md P-29b: a device agent's payload that is its lone plain

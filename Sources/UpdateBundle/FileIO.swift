@@ -58,6 +58,14 @@ public final class File {
         _ = fc_start_writeback(fd, Int64(offset), Int64(length))
     }
 
+    /// Frees the disk space of `[offset, offset + length)`, keeping the file's size;
+    /// the range then reads as zeros. False where the file system cannot (the
+    /// bytes then stay: best effort, nothing depends on the space coming back).
+    @discardableResult
+    public func releaseSpace(offset: UInt64, length: UInt64) -> Bool {
+        length == 0 || fc_punch_hole(fd, Int64(offset), Int64(length)) == 0
+    }
+
     public var size: UInt64 {
         get throws(BundleError) {
             var st = stat()

@@ -31,7 +31,10 @@ struct Agent: ParsableCommand {
         Relative paths are taken from the configuration file's directory. "trigger": \
         "manual" installs and then waits for `fleetcast agent install`. Without a \
         "health-check", a trial waits for `agent mark-good` or `mark-bad`. "install": \
-        "bundle-first" stages and verifies the whole bundle before writing the slots. A \
+        "bundle-first" stages and verifies the whole bundle before writing the slots. \
+        "staging-window" (default 64M): a compressed or encrypted payload is staged at \
+        most that far ahead of the slot writes, and freed as it is written, so staging \
+        needs room for the window, not for the bundle; "whole" stages it whole. A \
         file slot must exist at its full size (truncate -s 512M rootfs.b). Hooks get \
         FLEETCAST_HOOK, FLEETCAST_VERSION, FLEETCAST_SEQUENCE, FLEETCAST_SIDE and \
         FLEETCAST_SLOT_<TARGET>. "simulated-reboot": true makes the agent exit with status \
@@ -118,6 +121,7 @@ struct AgentRun: ParsableCommand {
             if try files.records.read() == nil, (try? files.boot.read()) == nil { try files.boot.initialize(current: booted) }
             var receiving = UpdateReceiver.Configuration(identity: identity, stagingDirectory: config.stagingDirectory)
             receiving.stepTwoThread = true
+            receiving.stagingWindowBytes = config.stagingWindowBytes
             receiving.tuning.inactivityTimeout = .seconds(10)
             var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)
             settings.trialAttempts = config.trialAttempts
@@ -173,7 +177,8 @@ struct AgentRun: ParsableCommand {
         case .installed(let r, let side, let st) where st.writtenInPlace:
             logger.notice("installed \(r.version) on side \(side.name): every slot read back and matched; \(formatBytes(st.bytes)) staged in the slot as it arrived (written once), its final fsync \(String(format: "%.2f", st.writeSeconds)) s, read back in \(String(format: "%.2f", st.readBackSeconds)) s")
         case .installed(let r, let side, let st):
-            logger.notice("installed \(r.version) on side \(side.name): every slot read back and matched; \(formatBytes(st.bytes)) written in \(String(format: "%.2f", st.writeSeconds)) s of writes and fsyncs (\(formatRate(st.bytes, st.writeSeconds))), read back in \(String(format: "%.2f", st.readBackSeconds)) s")
+            let window = st.stagingPeakBytes > 0 ? "; staged through the window, at most \(formatBytes(st.stagingPeakBytes)) on disk" : ""
+            logger.notice("installed \(r.version) on side \(side.name): every slot read back and matched; \(formatBytes(st.bytes)) written in \(String(format: "%.2f", st.writeSeconds)) s of writes and fsyncs (\(formatRate(st.bytes, st.writeSeconds))), read back in \(String(format: "%.2f", st.readBackSeconds)) s\(window)")
         case .ready(let r): logger.notice("\(r.version) is ready: `fleetcast agent install` activates it")
         case .rebooting(let r): logger.notice("activating \(r.version): rebooting into it on trial")
         case .healthCheck(let r): logger.notice("\(r.version) on trial: checking its health")

@@ -36,6 +36,8 @@ struct AgentConfig {
     var trialAttempts: UInt8
     var trigger: AgentSettings.Trigger
     var installPath: AgentSettings.InstallPath
+    /// Specs/protocol.md P-29c: bytes staged ahead of step 2 at most (nil: the whole payload).
+    var stagingWindowBytes: UInt64?
     var rebootCommand: [String]
     /// The tests' and the demo's reboot: the agent exits with `AgentExit.simulatedReboot`.
     var simulatedReboot: Bool
@@ -57,6 +59,7 @@ struct AgentConfig {
       "trial-attempts": 3,
       "trigger": "automatic",
       "install": "stream",
+      "staging-window": "64M",
       "activation": "reboot",
       "reboot-command": ["systemctl", "reboot"],
       "hooks": { "pre-install": [], "post-install": [], "activation": [] }
@@ -144,6 +147,7 @@ struct AgentConfig {
         trialAttempts = UInt8(try root.unsigned("trial-attempts", required: false, range: 1...10) ?? 3)
         trigger = try root.choice("trigger", AgentSettings.Trigger.self) ?? .automatic
         installPath = try root.choice("install", AgentSettings.InstallPath.self) ?? .stream
+        stagingWindowBytes = try parseStagingWindow(try root.string("staging-window", required: false), field: "staging-window", file: root.file)
         let activation = try root.string("activation", required: false) ?? "reboot"
         guard activation == "reboot" else { throw ConfigError(root.file, "activation: '\(activation)' is not supported (reboot)") }
         rebootCommand = try root.strings("reboot-command", required: false) ?? ["systemctl", "reboot"]
@@ -175,6 +179,17 @@ struct AgentConfig {
             do { return try load(path) } catch let e as BundleError { throw ConfigError(path, e.reason, exit: AgentExit.noInput) }
         }
     }
+}
+
+/// Specs/protocol.md P-29c: a staging window such as "64M" (decimal multiples, at
+/// least 1M), or "whole" (the payload staged whole); nil text is the default.
+func parseStagingWindow(_ text: String?, field: String, file: String) throws(ConfigError) -> UInt64? {
+    guard let text else { return UpdateReceiver.Configuration.stagingWindowBytesDefault }
+    if text == "whole" { return nil }
+    guard let n = parseByteCount(text), n >= 1_000_000 else {
+        throw ConfigError(file, "\(field): '\(text)' is not a size of at least 1M (such as 64M), nor 'whole'")
+    }
+    return UInt64(n)
 }
 
 /// Exit statuses of `fleetcast agent` (sysexits where one fits).

@@ -66,6 +66,9 @@ struct Receive: ParsableCommand {
     @Option(help: "Memory for incomplete blocks, in bytes with an optional k, M or G suffix; beyond it they wait in a scratch file next to the staged bundle (Specs/protocol.md P-5a). More avoids that disk traffic under heavy loss; the rest of the receiver needs about 40 MiB.")
     var blockMemory: String = "8.6M"
 
+    @Option(help: "With --output-dir and step 2 during the transfer: a payload staged in the staging directory (compressed, encrypted or of several components) holds at most this many bytes (decimal k, M, G) of blocks ahead of step 2, and what step 2 has consumed is freed, so staging needs room for this window, not for the bundle (Specs/protocol.md P-29c). 'whole' stages the payload whole.")
+    var stagingWindow: String = "64M"
+
     @Option(help: "Directory to write the verified, decrypted components into.")
     var outputDir: String?
 
@@ -93,8 +96,11 @@ struct Receive: ParsableCommand {
     func validate() throws {
         guard (0..<100).contains(simulateLoss) else { throw ValidationError("--simulate-loss is a percentage below 100") }
         guard timeout >= 0 else { throw ValidationError("--timeout must not be negative") }
-        guard let bytes = parseByteCount(blockMemory), bytes >= 1 << 20 else {
+        guard let bytes = parseByteCount(blockMemory), bytes >= 1_000_000 else {
             throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
+        }
+        guard stagingWindow == "whole" || (parseByteCount(stagingWindow) ?? 0) >= 1_000_000 else {
+            throw ValidationError("--staging-window wants a size of at least 1M, such as 64M, or 'whole'")
         }
         guard let mode = mode_t(componentMode, radix: 8), mode <= 0o777 else { throw ValidationError("--component-mode wants an octal mode such as 0600 or 0644") }
     }
@@ -130,6 +136,7 @@ struct Receive: ParsableCommand {
         config.verifyDuringTransfer = !verifyAfterTransfer
         config.stepTwoThread = true
         config.componentMode = mode_t(componentMode, radix: 8)!  // checked in validate()
+        config.stagingWindowBytes = stagingWindow == "whole" ? nil : UInt64(parseByteCount(stagingWindow)!)  // checked in validate()
         config.tuning.inactivityTimeout = .seconds(10)
         config.tuning.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
         let installed = InstalledSoftware(version: installedVersion, sequence: deviceOptions.installedSequence)
@@ -224,7 +231,10 @@ struct Receive: ParsableCommand {
             if receiver.stats.blocksSpilled > 0 { say("  incomplete blocks spilled to disk (memory budget full): \(receiver.stats.blocksSpilled)") }
             say(String(format: "  datagrams: %llu in %llu reads (%@)", pump.groupDatagrams, pump.groupMessages,
                        pump.coalescing ? "kernel coalescing (UDP GRO) on" : "one per read"))
-            say("  bundle -> \(kept ?? "not kept (the payload was staged as the component; --keep-bundle keeps it)")")
+            let notKept = receiver.stagingAllocatedBytesMax > 0
+                ? "not kept (the payload went through the staging window, at most \(formatBytes(receiver.stagingAllocatedBytesMax)) on disk; --keep-bundle keeps it)"
+                : "not kept (the payload was staged as the component; --keep-bundle keeps it)"
+            say("  bundle -> \(kept ?? notKept)")
             for (component, path) in update.componentPaths.sorted(by: { $0.key < $1.key }) { say("  \(component) -> \(path)") }
         }
     }

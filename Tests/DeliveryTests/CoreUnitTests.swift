@@ -147,56 +147,100 @@ struct CoreUnitTests {
         #expect(sender.stats.malformed[.badVersion] == 1)
     }
 
-    /// The 1 GiB agent bench at 5% loss (bench/RESULTS.md, issue 13): a receiver
-    /// still busy at the end of the first pass answered a POLL that had waited
-    /// 300 ms in its socket's queue, and the sender's GRTT estimate jumped from
-    /// 10 ms to 309 ms and stayed high for the last repair rounds.
-    ///
-    /// A sender and a receiver on a 1 ms link; every third DATA is lost, so the
-    /// receiver NACKs after the first POLL. `queued` says where a datagram waits
-    /// 300 ms before it is handled: the POLL at the receiver, or the NACK at the
-    /// sender. With `stamped`, the host hands over when the datagram arrived
-    /// (kernel timestamps, P-25a). Returns the sender's largest GRTT estimate.
-    static func grttAfterQueueing(_ bundle: SimulationBundle, queued: Datagram.Kind, stamped: Bool) -> Interval {
-        var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
-        var receiver = Receiver(config: receiverConfig(bundle))
-        let link = Interval.milliseconds(1), wait = Interval.milliseconds(300)
+    /// A sender and a receiver core on a 1 ms link, stepped every 500 µs until the
+    /// sender finishes or 2 s pass. Every third DATA is lost. `queued`: how long a
+    /// datagram of a kind waits at the host that receives it before it is handled;
+    /// with `stamped` the host hands over when it arrived (P-25a). `stored` is told
+    /// of each block the receiver stores (the driver's part: step 2, a window).
+    static func runLink(_ sender: inout Sender, _ receiver: inout Receiver, queued: (UInt8) -> Interval = { _ in .zero }, stamped: Bool = true,
+                        payloadWindowEnd: Int? = nil, stored: (inout Receiver, ObjectID, Int, Instant) -> Void = { _, _, _, _ in },
+                        step: (Sender) -> Void = { _ in }) {
+        let link = Interval.milliseconds(1)
         // In flight: (handled at, arrived at, bytes), to the receiver and to the sender.
         var toReceiver: [(at: Instant, arrived: Instant, bytes: [UInt8])] = []
         var toSender: [(at: Instant, arrived: Instant, bytes: [UInt8])] = []
         var dataCount = 0
         var now = Instant.zero
-        var grttMax = sender.currentGRTT
         while now.microseconds < 2_000_000 && !sender.isFinished {
             sender.handleTimeout(at: now)
             while let t = sender.pollTransmit(at: now) {
-                let kind = t.bytes[1]
-                if kind == Datagram.Kind.data.rawValue { dataCount += 1; if dataCount % 3 == 0 { continue } }
-                let arrived = now + link
-                toReceiver.append((kind == queued.rawValue ? arrived + wait : arrived, arrived, t.bytes))
+                if t.bytes[1] == Datagram.Kind.data.rawValue { dataCount += 1; if dataCount % 3 == 0 { continue } }
+                toReceiver.append((now + link + queued(t.bytes[1]), now + link, t.bytes))
             }
             while let i = toReceiver.firstIndex(where: { $0.at <= now }) {
                 let d = toReceiver.remove(at: i)
                 receiver.handleDatagram(d.bytes, from: senderPeer, at: now, arrivedAt: stamped ? d.arrived : nil)
-                if let offer = receiver.pendingOffer { receiver.accept(try! offer.manifest.admit(under: Simulation.devicePolicy), at: now) }
+                if let offer = receiver.pendingOffer {
+                    receiver.accept(try! offer.manifest.admit(under: Simulation.devicePolicy), payloadWindowEnd: payloadWindowEnd, at: now)
+                }
             }
             receiver.handleTimeout(at: now)
             while let a = receiver.pollAction() {
-                if case .store(let object, let block, _, _) = a { receiver.handleStored(object, block: block) }
+                switch a {
+                case .store(let object, let block, _, _):
+                    receiver.handleStored(object, block: block)
+                    stored(&receiver, object, block, now)
+                case .verify: receiver.handleVerdict(.verified, at: now)
+                case .offer, .commit, .failed: break
+                }
             }
-            while let t = receiver.pollTransmit() {
-                let arrived = now + link
-                toSender.append((t.bytes[1] == queued.rawValue ? arrived + wait : arrived, arrived, t.bytes))
-            }
+            while let t = receiver.pollTransmit() { toSender.append((now + link + queued(t.bytes[1]), now + link, t.bytes)) }
             while let i = toSender.firstIndex(where: { $0.at <= now }) {
                 let d = toSender.remove(at: i)
                 sender.handleDatagram(d.bytes, from: .benchmark(4), at: now, arrivedAt: stamped ? d.arrived : nil)
             }
-            grttMax = max(grttMax, sender.currentGRTT)
+            step(sender)
             now = now + Interval(microseconds: 500)
         }
+    }
+
+    /// The 1 GiB agent bench at 5% loss (bench/RESULTS.md, issue 13): a receiver
+    /// still busy at the end of the first pass answered a POLL that had waited
+    /// 300 ms in its socket's queue, and the sender's GRTT estimate jumped from
+    /// 10 ms to 309 ms and stayed high for the last repair rounds. Here the POLL
+    /// waits 300 ms at the receiver, or the NACK at the sender. Returns the
+    /// sender's largest GRTT estimate.
+    static func grttAfterQueueing(_ bundle: SimulationBundle, queued: Datagram.Kind, stamped: Bool) -> Interval {
+        var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
+        var receiver = Receiver(config: receiverConfig(bundle))
+        var grttMax = sender.currentGRTT
+        runLink(&sender, &receiver, queued: { $0 == queued.rawValue ? .milliseconds(300) : .zero }, stamped: stamped,
+                step: { grttMax = max(grttMax, $0.currentGRTT) })
         #expect(sender.round > 0 && sender.stats.nacks > 0, "the receiver NACKed after a POLL")
         return grttMax
+    }
+
+    @Test("P-29c: the receiver takes and NACKs payload blocks inside its window only, and completes as the driver moves the window")
+    func payloadWindow() async throws {
+        let bundle = try await BundleCache.shared.bundle(1_000_000)
+        let blockBytes = UInt64(bundle.manifest.transport.blockByteCount)
+        let blocks = Int((bundle.manifest.payload.size + blockBytes - 1) / blockBytes)
+        #expect(blocks >= 8)
+        let window = 2
+        func run(windowed: Bool) -> (sender: Sender, receiver: Receiver, storedBeyond: Int) {
+            var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
+            var receiver = Receiver(config: receiverConfig(bundle))
+            // The driver's step 2: it consumes stored blocks in order, at once.
+            var stored = [Bool](repeating: false, count: blocks), consumed = 0, end = window, storedBeyond = 0
+            Self.runLink(&sender, &receiver, payloadWindowEnd: windowed ? window : nil, stored: { r, object, b, now in
+                guard object == .payload else { return }
+                if b >= end { storedBeyond += 1 }
+                stored[b] = true
+                while consumed < blocks && stored[consumed] { consumed += 1 }
+                if windowed && consumed + window > end {
+                    end = consumed + window
+                    r.setPayloadWindow(end: end, at: now)
+                }
+            })
+            return (sender, receiver, storedBeyond)
+        }
+        let w = run(windowed: true), plain = run(windowed: false)
+        #expect(w.receiver.isComplete && plain.receiver.isComplete, "both complete")
+        #expect(w.storedBeyond == 0, "a block beyond the window was stored")
+        #expect(w.receiver.stats.drops[.beyondWindow] > 0, "the window held symbols back")
+        #expect(plain.receiver.stats.drops[.beyondWindow] == 0)
+        // Blocks dropped whole are sent again: more wire, and the sender served every need from its cursor.
+        #expect(w.sender.stats.repairDatagrams > plain.sender.stats.repairDatagrams)
     }
 
     @Test("P-25a: a POLL queued at the receiver, or a NACK queued at the sender, does not count as path delay when the host stamps arrivals",

@@ -80,7 +80,12 @@ extension Session {
 
     var promiseLifetime: Interval { grtt * repairPromiseLifetimeGRTTs }
 
-    func isPassed(_ object: ObjectID, _ b: Int) -> Bool { feedback.isPassed(object: object, block: b, window: interleaveWindow) }
+    /// Whether block b may be NACKed: the sender has passed it, and (P-29c) it is inside
+    /// the staging window.
+    func isPassed(_ object: ObjectID, _ b: Int) -> Bool {
+        if object == .payload, let end = payloadWindowEnd, b >= end { return false }
+        return feedback.isPassed(object: object, block: b, window: interleaveWindow)
+    }
 
     /// Distinct symbol indices of block b waiting for their segment, not already held.
     func pendingCount(block b: Int, excluding partial: PartialBlock?) -> Int {

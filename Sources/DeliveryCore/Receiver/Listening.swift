@@ -167,11 +167,14 @@ extension Receiver {
     /// Accepts the pending offer, whose manifest the device admitted under its policy
     /// (`SignedManifest.admit(under:)`), and joins its session. `resuming: false`
     /// discards the journal given at `init` (its staging files were not kept).
-    public mutating func accept(_ verified: VerifiedManifest, resuming: Bool = true, at now: Instant) {
+    /// `payloadWindowEnd`: stage payload blocks below it only (P-29c, moved on with
+    /// `setPayloadWindow`); nil, no window.
+    public mutating func accept(_ verified: VerifiedManifest, resuming: Bool = true, payloadWindowEnd: Int? = nil, at now: Instant) {
         guard case .offered(let l, let offer) = state else { preconditionFailure("accept without a pending offer") }
         precondition(verified.manifestBytes == offer.manifest.manifestBytes, "accept the manifest that was offered")
+        precondition(payloadWindowEnd.map { $0 >= 1 } ?? true, "a window holds a block at least")
         if !resuming { resume = nil }
-        join(offer, verified: verified, early: l.preJoin.filter { $0.session == offer.session }, at: now)
+        join(offer, verified: verified, early: l.preJoin.filter { $0.session == offer.session }, payloadWindowEnd: payloadWindowEnd, at: now)
     }
 
     /// Drops the pending offer without a word to its sender, and never offers the same
@@ -194,8 +197,9 @@ extension Receiver {
         recordDecline(reason, text, offer: offer)
     }
 
-    private mutating func join(_ offer: Offer, verified: VerifiedManifest, early: [DataSymbol], at now: Instant) {
+    private mutating func join(_ offer: Offer, verified: VerifiedManifest, early: [DataSymbol], payloadWindowEnd: Int?, at now: Instant) {
         var s = Session(offer: offer, verified: verified, now: now, config: config)
+        s.payloadWindowEnd = payloadWindowEnd
         stats.joins += 1
         if let r = resume, r.progress.envelope == offer.envelope {
             // Specs/protocol.md P-20: journalled blocks are durable; do not ask for them again.

@@ -273,6 +273,21 @@ public struct Receiver {
         put(s)
     }
 
+    /// Specs/protocol.md P-29c: the driver stages payload blocks below `end` only
+    /// (a window ahead of step 2, which consumes them in order); symbols of later
+    /// blocks are dropped (`beyondWindow`) and those blocks are not asked for until
+    /// the window reaches them. The window is opened at `accept` and only moves
+    /// forward; a session accepted without one has none.
+    public mutating func setPayloadWindow(end: Int, at now: Instant) {
+        guard case .receiving = state else { return }
+        withSession(at: now) { s, r in
+            guard let old = s.payloadWindowEnd, end > old else { return }
+            s.payloadWindowEnd = end
+            // Blocks that came inside may be asked for now.
+            r.scheduleNack(&s, at: now)
+        }
+    }
+
     /// A store or commit failed: the session fails with reason `storage`.
     public mutating func handleStorageFailure(_ text: String, at now: Instant) {
         abort(.storage, text, at: now)

@@ -33,6 +33,9 @@ struct Session {
     var uncommitted = 0
     var feedback: FeedbackState
     var bytesReceived: UInt64 = 0
+    /// Specs/protocol.md P-29c: payload blocks from here on are neither taken nor
+    /// asked for (nil: no window). The driver moves it as step 2 consumes.
+    var payloadWindowEnd: Int?
     var timers = TimerTable<Timer>()
     var lastHeard = Instant.zero
     /// Set when the session must fail; `Receiver.settle` ends it at once.
@@ -156,6 +159,8 @@ extension Receiver {
             // A done block's symbols are dropped before their tag is computed (its
             // segment may be released, P-5b).
             if s.payload.done[b] { stats.symbolsOfDoneBlocks += 1; return }
+            // Specs/protocol.md P-29c: no room staged for it yet; it is asked for once inside.
+            if let end = s.payloadWindowEnd, b >= end { stats.drops.add(.beyondWindow); return }
             // Specs/protocol.md P-5c: a segment that left memory comes back when a symbol of
             // its blocks needs it.
             guard reloadSegmentIfEvicted(&s, block: b) else { return }

@@ -89,6 +89,9 @@ public struct InstallStats: Sendable {
     public var writeSeconds: Double
     /// Reading every slot back and hashing it.
     public var readBackSeconds: Double
+    /// Specs/protocol.md P-29c: the most the staged bundle held on disk while the
+    /// payload went through the staging window (0: no window).
+    public var stagingPeakBytes: UInt64 = 0
 }
 
 public struct AgentError: Error, Sendable, CustomStringConvertible {
@@ -388,7 +391,8 @@ public final class AgentService: DatagramEndpoint {
         let inPlace = used?.writtenInPlace ?? false
         events.append(.installed(release, side: p.side, InstallStats(bytes: inPlace ? update.verified.manifest.manifest.payload.size : used?.bytesWritten ?? 0,
                                                                       writtenInPlace: inPlace, writeSeconds: used?.writeSeconds ?? 0,
-                                                                      readBackSeconds: used?.readBackSeconds ?? 0)))
+                                                                      readBackSeconds: used?.readBackSeconds ?? 0,
+                                                                      stagingPeakBytes: receiver.stagingAllocatedBytesMax)))
         if let target = p.reportTo { reporter.report(progress: .installed, to: target, at: now) }
         guarded { () throws(StorageError) in try driver.installFinished(verified: true) }
         if settings.trigger == .manual, case .installed = driver.machine.standing { events.append(.ready(release)) }
