@@ -54,18 +54,16 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// it runs in bounded slices of `performPendingWork`, in the caller's loop, and
         /// everything is deterministic.
         public var stepTwoThread = false
-        /// Specs/protocol.md P-29c: a payload staged in staging while step 2 runs during
-        /// the transfer (compressed, encrypted or of several components; no bundle
-        /// kept) goes through a window: at most this many bytes of blocks are staged
-        /// ahead of step 2, and what step 2 has consumed is freed. Staging then needs
-        /// room for the window, not for the payload. Nil stages the payload whole.
-        public var stagingWindowBytes: UInt64? = Configuration.stagingWindowBytesDefault
-        /// 64 MiB: half a second of a gigabit link, far more than the first pass's
-        /// repair takes to fill a gap (bench/RESULTS.md, issue 13).
-        public static let stagingWindowBytesDefault: UInt64 = 64 << 20
+        /// Specs/protocol.md P-29c: how a payload staged in staging while step 2 runs
+        /// during the transfer (compressed, encrypted or of several components; no
+        /// bundle kept) is staged: whole, or through a window ahead of step 2.
+        public var stagingWindow: StagingWindow = .automatic
         /// Named limit: a window holds this many blocks at least (twice the sender's
-        /// interleave window), whatever `stagingWindowBytes` says.
+        /// interleave window), whatever `stagingWindow` says.
         public static let stagingWindowBlockCountMin = 16
+        /// Named limit: what `.automatic` leaves free on the staging file system for
+        /// the rest (the journal, the spill of incomplete blocks, other programs).
+        public static let stagingFreeSpaceMarginBytes: UInt64 = 4 << 20
         /// Mode of released component files.
         public var componentMode: mode_t = 0o600
         /// After a session ends (its final STATUS acknowledged), listen for the next one,
@@ -84,6 +82,19 @@ public final class UpdateReceiver: DatagramEndpoint {
             tuning = ReceiverConfig(receiverID: ReceiverID(1), deviceID: identity.deviceID, installedVersion: "",
                                     installedSequence: 0, trust: identity.trust, seed: 0)
         }
+    }
+
+    /// Specs/protocol.md P-29c: staging a payload that is not staged apart (P-29a, P-29b).
+    public enum StagingWindow: Sendable, Equatable {
+        /// The whole payload, reserved, when staging has room for it at the offer (less
+        /// `stagingFreeSpaceMarginBytes`); otherwise a window as large as that room, so
+        /// that a device without room for the bundle still installs it, at the cost of
+        /// blocks sent again whenever step 2 falls a window behind.
+        case automatic
+        /// At most this many bytes of blocks ahead of step 2, whatever the room.
+        case bytes(UInt64)
+        /// The whole payload, reserved: a device without room for it declines.
+        case whole
     }
 
     /// What to do with an offer the policy admitted.
@@ -328,7 +339,8 @@ public final class UpdateReceiver: DatagramEndpoint {
     public func accept(_ offer: UpdateOffer, at now: Instant) -> Bool {
         guard let pending = self.offer, pending.offer.session == offer.session, pending.verified.manifestBytes == offer.manifest.manifestBytes else { return false }
         self.offer = nil
-        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope, windowBlocks: windowBlocks(pending.verified.manifest))
+        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope,
+                         windowBlocks: windowBlocks(pending.verified.manifest, envelopeBytes: pending.offer.envelope.count))
         var resuming = pending.offer.resumes
         do throws(ReceiveFailure) {
             let payloadFile = try stagedPayloadFile(pending.verified.manifest)
@@ -474,7 +486,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         let total = BundleHeader(envelopeLength: o.envelope.count, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
         let separate = Self.stagesPayloadAsComponent(configuration, m) || stagesPayloadInSlot(m)
         let output = configuration.outputDirectory == nil ? 0 : m.components.reduce(UInt64(0)) { $0 + $1.size }
-        if !separate, let w = windowBlocks(m) {
+        if !separate, let w = windowBlocks(m, envelopeBytes: o.envelope.count) {
             // P-29c: the window, and the blocks staged between two journals before their release.
             let blocks = UInt64(w + commitBlockCount(m))
             return (total, total - m.payload.size + min(m.payload.size, blocks * UInt64(m.transport.blockByteCount)), output)
@@ -631,15 +643,43 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// the transfer and releases into an output directory or a sink, no bundle is
     /// kept (without either, the bundle is what the receiver makes), the payload is
     /// staged in staging (not apart, P-29a, P-29b), and it is larger than the
-    /// window; nil otherwise.
-    func windowBlocks(_ m: Manifest) -> Int? {
-        guard let bytes = configuration.stagingWindowBytes, !configuration.keepBundle, configuration.verifyDuringTransfer,
-              configuration.outputDirectory != nil || makeSink != nil,
+    /// window; nil otherwise (staged whole).
+    func windowBlocks(_ m: Manifest, envelopeBytes: Int) -> Int? {
+        guard !configuration.keepBundle, configuration.verifyDuringTransfer, configuration.outputDirectory != nil || makeSink != nil,
               !Self.stagesPayloadAsComponent(configuration, m), !stagesPayloadInSlot(m) else { return nil }
         let blockBytes = UInt64(m.transport.blockByteCount)
+        var bytes: UInt64
+        switch configuration.stagingWindow {
+        case .whole: return nil
+        case .bytes(let b): bytes = b
+        case .automatic:
+            // The room staging has for payload blocks: free space, less the rest of the
+            // bundle, one commit interval, and the margin.
+            guard let free = stagingFreeBytes(m) else { return nil }  // unknown: the reservation decides
+            let rest = BundleHeader(envelopeLength: envelopeBytes, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
+                - m.payload.size + Configuration.stagingFreeSpaceMarginBytes
+            if free >= rest + m.payload.size { return nil }
+            let commit = UInt64(commitBlockCount(m)) * blockBytes
+            bytes = free > rest + commit ? free - rest - commit : 0
+        }
         let blocks = max(Configuration.stagingWindowBlockCountMin, Int(min(bytes / blockBytes, UInt64(Int32.max))))
         let payloadBlocks = BlockGeometry(payloadSize: m.payload.size, profile: m.transport).blockCount
         return payloadBlocks > blocks ? blocks : nil
+    }
+
+    /// Free bytes on the staging file system (stale partial files count as free, P-28),
+    /// less what the components need there when the output directory shares it; nil
+    /// when it cannot be told.
+    private func stagingFreeBytes(_ m: Manifest) -> UInt64? {
+        var fs = statvfs()
+        guard statvfs(configuration.stagingDirectory, &fs) == 0 else { return nil }
+        var free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) + staging.reclaimableBytes(payloadFile: nil).staging
+        var out = statvfs()
+        if let o = configuration.outputDirectory, statvfs(o, &out) == 0, out.f_fsid == fs.f_fsid {
+            let components = m.components.reduce(UInt64(0)) { $0 + $1.size }
+            free = free > components ? free - components : 0
+        }
+        return free
     }
 
     /// Blocks between two journal commits, as the core counts them.

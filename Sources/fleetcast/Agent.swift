@@ -32,9 +32,11 @@ struct Agent: ParsableCommand {
         "manual" installs and then waits for `fleetcast agent install`. Without a \
         "health-check", a trial waits for `agent mark-good` or `mark-bad`. "install": \
         "bundle-first" stages and verifies the whole bundle before writing the slots. \
-        "staging-window" (default 64M): a compressed or encrypted payload is staged at \
-        most that far ahead of the slot writes, and freed as it is written, so staging \
-        needs room for the window, not for the bundle; "whole" stages it whole. A \
+        "staging-window": a compressed or encrypted payload is staged whole where \
+        staging has room for it ("auto", the default), else at most as far ahead of the \
+        slot writes as the room allows and freed as it is written, so a device without \
+        room for the bundle still installs it; a size ("64M") fixes the window, "whole" \
+        always stages it whole. A \
         file slot must exist at its full size (truncate -s 512M rootfs.b). Hooks get \
         FLEETCAST_HOOK, FLEETCAST_VERSION, FLEETCAST_SEQUENCE, FLEETCAST_SIDE and \
         FLEETCAST_SLOT_<TARGET>. "simulated-reboot": true makes the agent exit with status \
@@ -121,7 +123,7 @@ struct AgentRun: ParsableCommand {
             if try files.records.read() == nil, (try? files.boot.read()) == nil { try files.boot.initialize(current: booted) }
             var receiving = UpdateReceiver.Configuration(identity: identity, stagingDirectory: config.stagingDirectory)
             receiving.stepTwoThread = true
-            receiving.stagingWindowBytes = config.stagingWindowBytes
+            receiving.stagingWindow = config.stagingWindow
             receiving.tuning.inactivityTimeout = .seconds(10)
             var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)
             settings.trialAttempts = config.trialAttempts

@@ -36,8 +36,8 @@ struct AgentConfig {
     var trialAttempts: UInt8
     var trigger: AgentSettings.Trigger
     var installPath: AgentSettings.InstallPath
-    /// Specs/protocol.md P-29c: bytes staged ahead of step 2 at most (nil: the whole payload).
-    var stagingWindowBytes: UInt64?
+    /// Specs/protocol.md P-29c: how a compressed or encrypted payload is staged.
+    var stagingWindow: UpdateReceiver.StagingWindow
     var rebootCommand: [String]
     /// The tests' and the demo's reboot: the agent exits with `AgentExit.simulatedReboot`.
     var simulatedReboot: Bool
@@ -59,7 +59,7 @@ struct AgentConfig {
       "trial-attempts": 3,
       "trigger": "automatic",
       "install": "stream",
-      "staging-window": "64M",
+      "staging-window": "auto",
       "activation": "reboot",
       "reboot-command": ["systemctl", "reboot"],
       "hooks": { "pre-install": [], "post-install": [], "activation": [] }
@@ -147,7 +147,11 @@ struct AgentConfig {
         trialAttempts = UInt8(try root.unsigned("trial-attempts", required: false, range: 1...10) ?? 3)
         trigger = try root.choice("trigger", AgentSettings.Trigger.self) ?? .automatic
         installPath = try root.choice("install", AgentSettings.InstallPath.self) ?? .stream
-        stagingWindowBytes = try parseStagingWindow(try root.string("staging-window", required: false), field: "staging-window", file: root.file)
+        let window = try root.string("staging-window", required: false) ?? "auto"
+        guard let w = parseStagingWindow(window) else {
+            throw ConfigError(root.file, "staging-window: '\(window)' is not 'auto', 'whole' or a size of at least 1M (such as 64M)")
+        }
+        stagingWindow = w
         let activation = try root.string("activation", required: false) ?? "reboot"
         guard activation == "reboot" else { throw ConfigError(root.file, "activation: '\(activation)' is not supported (reboot)") }
         rebootCommand = try root.strings("reboot-command", required: false) ?? ["systemctl", "reboot"]
@@ -181,15 +185,14 @@ struct AgentConfig {
     }
 }
 
-/// Specs/protocol.md P-29c: a staging window such as "64M" (decimal multiples, at
-/// least 1M), or "whole" (the payload staged whole); nil text is the default.
-func parseStagingWindow(_ text: String?, field: String, file: String) throws(ConfigError) -> UInt64? {
-    guard let text else { return UpdateReceiver.Configuration.stagingWindowBytesDefault }
-    if text == "whole" { return nil }
-    guard let n = parseByteCount(text), n >= 1_000_000 else {
-        throw ConfigError(file, "\(field): '\(text)' is not a size of at least 1M (such as 64M), nor 'whole'")
+/// Specs/protocol.md P-29c: "auto" (whole where staging has room, else a window of
+/// that room), "whole", or a window such as "64M" (decimal multiples, at least 1M).
+func parseStagingWindow(_ text: String) -> UpdateReceiver.StagingWindow? {
+    switch text {
+    case "auto": return .automatic
+    case "whole": return .whole
+    default: return parseByteCount(text).flatMap { $0 >= 1_000_000 ? .bytes(UInt64($0)) : nil }
     }
-    return UInt64(n)
 }
 
 /// Exit statuses of `fleetcast agent` (sysexits where one fits).

@@ -66,8 +66,8 @@ struct Receive: ParsableCommand {
     @Option(help: "Memory for incomplete blocks, in bytes with an optional k, M or G suffix; beyond it they wait in a scratch file next to the staged bundle (Specs/protocol.md P-5a). More avoids that disk traffic under heavy loss; the rest of the receiver needs about 40 MiB.")
     var blockMemory: String = "8.6M"
 
-    @Option(help: "With --output-dir and step 2 during the transfer: a payload staged in the staging directory (compressed, encrypted or of several components) holds at most this many bytes (decimal k, M, G) of blocks ahead of step 2, and what step 2 has consumed is freed, so staging needs room for this window, not for the bundle (Specs/protocol.md P-29c). 'whole' stages the payload whole.")
-    var stagingWindow: String = "64M"
+    @Option(help: "With --output-dir and step 2 during the transfer, how a payload staged in the staging directory (compressed, encrypted or of several components) is staged (Specs/protocol.md P-29c): 'auto' stages it whole where staging has room, else through a window of that room (at most that many bytes of blocks ahead of step 2, freed as step 2 consumes them), so the update still arrives; a size (decimal k, M, G, at least 1M) fixes the window; 'whole' always stages it whole.")
+    var stagingWindow: String = "auto"
 
     @Option(help: "Directory to write the verified, decrypted components into.")
     var outputDir: String?
@@ -99,8 +99,8 @@ struct Receive: ParsableCommand {
         guard let bytes = parseByteCount(blockMemory), bytes >= 1_000_000 else {
             throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
         }
-        guard stagingWindow == "whole" || (parseByteCount(stagingWindow) ?? 0) >= 1_000_000 else {
-            throw ValidationError("--staging-window wants a size of at least 1M, such as 64M, or 'whole'")
+        guard parseStagingWindow(stagingWindow) != nil else {
+            throw ValidationError("--staging-window wants 'auto', 'whole' or a size of at least 1M, such as 64M")
         }
         guard let mode = mode_t(componentMode, radix: 8), mode <= 0o777 else { throw ValidationError("--component-mode wants an octal mode such as 0600 or 0644") }
     }
@@ -136,7 +136,7 @@ struct Receive: ParsableCommand {
         config.verifyDuringTransfer = !verifyAfterTransfer
         config.stepTwoThread = true
         config.componentMode = mode_t(componentMode, radix: 8)!  // checked in validate()
-        config.stagingWindowBytes = stagingWindow == "whole" ? nil : UInt64(parseByteCount(stagingWindow)!)  // checked in validate()
+        config.stagingWindow = parseStagingWindow(stagingWindow)!  // checked in validate()
         config.tuning.inactivityTimeout = .seconds(10)
         config.tuning.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
         let installed = InstalledSoftware(version: installedVersion, sequence: deviceOptions.installedSequence)
