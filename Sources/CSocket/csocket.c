@@ -257,8 +257,9 @@ int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *s
                 struct timespec stamp;
                 memcpy(&stamp, CMSG_DATA(c), sizeof(stamp));
                 int64_t age = ((int64_t)now.tv_sec - (int64_t)stamp.tv_sec) * 1000000 + ((int64_t)now.tv_nsec - (int64_t)stamp.tv_nsec) / 1000;
-                // A wall clock stepped back shows as a negative age: unknown.
-                ages_us[i] = age >= 0 ? age : -1;
+                // A wall clock stepped between the stamp and the read (back, or forward
+                // by an NTP step) shows as a negative or absurd age: unknown.
+                ages_us[i] = age >= 0 && age <= FC_ARRIVAL_AGE_MAX_US ? age : -1;
             }
         }
     }

@@ -146,8 +146,8 @@ public final class StagingArea {
     @discardableResult
     public func prepare(envelope: [UInt8], manifest: Manifest, payloadFile: PayloadPlace?, reservesPayload: Bool = true) throws(StorageError) -> Bool {
         let h = BundleHeader(envelopeLength: envelope.count, payloadLength: manifest.payload.size, authLength: manifest.authentication.size)
-        if header == h, self.envelope == envelope, file != nil, payload?.place.path == payloadFile?.path { return true }
-        if (try? open(for: h, envelope: envelope, payloadFile: payloadFile, create: false)) != nil { return true }
+        if header == h, self.envelope == envelope, file != nil, payload?.place.path == payloadFile?.path { return try reserveReused(reservesPayload) }
+        if (try? open(for: h, envelope: envelope, payloadFile: payloadFile, create: false)) != nil { return try reserveReused(reservesPayload) }
         directory.remove(Self.journalName)
         do { try open(for: h, envelope: envelope, payloadFile: payloadFile, create: true, reservesPayload: reservesPayload) } catch {
             // A failed reservation leaves no partial file behind to hold the space.
@@ -156,6 +156,15 @@ public final class StagingArea {
             throw StorageError(error.reason)
         }
         return false
+    }
+
+    /// A reused bundle.partial may have been left sparse by a windowed session (P-29c):
+    /// one that stages its payload whole reserves the payload's range now (P-26a).
+    private func reserveReused(_ reservesPayload: Bool) throws(StorageError) -> Bool {
+        guard reservesPayload, payload == nil, let h = header, let file else { return true }
+        do { _ = try file.reserve(offset: h.payloadOffset, length: UInt64(h.payloadLength), what: "for the \(h.totalSize)-byte bundle in \(directory.path)") }
+        catch { throw StorageError(error.reason) }
+        return true
     }
 
     /// Bytes the files `prepare` would replace hold on disk now (a stale download's
@@ -239,11 +248,12 @@ public final class StagingArea {
 
     /// Specs/protocol.md P-29c: frees the staged payload bytes `[offset, offset +
     /// count)`, which step 2 has consumed and no durable journal lists any more.
-    /// Only a payload staged in bundle.partial; best effort where the file system
-    /// cannot punch holes.
-    public func releasePayload(offset: UInt64, count: UInt64) {
-        guard payload == nil, let h = header, let file, offset + count <= h.payloadLength else { return }
-        file.releaseSpace(offset: h.payloadOffset + offset, length: count)
+    /// Only a payload staged in bundle.partial. False where the file system cannot
+    /// punch holes (the bytes then stay).
+    @discardableResult
+    public func releasePayload(offset: UInt64, count: UInt64) -> Bool {
+        guard payload == nil, let h = header, let file, offset + count <= h.payloadLength else { return false }
+        return file.releaseSpace(offset: h.payloadOffset + offset, length: count)
     }
 
     /// Bytes bundle.partial holds on disk now (P-29c's window, measured).
@@ -378,6 +388,12 @@ public final class FileSpill: SymbolSpill {
     /// Stores symbols at their slots.
     public func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer) throws(StorageError) {
         do { try file.write(bytes, at: offset(object, block, index, symbolSize)) } catch { throw StorageError("write the spill file: \(error.reason)") }
+    }
+
+    /// Frees the block's slots (a hole again): over a long transfer the spill would
+    /// otherwise keep every block that ever went there.
+    public func release(object: ObjectID, block: Int, symbolSize: Int) {
+        file.releaseSpace(offset: offset(object, block, 0, symbolSize), length: UInt64(BundleLimits.symbolIndexCountMax * symbolSize))
     }
 
     /// Reads symbols back from their slots.

@@ -59,7 +59,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// bundle kept) is staged: whole, or through a window ahead of step 2.
         public var stagingWindow: StagingWindow = .automatic
         /// Named limit: a window holds this many blocks at least (twice the sender's
-        /// interleave window), whatever `stagingWindow` says.
+        /// default interleave window of 8), whatever `stagingWindow` says.
         public static let stagingWindowBlockCountMin = 16
         /// Named limit: what `.automatic` leaves free on the staging file system for
         /// the rest (the journal, the spill of incomplete blocks, other programs).
@@ -91,7 +91,8 @@ public final class UpdateReceiver: DatagramEndpoint {
         /// that a device without room for the bundle still installs it, at the cost of
         /// blocks sent again whenever step 2 falls a window behind.
         case automatic
-        /// At most this many bytes of blocks ahead of step 2, whatever the room.
+        /// Blocks of at most this many bytes ahead of step 2 (16 blocks at least),
+        /// whatever the room.
         case bytes(UInt64)
         /// The whole payload, reserved: a device without room for it declines.
         case whole
@@ -151,7 +152,8 @@ public final class UpdateReceiver: DatagramEndpoint {
     private var seed: UInt64
     private var events: [UpdateEvent] = []
     /// The offer the core holds, admitted by the policy, and whether `decideOffer` was asked.
-    private var offer: (offer: Offer, verified: VerifiedManifest, asked: Bool)?
+    /// With it, its staging window (P-29c), judged once at the offer and kept for the accept.
+    private var offer: (offer: Offer, verified: VerifiedManifest, asked: Bool, window: Int?)?
     private var transfer: Transfer?
     /// What the core was given to resume, if anything.
     private var resume: ResumeState?
@@ -234,7 +236,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     // MARK: Queries
 
     /// The offer awaiting `accept` or `decline`, if any.
-    public var pendingOffer: UpdateOffer? { offer.map { makeOffer($0.offer, $0.verified) } }
+    public var pendingOffer: UpdateOffer? { offer.map { makeOffer($0.offer, $0.verified, window: $0.window) } }
     /// The receiver's counters (drops by reason, work done), for the current session.
     public var stats: ReceiverStats { core.stats }
     /// Payload blocks verified and staged in the current session.
@@ -274,7 +276,8 @@ public final class UpdateReceiver: DatagramEndpoint {
     /// When `handleTimeout` next has something to do (or, while step 2's thread
     /// finishes a complete transfer, when to look at it again).
     public var nextDeadline: Instant? {
-        guard let t = transfer, !t.ended, t.complete, t.worker != nil, let lastNow else { return core.nextDeadline }
+        // Also while a window follows step 2's thread (P-29c): it moves as the thread consumes.
+        guard let t = transfer, !t.ended, t.complete || t.windowBlocks != nil, t.worker != nil, let lastNow else { return core.nextDeadline }
         let look = lastNow + Self.stepTwoPollInterval
         return core.nextDeadline.map { min($0, look) } ?? look
     }
@@ -339,8 +342,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     public func accept(_ offer: UpdateOffer, at now: Instant) -> Bool {
         guard let pending = self.offer, pending.offer.session == offer.session, pending.verified.manifestBytes == offer.manifest.manifestBytes else { return false }
         self.offer = nil
-        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope,
-                         windowBlocks: windowBlocks(pending.verified.manifest, envelopeBytes: pending.offer.envelope.count))
+        let t = Transfer(verified: pending.verified, envelope: pending.offer.envelope, windowBlocks: pending.window)
         var resuming = pending.offer.resumes
         do throws(ReceiveFailure) {
             let payloadFile = try stagedPayloadFile(pending.verified.manifest)
@@ -349,8 +351,10 @@ public final class UpdateReceiver: DatagramEndpoint {
                                                reservesPayload: t.windowBlocks == nil) && resuming
             }
             catch { throw ReceiveFailure(.storage, error.reason) }
-            // Journalled blocks are staged already (in the files just reused); step 2 reads them back.
-            if resuming, let resume {
+            if t.windowBlocks != nil {
+                try startWindow(t, resuming: resuming)
+            } else if resuming, let resume {
+                // Journalled blocks are staged already (in the files just reused); step 2 reads them back.
                 for b in resume.progress.payloadBlocks where b < t.stored.count { t.stored[b] = true }
             }
             if configuration.verifyDuringTransfer { startVerification(t, try makeVerification(t.verified, staged: payloadFile)) }
@@ -386,18 +390,10 @@ public final class UpdateReceiver: DatagramEndpoint {
             switch action {
             case .offer(let o): judge(o, at: now)
             case .store(let object, let block, let offset, let bytes): store(object, block, offset, bytes, at: now)
-            case .commit(var journal):
+            case .commit(let journal):
                 // Once a store failed, no journal may list what it did not write (P-20).
                 guard let t = transfer, !t.ended else { continue }
-                // P-29c: what step 2 consumed leaves the journal, then its staging is freed
-                // (a restart asks for it again: step 2 starts over from block 0).
-                let consumed = t.windowBlocks == nil ? 0 : t.consumed
-                if consumed > 0 { journal.payloadBlocks.removeAll { $0 < consumed } }
-                do { try staging.commit(journal) } catch {
-                    end(t, failure: ReceiveFailure(.storage, error.reason), at: now)
-                    continue
-                }
-                if consumed > t.released { releaseStaged(t, upTo: consumed) }
+                do { try staging.commit(journal) } catch { end(t, failure: ReceiveFailure(.storage, error.reason), at: now) }
             case .verify:
                 guard let t = transfer, !t.ended else { continue }
                 t.complete = true
@@ -414,9 +410,12 @@ public final class UpdateReceiver: DatagramEndpoint {
         if configuration.listensAfterSession, core.isFinished, transfer?.ended ?? true { listenAgain() }
     }
 
-    /// Specs/protocol.md P-29c: the window follows step 2.
+    /// Specs/protocol.md P-29c: the window follows step 2, and what step 2 consumed is
+    /// freed at once (a windowed session's journals list no payload block).
     private func moveWindow(_ t: Transfer, blocks: Int, at now: Instant) {
-        let end = min(t.stored.count, t.consumed + blocks)
+        let consumed = t.consumed
+        if consumed > t.released { releaseStaged(t, upTo: consumed) }
+        let end = min(t.stored.count, consumed + blocks)
         guard end > t.windowEnd else { return }
         t.windowEnd = end
         core.setPayloadWindow(end: end, at: now)
@@ -435,12 +434,26 @@ public final class UpdateReceiver: DatagramEndpoint {
     private func askAboutOffer(at now: Instant) {
         guard let decide = decideOffer, let pending = offer, !pending.asked else { return }
         offer?.asked = true
-        let o = makeOffer(pending.offer, pending.verified)
+        let o = makeOffer(pending.offer, pending.verified, window: pending.window)
         switch decide(o) {
         case .accept: accept(o, at: now)
         case .decline(let text): decline(o, reason: text, at: now)
         case .refuse(let text, let code): decline(o, reason: text, code: code, at: now)
         case .later: if self.offer != nil { events.append(.offer(o)) }
+        }
+    }
+
+    /// Specs/protocol.md P-29c at the accept: a windowed session resumes its auth chain
+    /// only, so the payload staged by an earlier session goes: first a journal that lists
+    /// none of it is made durable, then its room is freed. Freeing the (empty or stale)
+    /// payload range also tells whether this file system can punch holes; a window
+    /// without that would free nothing, and is refused.
+    private func startWindow(_ t: Transfer, resuming: Bool) throws(ReceiveFailure) {
+        let auth = resuming ? resume?.progress.authBlocks ?? [] : []
+        do { try staging.commit(ProgressJournal(envelope: t.envelope, authBlocks: auth, payloadBlocks: [])) }
+        catch { throw ReceiveFailure(.storage, error.reason) }
+        guard staging.releasePayload(offset: 0, count: t.verified.manifest.payload.size) else {
+            throw ReceiveFailure(.storage, "the staging file system cannot free space (no hole punching), which a staging window needs: set the staging window to 'whole', or stage on another file system")
         }
     }
 
@@ -459,39 +472,46 @@ public final class UpdateReceiver: DatagramEndpoint {
             return
         }
         let verified: VerifiedManifest
+        let window: Int?
         do {
             verified = try o.manifest.admit(under: currentPolicy())
             try verified.checkRecipient(keys: configuration.identity.keys)
-            if !o.resumes { try checkRoom(needs(o, verified.manifest), payloadFile: try? stagedPayloadFile(verified.manifest)) }
+            window = windowBlocks(verified.manifest, envelopeBytes: o.envelope.count)
+            if !o.resumes || window != nil {
+                try checkRoom(needs(o, verified.manifest, window: window), payloadFile: try? stagedPayloadFile(verified.manifest))
+            }
         } catch {
             let failure = ReceiveFailure(error)
             core.decline(failure.statusReason, failure.text, at: now)
             events.append(.refused(session: o.session, failure))
             return
         }
-        offer = (o, verified, false)
-        if decideOffer == nil { events.append(.offer(makeOffer(o, verified))) }
+        offer = (o, verified, false, window)
+        if decideOffer == nil { events.append(.offer(makeOffer(o, verified, window: window))) }
     }
 
-    private func makeOffer(_ o: Offer, _ verified: VerifiedManifest) -> UpdateOffer {
-        let n = needs(o, verified.manifest)
+    private func makeOffer(_ o: Offer, _ verified: VerifiedManifest, window: Int?) -> UpdateOffer {
+        let n = needs(o, verified.manifest, window: window)
         return UpdateOffer(session: o.session, manifest: verified, stagingBytes: n.staging, outputBytes: n.output, resumes: o.resumes,
                            sender: o.sender)
     }
 
     /// Bytes the bundle needs in staging and in the output directory: the payload
-    /// staged as the component (P-29a) counts in the output only, and in a slot
-    /// (P-29b) nowhere.
-    private func needs(_ o: Offer, _ m: Manifest) -> (total: UInt64, staging: UInt64, output: UInt64) {
+    /// staged as the component (P-29a) counts in the output only, in a slot (P-29b)
+    /// nowhere, and through a window (P-29c) as the window's footprint.
+    private func needs(_ o: Offer, _ m: Manifest, window: Int?) -> (total: UInt64, staging: UInt64, output: UInt64) {
         let total = BundleHeader(envelopeLength: o.envelope.count, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
         let separate = Self.stagesPayloadAsComponent(configuration, m) || stagesPayloadInSlot(m)
         let output = configuration.outputDirectory == nil ? 0 : m.components.reduce(UInt64(0)) { $0 + $1.size }
-        if !separate, let w = windowBlocks(m, envelopeBytes: o.envelope.count) {
-            // P-29c: the window, and the blocks staged between two journals before their release.
-            let blocks = UInt64(w + commitBlockCount(m))
-            return (total, total - m.payload.size + min(m.payload.size, blocks * UInt64(m.transport.blockByteCount)), output)
-        }
+        if !separate, let w = window { return (total, total - m.payload.size + Self.windowFootprint(w, m), output) }
         return (total, separate ? total - m.payload.size : total, output)
+    }
+
+    /// P-29c: the most a window of `blocks` holds in staging: each of its blocks staged,
+    /// or in flight with up to k + R symbols, in memory or in the spill (P-5a).
+    static func windowFootprint(_ blocks: Int, _ m: Manifest) -> UInt64 {
+        let perBlock = UInt64((m.transport.sourceSymbolsPerBlock + m.transport.repairSymbolsPerBlock) * m.transport.symbolSize)
+        return min(m.payload.size, UInt64(blocks) * perBlock)
     }
 
     /// Specs/protocol.md P-26a at the offer: a device without room for the bundle and
@@ -505,8 +525,9 @@ public final class UpdateReceiver: DatagramEndpoint {
         for (path, need, reclaimable) in places {
             var fs = statvfs()
             guard statvfs(path, &fs) == 0 else { continue }  // the reservation will tell
-            let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) + reclaimable
-            byFileSystem[fs.f_fsid, default: (path, 0, 0)].free += free
+            // A file system's free space counts once, however many places share it.
+            if byFileSystem[fs.f_fsid] == nil { byFileSystem[fs.f_fsid] = (path, UInt64(fs.f_bavail) * UInt64(fs.f_frsize), 0) }
+            byFileSystem[fs.f_fsid]!.free += reclaimable
             byFileSystem[fs.f_fsid]!.need += need
         }
         for (_, place) in byFileSystem where place.need > place.free {
@@ -659,8 +680,9 @@ public final class UpdateReceiver: DatagramEndpoint {
             let rest = BundleHeader(envelopeLength: envelopeBytes, payloadLength: m.payload.size, authLength: m.authentication.size).totalSize
                 - m.payload.size + Configuration.stagingFreeSpaceMarginBytes
             if free >= rest + m.payload.size { return nil }
-            let commit = UInt64(commitBlockCount(m)) * blockBytes
-            bytes = free > rest + commit ? free - rest - commit : 0
+            // The room, as payload bytes: a window's footprint is (k + R) / k of its blocks.
+            let room = free > rest ? free - rest : 0
+            bytes = room / UInt64(m.transport.sourceSymbolsPerBlock + m.transport.repairSymbolsPerBlock) * UInt64(m.transport.sourceSymbolsPerBlock)
         }
         let blocks = max(Configuration.stagingWindowBlockCountMin, Int(min(bytes / blockBytes, UInt64(Int32.max))))
         let payloadBlocks = BlockGeometry(payloadSize: m.payload.size, profile: m.transport).blockCount
@@ -682,10 +704,6 @@ public final class UpdateReceiver: DatagramEndpoint {
         return free
     }
 
-    /// Blocks between two journal commits, as the core counts them.
-    private func commitBlockCount(_ m: Manifest) -> Int {
-        configuration.tuning.commitBlockCount ?? max(1, configuration.tuning.commitByteCount / m.transport.blockByteCount)
-    }
 
     /// Specs/protocol.md P-29b: a device agent's payload that is its lone plain
     /// component is staged in the spare slot itself (step 2 during the transfer, no

@@ -60,7 +60,7 @@ public final class File {
 
     /// Frees the disk space of `[offset, offset + length)`, keeping the file's size;
     /// the range then reads as zeros. False where the file system cannot (the
-    /// bytes then stay: best effort, nothing depends on the space coming back).
+    /// bytes then stay; a caller that counts on the room must check).
     @discardableResult
     public func releaseSpace(offset: UInt64, length: UInt64) -> Bool {
         length == 0 || fc_punch_hole(fd, Int64(offset), Int64(length)) == 0

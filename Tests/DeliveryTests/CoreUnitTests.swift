@@ -154,7 +154,7 @@ struct CoreUnitTests {
     /// of each block the receiver stores (the driver's part: step 2, a window).
     static func runLink(_ sender: inout Sender, _ receiver: inout Receiver, queued: (UInt8) -> Interval = { _ in .zero }, stamped: Bool = true,
                         payloadWindowEnd: Int? = nil, stored: (inout Receiver, ObjectID, Int, Instant) -> Void = { _, _, _, _ in },
-                        step: (Sender) -> Void = { _ in }) {
+                        feedback: ([UInt8]) -> Void = { _ in }, step: (Sender) -> Void = { _ in }) {
         let link = Interval.milliseconds(1)
         // In flight: (handled at, arrived at, bytes), to the receiver and to the sender.
         var toReceiver: [(at: Instant, arrived: Instant, bytes: [UInt8])] = []
@@ -184,7 +184,10 @@ struct CoreUnitTests {
                 case .offer, .commit, .failed: break
                 }
             }
-            while let t = receiver.pollTransmit() { toSender.append((now + link + queued(t.bytes[1]), now + link, t.bytes)) }
+            while let t = receiver.pollTransmit() {
+                feedback(t.bytes)
+                toSender.append((now + link + queued(t.bytes[1]), now + link, t.bytes))
+            }
             while let i = toSender.firstIndex(where: { $0.at <= now }) {
                 let d = toSender.remove(at: i)
                 sender.handleDatagram(d.bytes, from: .benchmark(4), at: now, arrivedAt: stamped ? d.arrived : nil)
@@ -217,11 +220,11 @@ struct CoreUnitTests {
         let blocks = Int((bundle.manifest.payload.size + blockBytes - 1) / blockBytes)
         #expect(blocks >= 8)
         let window = 2
-        func run(windowed: Bool) -> (sender: Sender, receiver: Receiver, storedBeyond: Int) {
+        func run(windowed: Bool) -> (sender: Sender, receiver: Receiver, storedBeyond: Int, nackedBeyond: Int) {
             var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
             var receiver = Receiver(config: receiverConfig(bundle))
             // The driver's step 2: it consumes stored blocks in order, at once.
-            var stored = [Bool](repeating: false, count: blocks), consumed = 0, end = window, storedBeyond = 0
+            var stored = [Bool](repeating: false, count: blocks), consumed = 0, end = window, storedBeyond = 0, nackedBeyond = 0
             Self.runLink(&sender, &receiver, payloadWindowEnd: windowed ? window : nil, stored: { r, object, b, now in
                 guard object == .payload else { return }
                 if b >= end { storedBeyond += 1 }
@@ -231,12 +234,17 @@ struct CoreUnitTests {
                     end = consumed + window
                     r.setPayloadWindow(end: end, at: now)
                 }
+            }, feedback: { bytes in
+                // A NACK names payload blocks inside the window only.
+                guard windowed, case .nack(let n)? = try? Datagram(parsing: bytes) else { return }
+                nackedBeyond += n.entries.filter { $0.object == .payload && Int($0.block) >= end }.count
             })
-            return (sender, receiver, storedBeyond)
+            return (sender, receiver, storedBeyond, nackedBeyond)
         }
         let w = run(windowed: true), plain = run(windowed: false)
         #expect(w.receiver.isComplete && plain.receiver.isComplete, "both complete")
         #expect(w.storedBeyond == 0, "a block beyond the window was stored")
+        #expect(w.nackedBeyond == 0, "a block beyond the window was asked for")
         #expect(w.receiver.stats.drops[.beyondWindow] > 0, "the window held symbols back")
         #expect(plain.receiver.stats.drops[.beyondWindow] == 0)
         // Blocks dropped whole are sent again: more wire, and the sender served every need from its cursor.

@@ -87,6 +87,8 @@ struct Exchange {
     var statuses: [Status] = []
     /// Called after each step (a test's hook: move the clock, break the disk).
     var onStep: ((inout Exchange) -> Void)?
+    /// Whether a datagram to the receiver is lost on the way (a test's loss).
+    var lost: (([UInt8]) -> Bool)?
 
     init(_ packed: AgentFixture.Packed, receiver: UpdateReceiver, session: UInt32 = 0xA11CE) {
         var c = SenderConfig(session: SessionID(session), rateBytesPerSecond: 20_000_000)
@@ -103,6 +105,7 @@ struct Exchange {
             sender.handleTimeout(at: now)
             var sent = 0
             while let t = sender.pollTransmit(at: now), sent < 64 {
+                if lost?(t.bytes) == true { continue }
                 receiver.handleDatagram(t.bytes, from: senderAddress, at: now)
                 sent += 1
                 answerOffers(answer)

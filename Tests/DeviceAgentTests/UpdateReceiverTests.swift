@@ -1,6 +1,7 @@
 import DeliveryCore
 import DeviceAgent
 import Foundation
+import Glibc
 import Testing
 import UpdateBundle
 import WireFormat
@@ -173,6 +174,63 @@ struct UpdateReceiverTests {
         #expect(x.statuses.last?.state == .failed && x.statuses.last?.reason == .storage)
         #expect(!FileManager.default.fileExists(atPath: f.scratch.file("staging/journal")), "no journal lists what was not made durable")
         #expect(try FileManager.default.contentsOfDirectory(atPath: f.scratch.file("out")).isEmpty, "nothing released")
+    }
+
+    /// Bytes a file holds on disk (its holes take none).
+    static func allocatedBytes(_ path: String) -> UInt64 {
+        var st = stat()
+        return stat(path, &st) == 0 ? UInt64(st.st_blocks) * 512 : 0
+    }
+
+    @Test("P-29c: a windowed session holds at most the window's footprint in staging, journals no payload block, and a restarted receiver frees what was staged and completes")
+    func windowedResume() throws {
+        let f = AgentFixture(imageBytes: 2_000_000)  // about 62 blocks of 32 KiB
+        let world = DeviceWorld()
+        var config = f.configuration()
+        config.stagingWindow = .bytes(1)  // the least: 16 blocks
+        config.tuning.commitBlockCount = 4  // journals during the interrupted part
+        let packed = try f.pack()
+        let partial = f.scratch.file("staging/bundle.partial")
+        let footprint = UInt64(UpdateReceiver.Configuration.stagingWindowBlockCountMin
+                               * (AgentFixture.profile.sourceSymbolsPerBlock + AgentFixture.profile.repairSymbolsPerBlock) * AgentFixture.profile.symbolSize)
+        let rest = UInt64(packed.envelope.count + packed.authChain.count) + 4096
+        #expect(footprint + rest < packed.manifest.payload.size / 2, "the window is well under the payload")
+        var peak: UInt64 = 0
+        // Interrupted part way: a power cut, as far as staging knows.
+        do {
+            let r = try receiver(f, world, config)
+            var x = Exchange(packed, receiver: r)
+            x.onStep = { _ in peak = max(peak, Self.allocatedBytes(partial)) }
+            // One DATA in nine lost: blocks wait for repair while later ones are staged ahead.
+            var data = 0
+            x.lost = { bytes in
+                guard bytes[1] == Datagram.Kind.data.rawValue else { return false }
+                data += 1
+                return data % 9 == 0
+            }
+            x.run(limit: .milliseconds(70))
+            #expect(x.completed == nil && r.manifest != nil, "interrupted during the transfer: \(x.events)")
+        }
+        let journal = try #require(try StagingArea(directory: f.scratch.file("staging")).loadJournal().journal?.0)
+        #expect(journal.payloadBlocks.isEmpty && !journal.authBlocks.isEmpty, "a windowed journal lists the auth chain only: \(journal.payloadBlocks)")
+        #expect(Self.allocatedBytes(partial) > rest, "blocks were staged ahead of step 2 when the power went")
+        // The restart: the accept frees what the journal does not list, and the update completes.
+        let r = try receiver(f, world, config)
+        var x = Exchange(packed, receiver: r, session: 0xB0B)
+        // Looked at in the first step after the accept: by then at most the blocks of one
+        // step's 64 datagrams (two blocks) are staged anew.
+        var atAccept: UInt64?
+        x.onStep = { x in
+            peak = max(peak, Self.allocatedBytes(partial))
+            if x.receiver.manifest != nil && atAccept == nil { atAccept = Self.allocatedBytes(partial) }
+        }
+        x.run()
+        #expect(x.completed != nil, "\(x.events)")
+        let blockBytes = UInt64(AgentFixture.profile.blockByteCount)
+        #expect((atAccept ?? .max) <= rest + 4 * blockBytes, "the accept left \(String(describing: atAccept)) bytes staged")
+        #expect(FileManager.default.contents(atPath: f.scratch.file("out/rootfs.img")).map { [UInt8]($0) } == f.image)
+        #expect(peak <= rest + footprint, "staging held \(peak) bytes; the window's footprint is \(footprint) (+ \(rest))")
+        #expect(!FileManager.default.fileExists(atPath: partial), "no bundle is kept")
     }
 
     @Test("decideOffer is asked once per offer; .later leaves one .offer event, which a late accept takes")

@@ -56,6 +56,9 @@ int fc_recv_batch(int fd, uint8_t *buffer, int slot_bytes, int count, fc_addr *s
 /// (SO_TIMESTAMPNS), so that `fc_recv_batch` can tell how long it waited in
 /// the socket's queue. 0, or -errno.
 int fc_enable_timestamps(int fd);
+/// Named limit: an age above this (10 s, far beyond any socket queue) means the
+/// wall clock stepped; the age is then unknown.
+#define FC_ARRIVAL_AGE_MAX_US 10000000
 /// Segmentation offload (UDP_SEGMENT): at most this many datagrams, and this
 /// many bytes of them, per message (the kernel's UDP_MAX_SEGMENTS and the
 /// largest UDP payload).

@@ -21,6 +21,9 @@ public protocol SymbolSpill: AnyObject {
     func write(object: ObjectID, block: Int, index: Int, symbolSize: Int, bytes: UnsafeRawBufferPointer) throws(StorageError)
     /// Reads the slots from `index` on; slots never written read as zeros.
     func read(object: ObjectID, block: Int, index: Int, symbolSize: Int, into buffer: UnsafeMutableRawBufferPointer) throws(StorageError)
+    /// The block's slots are needed no more (it was read back to decode): their
+    /// room may go back (Specs/protocol.md P-5a). Best effort.
+    func release(object: ObjectID, block: Int, symbolSize: Int)
 }
 
 /// A spill in memory: for the simulator and tests, where the eviction logic
@@ -45,6 +48,9 @@ public final class MemorySpill: SymbolSpill {
                 slot.initializeMemory(as: UInt8.self, repeating: 0)
             }
         }
+    }
+    public func release(object: ObjectID, block: Int, symbolSize: Int) {
+        for i in 0..<BundleLimits.symbolIndexCountMax { symbols[SymbolKey(object: object, block: block, index: i)] = nil }
     }
 }
 
@@ -180,7 +186,10 @@ struct ObjectState {
         guard try partial[b]!.add(index: i, symbol: symbol, spill: spill, object: layout.object, block: b) else { return .duplicate }
         guard partial[b]!.isDecodable else { return .held }
         var p = partial.removeValue(forKey: b)!
-        if p.isCold { try p.reload(from: spill, object: layout.object, block: b) } else { hotCount -= 1 }
+        if p.isCold {
+            try p.reload(from: spill, object: layout.object, block: b)
+            spill.release(object: layout.object, block: b, symbolSize: layout.profile.symbolSize)
+        } else { hotCount -= 1 }
         return .decodable(p)
     }
 

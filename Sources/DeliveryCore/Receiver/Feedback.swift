@@ -82,7 +82,7 @@ extension Session {
 
     /// Whether block b may be NACKed: the sender has passed it, and (P-29c) it is inside
     /// the staging window.
-    func isPassed(_ object: ObjectID, _ b: Int) -> Bool {
+    func isNackable(_ object: ObjectID, _ b: Int) -> Bool {
         if object == .payload, let end = payloadWindowEnd, b >= end { return false }
         return feedback.isPassed(object: object, block: b, window: interleaveWindow)
     }
@@ -97,7 +97,7 @@ extension Session {
     var hasNackableBlocks: Bool {
         for object in [ObjectID.authChain, .payload] {
             let state = object == .payload ? payload : chain.auth
-            for b in 0..<state.layout.blockCount where !state.done[b] && isPassed(object, b)
+            for b in 0..<state.layout.blockCount where !state.done[b] && isNackable(object, b)
                 && !feedback.nackedThisRound.contains(BlockKey(object: object, block: b)) && !chain.awaitsSegment(object, b) {
                 return true
             }
@@ -114,7 +114,10 @@ extension Receiver {
         s.feedback.observeFrontier(object: d.object, block: b, window: s.interleaveWindow)
         // Specs/protocol.md P-18a: the sender's promise of more repair for this block this round.
         let key = BlockKey(object: d.object, block: b)
-        if d.pendingRepair > 0 || s.feedback.promised[key] != nil {
+        // P-29c: a block beyond the window drops its symbols; repair promised for it then
+        // would count as covering it once the window reaches it.
+        let beyondWindow = d.object == .payload && s.payloadWindowEnd.map { b >= $0 } ?? false
+        if !beyondWindow && (d.pendingRepair > 0 || s.feedback.promised[key] != nil) {
             s.feedback.promised[key] = RepairPromise(count: Int(d.pendingRepair), heardAt: now)
         }
         guard s.feedback.frontierAdvanced else { return }
@@ -184,7 +187,7 @@ extension Receiver {
         }
         outer: for object in [ObjectID.authChain, .payload] {
             let state = object == .payload ? s.payload : s.chain.auth
-            for b in 0..<state.layout.blockCount where !state.done[b] && s.isPassed(object, b) {
+            for b in 0..<state.layout.blockCount where !state.done[b] && s.isNackable(object, b) {
                 guard let entry = nackEntry(&s, object, b, state, at: now) else { continue }
                 entries.append(entry)
                 s.feedback.nackedThisRound.insert(BlockKey(object: object, block: b))

@@ -204,7 +204,7 @@ extension Receiver {
         if let r = resume, r.progress.envelope == offer.envelope {
             // Specs/protocol.md P-20: journalled blocks are durable; do not ask for them again.
             s.resume(from: r, stats: &stats)
-            stats.resumedPayloadBlocks += UInt64(r.progress.payloadBlocks.count)
+            stats.resumedPayloadBlocks += UInt64(s.payload.doneCount)
         }
         resume = nil
         state = .modifying

@@ -73,13 +73,15 @@ struct Session {
     }
 
     /// Specs/protocol.md P-20: journalled blocks are durable; they are not asked for again.
+    /// P-29c: a session with a staging window resumes its auth chain only (step 2 starts
+    /// over from block 0, and staged blocks ahead of it would hold room the window needs).
     mutating func resume(from r: ResumeState, stats: inout ReceiverStats) {
         for (b, bytes) in r.authBlockBytes.sorted(by: { $0.key < $1.key }) where r.progress.authBlocks.contains(b) {
             chain.markAuthBlock(b, bytes: bytes)
         }
         chain.advanceSegments(payloadDone: payload.done, stats: &stats)
         chain.forgetVerifiedBlocks()  // already in storage
-        for b in r.progress.payloadBlocks where b < payload.layout.blockCount && !payload.done[b] {
+        for b in r.progress.payloadBlocks where payloadWindowEnd == nil && b < payload.layout.blockCount && !payload.done[b] {
             payload.markDone(b)
             chain.releaseSegmentIfDone(containing: b, payloadDone: payload.done)
         }
@@ -88,7 +90,9 @@ struct Session {
     /// Emits `commit` every `commitBlockCount` stored blocks, and when forced (at completion).
     mutating func commitIfDue(force: Bool, actions: inout [ReceiverAction]) {
         guard uncommitted > 0, force || uncommitted >= commitBlockCount else { return }
-        let payloadBlocks = (0..<payload.layout.blockCount).filter { payload.done[$0] }
+        // P-29c: with a window, no payload block is listed (a restart fetches them again),
+        // so the driver may free a block's staging as soon as step 2 has consumed it.
+        let payloadBlocks = payloadWindowEnd != nil ? [] : (0..<payload.layout.blockCount).filter { payload.done[$0] }
         actions.append(.commit(ProgressJournal(envelope: envelope, authBlocks: chain.emittedBlocks, payloadBlocks: payloadBlocks)))
         uncommitted = 0
     }

@@ -237,8 +237,9 @@ public struct Sender {
         guard rec.nacksThisRound <= config.nackPerReceiverPerRoundMax else { stats.drops.add(.nackRateLimited); return }
         stats.nacks += 1
         nacksThisRound += 1
-        // Specs/protocol.md P-17, P-25a: path time only, without the time the POLL and the
-        // NACK waited in either host (the receiver's hold, and this host's queue).
+        // Specs/protocol.md P-17, P-25a: without the receiver's hold (from the POLL's arrival
+        // there) and the NACK's wait in this host's queue. The POLL's wait here before it
+        // left (behind the pacer, in the driver's batch) still counts.
         if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= arrivedAt.microseconds {
             let elapsed = arrivedAt.microseconds - n.echoedSentAtMicroseconds
             updateGRTT(Interval(microseconds: elapsed - min(UInt64(n.holdMicroseconds), elapsed)))
