@@ -288,10 +288,28 @@ struct AgentStatus: ParsableCommand {
 }
 
 /// `install`, `mark-good`, `mark-bad`: one request to the running agent.
-private func controlCommand(_ request: String, options: AgentOptions) throws {
+/// `--wait` of the control commands: an agent that is still starting (a unit
+/// ordered after it, such as contrib/fleetcast-mark-good.service) is waited for.
+struct ControlWaitOptions: ParsableArguments {
+    @Option(help: "Seconds to wait for the agent to be running (its control socket), instead of exiting 69 at once (0 to 3600).")
+    var wait: Double = 0
+
+    func validate() throws {
+        guard wait >= 0 && wait <= 3600 else { throw ValidationError("--wait is 0 to 3600 seconds") }
+    }
+}
+
+private func controlCommand(_ request: String, options: AgentOptions, wait: ControlWaitOptions) throws {
     try reportingAgentFailures {
-        guard let answer = try askAgent(request, options: options) else {
-            printError("no agent is running for this configuration (no control socket in its state-dir)")
+        let giveUpAt = MonotonicClock.now() + .seconds(wait.wait)
+        var reply = try askAgent(request, options: options)
+        // Bounded: one try every 100 ms until --wait has passed.
+        while reply == nil && MonotonicClock.now() < giveUpAt {
+            usleep(100_000)
+            reply = try askAgent(request, options: options)
+        }
+        guard let answer = reply else {
+            printError("no agent is running for this configuration (no control socket in its state-dir)\(wait.wait > 0 ? " after \(wait.wait) s" : "")")
             throw ExitCode(AgentExit.notRunning)
         }
         if answer.ok { say(answer.message) } else {
@@ -307,7 +325,8 @@ struct AgentInstall: ParsableCommand {
         abstract: "Activate the installed update (manual trigger): reboot into it on trial.",
         discussion: "Exit status: 0 activating; 65 nothing is ready to install; 69 no agent running.")
     @OptionGroup var options: AgentOptions
-    func run() throws { try controlCommand("install", options: options) }
+    @OptionGroup var waiting: ControlWaitOptions
+    func run() throws { try controlCommand("install", options: options, wait: waiting) }
 }
 
 struct AgentMark: ParsableCommand {
@@ -316,7 +335,8 @@ struct AgentMark: ParsableCommand {
         abstract: "Confirm the update on trial on the running side, as a passing health check would.",
         discussion: "Exit status: 0 confirmed; 65 no update on trial on the running side; 69 no agent running.")
     @OptionGroup var options: AgentOptions
-    func run() throws { try controlCommand("mark-good", options: options) }
+    @OptionGroup var waiting: ControlWaitOptions
+    func run() throws { try controlCommand("mark-good", options: options, wait: waiting) }
 }
 
 struct AgentMarkBad: ParsableCommand {
@@ -325,7 +345,8 @@ struct AgentMarkBad: ParsableCommand {
         abstract: "Reject the update on trial on the running side: it is made not bootable and the device reboots back.",
         discussion: "Exit status: 0 rolling back; 65 no update on trial on the running side; 69 no agent running.")
     @OptionGroup var options: AgentOptions
-    func run() throws { try controlCommand("mark-bad", options: options) }
+    @OptionGroup var waiting: ControlWaitOptions
+    func run() throws { try controlCommand("mark-bad", options: options, wait: waiting) }
 }
 
 struct AgentBoot: ParsableCommand {

@@ -424,6 +424,33 @@ struct AgentTests {
         #expect(u.installedVersion == "1.0" && u.side("a")?.confirmed == true, "\(u.json)")
     }
 
+    @Test("systemd: the shipped units pass systemd-analyze verify, and mark-good --wait waits for an agent that starts after it")
+    func systemdUnits() throws {
+        let w = Workspace()
+        // The units name the installed path; verify checks that it is executable, so
+        // the copies name the binary under test instead. Nothing else changes.
+        for unit in ["fleetcast-agent.service", "fleetcast-mark-good.service"] {
+            let text = try String(contentsOfFile: TestLAN.repository + "/contrib/" + unit, encoding: .utf8)
+            #expect(text.contains("ExecStart=/usr/local/bin/fleetcast "), "\(unit) runs the installed binary")
+            try text.replacingOccurrences(of: "/usr/local/bin/fleetcast", with: fleetcastBinary).write(toFile: w.file(unit), atomically: true, encoding: .utf8)
+        }
+        let verified = try runTool("/usr/bin/systemd-analyze", ["verify", w.file("fleetcast-agent.service"), w.file("fleetcast-mark-good.service")])
+        #expect(verified.status == 0 && verified.output.isEmpty, "systemd-analyze verify: \(verified.output)")
+        // What the mark-good unit relies on: started before the agent, it waits for it.
+        _ = try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        let lan = try TestLAN(receivers: 1, loss: [])
+        let d = try TestDevice("dev", in: w, lan: lan, host: "r1", slotBytes: 2 << 20, trustedKey: w.file("vendor.pub"))
+        let noAgent = try fleetcast(["agent", "mark-good", "--config", d.configPath, "--wait", "0.3"], in: w.path)
+        #expect(noAgent.status == 69 && noAgent.stderr.contains("after 0.3 s"), "\(noAgent.status) \(noAgent.stderr)")
+        let waiting = BackgroundProcess(fleetcastBinary, ["agent", "mark-good", "--config", d.configPath, "--wait", "60"], log: w.file("mark.log"))
+        try waiting.start()
+        d.powerOn()
+        defer { d.powerOff() }
+        // Reached the agent: nothing is on trial on a device as shipped (65, which the unit counts as success).
+        #expect(waiting.wait(seconds: 60) == 65, "\(waiting.output)")
+        #expect(!waiting.output.contains("no agent is running"), "\(waiting.output)")
+    }
+
     @Test("An expired bundle is refused at the offer; the device keeps running its side")
     func expired() throws {
         let f = try NetworkFixture(imageBytes: 1_000_000, encrypted: false)
