@@ -46,6 +46,9 @@ let package = Package(
         // logic plus file I/O; no sockets (Transport), no CLI, no simulator. Backends that link C libraries
         // (bootloader tools, TPM, PKCS#11) will get a module of their own beside it.
         .target(name: "DeviceAgent", dependencies: ["DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto", "CBOR"]),
+        // What runs tools or links C libraries for the device (../shared/DESIGN.md): the
+        // `grub` boot backend on Debian's grub-editenv (Specs/agent.md §3.3).
+        .target(name: "DeviceBackends", dependencies: ["DeviceAgent"]),
         // The crash explorer of the agent's install, activation and rollback (Specs/agent.md):
         // a disk that loses what was not fsynced, a power cut at every operation.
         .target(name: "AgentSimulation", dependencies: ["DeviceAgent", "DeliveryCore", "FleetCrypto"]),
@@ -65,7 +68,7 @@ let package = Package(
         .executableTarget(
             name: "fleetcast",
             dependencies: [
-                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "DeviceAgent", "AgentSimulation", "Transport", "WireFormat",
+                "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "DeviceAgent", "DeviceBackends", "AgentSimulation", "Transport", "WireFormat",
                 "SeededRandom", "CSocket",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -86,6 +89,7 @@ let package = Package(
         // Public API only (no @testable import): DeviceAgent as a device maker embeds it.
         .testTarget(name: "DeviceAgentTests", dependencies: ["DeviceAgent", "DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
         .testTarget(name: "AgentSimulationTests", dependencies: ["AgentSimulation", "DeviceAgent"]),
+        .testTarget(name: "DeviceBackendsTests", dependencies: ["DeviceBackends", "DeviceAgent"]),
         .testTarget(
             name: "UpdateBundleTests",
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],

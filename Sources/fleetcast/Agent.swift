@@ -2,6 +2,7 @@ import AgentSimulation
 import ArgumentParser
 import DeliveryCore
 import DeviceAgent
+import DeviceBackends
 import FleetCrypto
 import Foundation
 import Logging
@@ -32,6 +33,9 @@ struct Agent: ParsableCommand {
         "manual" installs and then waits for `fleetcast agent install`. Without a \
         "health-check", a trial waits for `agent mark-good` or `mark-bad`. "install": \
         "bundle-first" stages and verifies the whole bundle before writing the slots. \
+        "boot": {"backend": "grub"} keeps the boot state in a GRUB environment block \
+        ("grubenv", default <directory>/grubenv) written with grub-editenv, read at \
+        power-on by contrib/grub/fleetcast.cfg (Specs/agent.md §3.3). \
         "staging-window": a compressed or encrypted payload is staged whole where \
         staging has room for it ("auto", the default), else at most as far ahead of the \
         slot writes as the room allows and freed as it is written, so a device without \
@@ -69,7 +73,7 @@ struct AgentFiles {
     let state: SafeDirectory
     let bootDirectory: SafeDirectory
     let records: RecordStore
-    let boot: StateFileBootControl
+    let boot: BootControl
 
     init(_ config: AgentConfig, create: Bool) throws {
         if create {
@@ -79,7 +83,11 @@ struct AgentFiles {
         state = try SafeDirectory(path: config.stateDirectory, requirePrivate: true)
         bootDirectory = try SafeDirectory(path: config.bootDirectory)
         records = RecordStore(files: state)
-        boot = StateFileBootControl(files: bootDirectory)
+        switch config.bootBackend {
+        case .statefile: boot = StateFileBootControl(files: bootDirectory)
+        case .grub(let env, let tool):
+            do { boot = try GrubBootControl(envPath: env, tool: tool) } catch { throw ConfigError("boot", error.reason, exit: AgentExit.noInput) }
+        }
     }
 
     /// `fleetcast.side=a|b` in `booted-from` (the kernel command line, or the simulated bootloader's file).

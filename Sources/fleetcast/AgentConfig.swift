@@ -30,6 +30,13 @@ struct AgentConfig {
     var stagingDirectory: String
     var slots: [String: SlotPair]
     var bootDirectory: String
+    /// Specs/agent.md §3: where the boot state lives and in which form.
+    enum BootBackend: Equatable {
+        case statefile
+        /// A GRUB environment block (§3.3), and the grub-editenv to write it with.
+        case grub(env: String, tool: String)
+    }
+    var bootBackend: BootBackend
     /// Where the booted side is read from: a `fleetcast.side=a|b` word (the kernel command line).
     var bootedFrom: String
     var healthCheck: HealthCheck?
@@ -130,10 +137,15 @@ struct AgentConfig {
 
         var boot = try root.object("boot")!
         let backend = try boot.string("backend", required: false) ?? "statefile"
-        guard backend == "statefile" else {
-            throw ConfigError(root.file, "boot.backend: '\(backend)' is not a boot-control backend here (statefile; grub and uboot come with their issue)")
-        }
         bootDirectory = resolve(try boot.string("directory")!)
+        switch backend {
+        case "statefile": bootBackend = .statefile
+        case "grub":
+            bootBackend = .grub(env: resolve(try boot.string("grubenv", required: false) ?? "grubenv".prefixed(by: bootDirectory)),
+                                tool: try boot.string("tool", required: false) ?? "/usr/bin/grub-editenv")
+        default:
+            throw ConfigError(root.file, "boot.backend: '\(backend)' is not one of 'statefile', 'grub' (uboot comes later)")
+        }
         bootedFrom = resolve(try boot.string("booted-from", required: false) ?? "/proc/cmdline")
         try boot.finish()
 
@@ -193,6 +205,11 @@ func parseStagingWindow(_ text: String) -> UpdateReceiver.StagingWindow? {
     case "whole": return .whole
     default: return parseByteCount(text).flatMap { $0 >= 1_000_000 ? .bytes(UInt64($0)) : nil }
     }
+}
+
+private extension String {
+    /// `dir/self`.
+    func prefixed(by dir: String) -> String { dir + "/" + self }
 }
 
 /// Exit statuses of `fleetcast agent` (sysexits where one fits).

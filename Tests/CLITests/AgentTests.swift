@@ -451,6 +451,41 @@ struct AgentTests {
         #expect(!waiting.output.contains("no agent is running"), "\(waiting.output)")
     }
 
+    @Test("The grub backend (Specs/agent.md §3.3), real grub-editenv on files: one device installs and confirms, one fails its health check and rolls back; the grubenv says so in RAUC's variables")
+    func grubBackend() throws {
+        let f = try NetworkFixture(imageBytes: 1_000_000, encrypted: false)
+        let lan = try TestLAN(receivers: 2, loss: [])
+        let key = f.w.file("vendor.pub")
+        let grub: [String: Any] = ["backend": "grub", "directory": "boot", "booted-from": "boot/booted"]
+        let good = try TestDevice("good", in: f.w, lan: lan, host: "r1", slotBytes: 2 << 20, trustedKey: key, config: ["boot": grub])
+        let bad = try TestDevice("bad", in: f.w, lan: lan, host: "r2", slotBytes: 2 << 20, trustedKey: key,
+                                 config: ["boot": grub, "health-check": ["command": ["false"], "timeout": 5]])
+        let devices = [good, bad]
+        for d in devices { d.powerOn() }
+        defer { for d in devices { d.powerOff() } }
+        for d in devices { #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.name): \(d.logs)") }
+        let s = try sender(lan, f, f.w.file("update.fcb"), receivers: 2, awaiting: "confirmed")
+        #expect(s.wait(seconds: 150) == 32, "one rolled back: \(s.output)")
+        for d in devices { d.powerOff() }
+        let report = fleetReport(f)
+        func env(_ d: TestDevice) throws -> Set<Substring> {
+            let r = try runTool("/usr/bin/grub-editenv", [d.directory + "/boot/grubenv", "list"])
+            #expect(r.status == 0, "\(r.output)")
+            return Set(r.output.split(separator: "\n"))
+        }
+        let g = DeviceView(json: good.status() ?? [:])
+        #expect(report[g.device]?.outcome == "confirmed", "\(String(describing: report[g.device])) \(good.logs)")
+        #expect(g.installedSide == "b" && good.slot("b", bytes: f.image.count) == f.image, "\(g.json)")
+        let goodEnv = try env(good)
+        #expect(goodEnv.isSuperset(of: ["ORDER=B A", "B_OK=1", "B_TRY=0", "A_OK=1", "A_TRY=0"]), "\(goodEnv)")
+        let b = DeviceView(json: bad.status() ?? [:])
+        #expect(report[b.device]?.outcome == "rolled back", "\(String(describing: report[b.device])) \(bad.logs)")
+        #expect(b.installedSide == "a" && b.side("a")?.confirmed == true, "\(b.json)")
+        let badEnv = try env(bad)
+        #expect(badEnv.isSuperset(of: ["ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0"]), "\(badEnv)")
+        #expect(!FileManager.default.fileExists(atPath: good.directory + "/boot/grubenv.new"))
+    }
+
     @Test("An expired bundle is refused at the offer; the device keeps running its side")
     func expired() throws {
         let f = try NetworkFixture(imageBytes: 1_000_000, encrypted: false)
@@ -497,6 +532,8 @@ struct AgentTests {
             ({ $0["simulated-reboot"] = 1 }, 64, "simulated-reboot: expected true or false, got a number"),
             ({ $0["slots"] = ["rootfs": ["a": "a.img"]] }, 64, "slots.rootfs.b: missing"),
             ({ $0["staging-window"] = "10k" }, 64, "staging-window: '10k' is not 'auto', 'whole' or a size of at least 1M"),
+            ({ $0["boot"] = ["backend": "lilo", "directory": "boot"] }, 64, "boot.backend: 'lilo' is not one of 'statefile', 'grub'"),
+            ({ $0["boot"] = ["backend": "grub", "directory": "boot", "tool": "/no/grub-editenv"] }, 66, "/no/grub-editenv is missing or not executable"),
             ({ $0["trust"] = ["keys": ["missing.pub"]] }, 66, "missing.pub: key file missing"),
         ]
         for (change, status, message) in cases {

@@ -19,11 +19,14 @@ extension SafeDirectory: AtomicFiles {
 }
 
 /// What the agent asks of the bootloader's side (Specs/agent.md §3): read and
-/// write the boot state. Backends: `statefile` (here), `grub` and `uboot` later.
+/// write the boot state. Backends: `statefile` (here), `grub` (DeviceBackends),
+/// `uboot` later.
 public protocol BootControl: AnyObject {
     /// The valid boot state, or an error when there is none (the agent stops: A-1).
     func read() throws(StorageError) -> BootState
     func write(_ state: BootState) throws(StorageError)
+    /// A fresh device's boot state (`current` bootable and confirmed), when none is valid yet.
+    func initialize(current: Side) throws(StorageError)
 }
 
 /// The `statefile` backend (Specs/agent.md §3.1): two generations, `boot.0` and
