@@ -51,7 +51,7 @@ let package = Package(
         .target(name: "DeviceBackends", dependencies: ["DeviceAgent"]),
         // The crash explorer of the agent's install, activation and rollback (Specs/agent.md):
         // a disk that loses what was not fsynced, a power cut at every operation.
-        .target(name: "AgentSimulation", dependencies: ["DeviceAgent", "DeliveryCore", "FleetCrypto"]),
+        .target(name: "AgentSimulation", dependencies: ["DeviceAgent", "DeviceBackends", "DeliveryCore", "FleetCrypto"]),
         // The few socket and clock system calls Swift's Glibc module does not export (sendmmsg, recvmmsg, ppoll).
         .target(name: "CSocket"),
         // Real UDP multicast and the real clock, and the pumps that feed datagrams and time into

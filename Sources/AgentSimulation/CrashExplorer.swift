@@ -32,7 +32,14 @@ public struct CrashExplorer {
         }
     }
 
+    /// The boot-control backend the device runs, modelled operation for operation
+    /// (Specs/agent.md §3.1, §3.3), with the bootloader's own writes.
+    public enum Backend: String, CaseIterable, Sendable {
+        case statefile, grub
+    }
+
     public struct Report: Sendable, CustomStringConvertible {
+        public var backend = Backend.statefile
         /// Operations of the update's run without a cut, per behaviour and trigger.
         public var operations: [String: Int] = [:]
         /// Runs with one cut, and with a second cut during the recovery.
@@ -41,7 +48,7 @@ public struct CrashExplorer {
         public var violations: [String] = []
         public var description: String {
             let ops = operations.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", ")
-            return "crash explorer: \(singleCuts) runs with one power cut and \(doubleCuts) with a second cut during recovery, "
+            return "crash explorer (\(backend.rawValue) backend): \(singleCuts) runs with one power cut and \(doubleCuts) with a second cut during recovery, "
                 + "at every operation of the update (\(ops)), each cut losing unsynced data, keeping it, or tearing the write; "
                 + (violations.isEmpty ? "every invariant (I1-I5) held" : "\(violations.count) VIOLATIONS:\n  " + violations.prefix(20).joined(separator: "\n  "))
         }
@@ -55,20 +62,26 @@ public struct CrashExplorer {
     /// A deliberately broken install that skips the slot's fsync before the read-back:
     /// the explorer must catch it (its tests show it can fail).
     public var skipsSlotSync = false
+    public var backend = Backend.statefile
+    /// A deliberately broken grub backend that runs grub-editenv on the live block
+    /// (truncate and rewrite in place) instead of A-3a's new block and rename: the
+    /// explorer must catch it.
+    public var grubWritesInPlace = false
     public init() {}
 
     public func explore() -> Report {
         var report = Report()
+        report.backend = backend
         for behaviour in Behaviour.allCases {
             for manual in [false, true] {
                 let label = "\(behaviour)\(manual ? ", manual" : "")"
-                let clean = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts, cuts: [], skipsSlotSync: skipsSlotSync).execute()
+                let clean = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts, cuts: [], skipsSlotSync: skipsSlotSync, backend: backend, grubInPlace: grubWritesInPlace).execute()
                 report.violations += clean.violations.map { "[\(label), no cut] \($0)" }
                 report.operations[label] = clean.operations
                 for first in 0..<clean.operations {
                     for mode in SimulatedDisk.CutMode.allCases {
                         let once = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts, cuts: [(first, mode)],
-                                       skipsSlotSync: skipsSlotSync).execute()
+                                       skipsSlotSync: skipsSlotSync, backend: backend, grubInPlace: grubWritesInPlace).execute()
                         report.singleCuts += 1
                         report.violations += once.violations.map { "[\(label), cut at \(first) (\(mode))] \($0)" }
                         guard depth >= 2 else { continue }
@@ -76,7 +89,7 @@ public struct CrashExplorer {
                         for second in (first + 1)..<max(first + 1, once.operations) where mode == .loseVolatile {
                             for mode2 in secondCutModes.map(\.mode) {
                                 let twice = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts,
-                                                cuts: [(first, mode), (second, mode2)], skipsSlotSync: skipsSlotSync).execute()
+                                                cuts: [(first, mode), (second, mode2)], skipsSlotSync: skipsSlotSync, backend: backend, grubInPlace: grubWritesInPlace).execute()
                                 report.doubleCuts += 1
                                 report.violations += twice.violations.map { "[\(label), cuts at \(first), \(second) (\(mode2))] \($0)" }
                             }
@@ -133,20 +146,41 @@ private final class Run {
     static let rebootsMax = 24
 
     let skipsSlotSync: Bool
+    let backend: CrashExplorer.Backend
+    let grubInPlace: Bool
 
-    init(behaviour: CrashExplorer.Behaviour, manual: Bool, trialAttempts: UInt8, cuts: [(Int, SimulatedDisk.CutMode)], skipsSlotSync: Bool) {
+    init(behaviour: CrashExplorer.Behaviour, manual: Bool, trialAttempts: UInt8, cuts: [(Int, SimulatedDisk.CutMode)], skipsSlotSync: Bool,
+         backend: CrashExplorer.Backend, grubInPlace: Bool) {
         self.behaviour = behaviour; self.manual = manual; self.trialAttempts = trialAttempts; self.cuts = cuts; self.skipsSlotSync = skipsSlotSync
+        self.backend = backend
+        self.grubInPlace = grubInPlace
         uncut = cuts.isEmpty
         disk.device("slot-a", initial: Self.oldImage)
         disk.device("slot-b", initial: [])
         // The shipped boot state, durable before the run starts (not counted as the update's).
-        try? StateFileBootControl(files: SimulatedFiles(disk, "boot")).initialize(current: .a)
+        try? makeBoot().initialize(current: .a)
         disk.sync()
         armNextCut()
         disk.afterOperation = { [unowned self] in self.checkDurable() }
     }
 
     var operations: Int { disk.operations }
+
+    /// The backend on this run's disk.
+    func makeBoot() -> BootControl {
+        switch backend {
+        case .statefile: StateFileBootControl(files: SimulatedFiles(disk, "boot"))
+        case .grub: SimulatedGrubEnv(disk, writesInPlace: grubInPlace)
+        }
+    }
+
+    /// The boot state a power cut now would leave, as the bootloader would read it.
+    func durableBootState() -> BootState? {
+        switch backend {
+        case .statefile: StateFileBootControl(files: DurableView(disk: disk)).generations().compactMap { $0 }.max { $0.generation < $1.generation }
+        case .grub: SimulatedGrubEnv.state(SimulatedGrubEnv(disk).variables(durable: true))
+        }
+    }
 
     private func armNextCut() {
         if let (at, mode) = cuts.first { disk.cutAt = at; disk.cutMode = mode } else { disk.cutAt = nil }
@@ -185,11 +219,14 @@ private final class Run {
 
     /// The bootloader (Specs/agent.md §3.2), then the agent, to the end or the next reboot.
     private func powerOnAndRun() throws {
-        let bootControl = StateFileBootControl(files: SimulatedFiles(disk, "boot"))
+        let bootControl = makeBoot()
         let state: BootState
         do { state = try bootControl.read() } catch { violations.append("I1: no valid boot state at power-on"); throw Settled() }
         guard let (side, spent) = BootLogic.boot(state) else { violations.append("I1: nothing to boot: \(state)"); throw Settled() }
-        if let spent { try bootControl.write(spent) }
+        if let spent {
+            // GRUB saves the spent attempt in place (§3.3); the statefile's bootloader writes as the agent does.
+            if let grub = bootControl as? SimulatedGrubEnv { try grub.spendInPlace(spent) } else { try bootControl.write(spent) }
+        }
         let image = disk.contents(device: slotName(side), durable: false)
         if !isVerified(image) { violations.append("I1/I2: booted side \(side) holding no verified image (\(state))"); throw Settled() }
         // The new release that never comes up: a watchdog reset, no agent.
@@ -201,7 +238,7 @@ private final class Run {
 
     private func runAgent(booted: Side) throws {
         let records = RecordStore(files: SimulatedFiles(disk, "state"))
-        let driver = try SlotDriver(records: records, boot: StateFileBootControl(files: SimulatedFiles(disk, "boot")), booted: booted,
+        let driver = try SlotDriver(records: records, boot: makeBoot(), booted: booted,
                                     trialAttempts: trialAttempts, activatesAutomatically: !manual,
                                     initial: { AgentRecord(deviceID: "sim", installed: old, installedSide: booted) },
                                     health: { [behaviour] in behaviour == .healthy || behaviour == .rebootFailsOnce ? .healthy : .unhealthy("the service did not answer") },
@@ -266,8 +303,7 @@ private final class Run {
     /// After every operation, on what a power cut would leave.
     private func checkDurable() {
         let files = DurableView(disk: disk)
-        let states = StateFileBootControl(files: files).generations().compactMap { $0 }
-        guard let boot = states.max(by: { $0.generation < $1.generation }) else {
+        guard let boot = durableBootState() else {
             violations.append("I1: no valid boot state on disk (op \(disk.operations))")
             return
         }
@@ -295,7 +331,7 @@ private final class Run {
     private func checkSettled() {
         let files = DurableView(disk: disk)
         guard let bytes = files.read(RecordStoreName.name, limit: AgentRecord.encodedByteCountMax), let record = AgentRecord(decoding: bytes),
-              let boot = try? StateFileBootControl(files: files).read() else {
+              let boot = durableBootState() else {
             violations.append("I4: no record or boot state at the end")
             return
         }

@@ -103,6 +103,20 @@ final class SimulatedDisk {
         return id
     }
 
+    /// Rewrites an existing file in place (a truncate and one write, as grub-editenv
+    /// and GRUB's save_env do): one operation, tearable, not durable until fsynced.
+    func overwrite(_ dir: String, _ name: String, _ bytes: [UInt8]) throws(PowerCut) {
+        guard let id = volatileEntries["\(dir)/\(name)"] else { preconditionFailure("overwrite of \(dir)/\(name), which does not exist") }
+        try operation(tearing: id, write: (0, bytes))
+        inodes[id]!.volatile = bytes
+        done()
+    }
+
+    func fsync(_ dir: String, _ name: String) throws(PowerCut) {
+        guard let id = volatileEntries["\(dir)/\(name)"] else { preconditionFailure("fsync of \(dir)/\(name), which does not exist") }
+        try fsync(inode: id)
+    }
+
     func fsync(inode id: Int) throws(PowerCut) {
         try operation()
         inodes[id]!.durable = inodes[id]!.volatile

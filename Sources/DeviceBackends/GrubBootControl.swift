@@ -25,7 +25,7 @@ public final class GrubBootControl: BootControl {
     /// Named limit: what the tool may print (`list` of a 1024-byte block is less).
     public static let toolOutputByteCountMax = 64 << 10
     /// Variables this backend owns; any other in the block is kept as it is.
-    static let owned = ["ORDER", "A_OK", "A_TRY", "A_LEFT", "B_OK", "B_TRY", "B_LEFT", "FLEETCAST_GENERATION"]
+    public static let owned = ["ORDER", "A_OK", "A_TRY", "A_LEFT", "B_OK", "B_TRY", "B_LEFT", "FLEETCAST_GENERATION"]
 
     public init(envPath: String, tool: String = "/usr/bin/grub-editenv") throws(StorageError) {
         let url = URL(fileURLWithPath: envPath)
@@ -69,7 +69,7 @@ public final class GrubBootControl: BootControl {
 
     /// `<S>_OK` bootable, `<S>_TRY` on trial (not confirmed), `<S>_LEFT` trial boots left,
     /// `ORDER`, and the generation. Exactly invertible by `decode`.
-    static func encode(_ s: BootState) -> [String: String] {
+    public static func encode(_ s: BootState) -> [String: String] {
         var vars = ["ORDER": s.order.map(\.description).joined(separator: " "), "FLEETCAST_GENERATION": String(s.generation)]
         for side in Side.allCases {
             let x = s[side]
@@ -83,7 +83,7 @@ public final class GrubBootControl: BootControl {
     /// Named limit: trial boots a block may say are left (the agent's `trial-attempts` range).
     static let attemptsMax: UInt8 = 10
 
-    static func decode(_ vars: [String: String], path: String) throws(StorageError) -> BootState {
+    public static func decode(_ vars: [String: String], path: String) throws(StorageError) -> BootState {
         func flag(_ key: String) throws(StorageError) -> Bool {
             switch vars[key] {
             case "1": return true
@@ -172,5 +172,33 @@ public final class GrubBootControl: BootControl {
             throw StorageError("\(tool) \(arguments.first ?? "") \(file) exited \(p.terminationStatus)\(said.isEmpty ? "" : ": \(said)")")
         }
         return String(decoding: output, as: UTF8.self)
+    }
+}
+
+/// A GRUB environment block as GRUB and grub-editenv lay it out: exactly 1024
+/// bytes, the header line, `NAME=VALUE` lines, then `#` to the end. The crash
+/// explorer writes and tears real blocks with it (Specs/agent.md §3.3).
+public enum GrubEnvBlock {
+    public static let byteCount = 1024
+    static let header = Array("# GRUB Environment Block\n".utf8)
+
+    /// The block for `vars` (sorted by name), or nil when they do not fit.
+    public static func encode(_ vars: [String: String]) -> [UInt8]? {
+        var out = header
+        for (k, v) in vars.sorted(by: { $0.key < $1.key }) { out += Array("\(k)=\(v)\n".utf8) }
+        guard out.count <= byteCount else { return nil }
+        return out + [UInt8](repeating: UInt8(ascii: "#"), count: byteCount - out.count)
+    }
+
+    /// The variables of a block, or nil when it is not one (size, header, a line without `=`).
+    public static func decode(_ bytes: [UInt8]) -> [String: String]? {
+        guard bytes.count == byteCount, bytes.starts(with: header) else { return nil }
+        var vars: [String: String] = [:]
+        for line in bytes[header.count...].split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
+            guard let first = line.first, first != UInt8(ascii: "#") else { break }
+            guard let eq = line.firstIndex(of: UInt8(ascii: "=")) else { return nil }
+            vars[String(decoding: line[line.startIndex..<eq], as: UTF8.self)] = String(decoding: line[(eq + 1)...], as: UTF8.self)
+        }
+        return vars
     }
 }

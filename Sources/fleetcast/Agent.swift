@@ -400,7 +400,8 @@ struct AgentExplore: ParsableCommand {
         abstract: "Run the crash explorer and the model check of the slot state machine (Specs/agent.md §8).",
         discussion: """
             The crash explorer cuts the power at every operation of an install, activation, confirm and rollback on a \
-            simulated disk (and again at every operation of each recovery); the model check explores every state a device \
+            simulated disk (and again at every operation of each recovery), once per boot backend (statefile, grub: \
+            grub-editenv's and GRUB's own writes, operation for operation); the model check explores every state a device \
             can reach with power cuts before any step, several releases offered in any order, failing writes, reboots and \
             reports. Prints what each covered; exit status 1 if any invariant (I1-I5) failed.
             """)
@@ -412,11 +413,15 @@ struct AgentExplore: ParsableCommand {
     var trialAttempts: UInt8 = 3
 
     func run() throws {
-        var explorer = CrashExplorer()
-        explorer.depth = depth
-        let report = explorer.explore()
-        say("\(report)")
-        var failed = !report.violations.isEmpty
+        var failed = false
+        for backend in CrashExplorer.Backend.allCases {
+            var explorer = CrashExplorer()
+            explorer.depth = depth
+            explorer.backend = backend
+            let report = explorer.explore()
+            say("\(report)")
+            failed = failed || !report.violations.isEmpty
+        }
         for automatic in [true, false] {
             var checker = SlotModelChecker()
             checker.trialAttempts = max(1, trialAttempts)

@@ -19,16 +19,25 @@ func fleetcast(_ arguments: [String], in directory: String) throws -> Run {
     process.executableURL = URL(fileURLWithPath: fleetcastBinary)
     process.arguments = arguments
     process.currentDirectoryURL = URL(fileURLWithPath: directory)
-    // stdout through a pipe, stderr into a file: no two pipes to deadlock on.
-    let errPath = NSTemporaryDirectory() + "fleetcast-stderr-" + UUID().uuidString
+    // Both into files, read once it has exited. Not a pipe read to its end: a
+    // process another test thread spawns meanwhile (an agent restarted by a
+    // device's power loop) inherits the pipe's write end and holds it open, and
+    // the read would wait for that daemon (seen: killNine hung on `agent status`).
+    let base = NSTemporaryDirectory() + "fleetcast-run-" + UUID().uuidString
+    let outPath = base + ".out", errPath = base + ".err"
+    FileManager.default.createFile(atPath: outPath, contents: nil)
     FileManager.default.createFile(atPath: errPath, contents: nil)
-    defer { try? FileManager.default.removeItem(atPath: errPath) }
-    let out = Pipe()
-    process.standardOutput = out
-    process.standardError = FileHandle(forWritingAtPath: errPath)!
+    defer {
+        try? FileManager.default.removeItem(atPath: outPath)
+        try? FileManager.default.removeItem(atPath: errPath)
+    }
+    let outHandle = FileHandle(forWritingAtPath: outPath)!, errHandle = FileHandle(forWritingAtPath: errPath)!
+    defer { try? outHandle.close(); try? errHandle.close() }
+    process.standardOutput = outHandle
+    process.standardError = errHandle
     try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
+    let outData = FileManager.default.contents(atPath: outPath) ?? Data()
     let errData = FileManager.default.contents(atPath: errPath) ?? Data()
     return Run(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
                stderr: String(decoding: errData, as: UTF8.self))

@@ -18,17 +18,24 @@ struct GrubBootControlTests {
     static let tool = "/usr/bin/grub-editenv"
 
     /// `grub-editenv FILE ARGS...`: its status and output.
-    static func editenv(_ args: [String]) throws -> (status: Int32, output: String) {
+    static func editenv(_ args: [String]) throws -> (status: Int32, output: String) { try run(tool, args) }
+
+    /// A tool's status and output, through a file read after it exited (a pipe read to
+    /// its end would also wait for any process spawned meanwhile that inherited it).
+    static func run(_ path: String, _ args: [String]) throws -> (status: Int32, output: String) {
+        let log = NSTemporaryDirectory() + "fleetcast-tool-" + UUID().uuidString
+        FileManager.default.createFile(atPath: log, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: log) }
+        let handle = FileHandle(forWritingAtPath: log)!
+        defer { try? handle.close() }
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: tool)
+        p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
+        p.standardOutput = handle
+        p.standardError = handle
         try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+        return (p.terminationStatus, String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
     }
 
     @Test("A fresh block gets the shipped state; every state written reads back the same, under RAUC's variable names, and others' variables are kept")
@@ -125,16 +132,8 @@ struct GrubBootControlTests {
     @Test("The shipped GRUB fragment is valid GRUB script (grub-script-check)")
     func fragment() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/grub-script-check")
-        p.arguments = [root + "/contrib/grub/fleetcast.cfg"]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let said = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\(said)")
+        let r = try Self.run("/usr/bin/grub-script-check", [root + "/contrib/grub/fleetcast.cfg"])
+        #expect(r.status == 0, "\(r.output)")
     }
 }
 

@@ -22,13 +22,18 @@ func runPython(_ arguments: [String]) throws -> (status: Int32, output: String) 
     let process = Process()
     process.executableURL = URL(fileURLWithPath: python)
     process.arguments = [projectRoot + "/Tests/Interop/cose_interop.py"] + arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
+    // Output into a file read after the exit: a pipe read to its end would also wait
+    // for any process another test spawned meanwhile that inherited the pipe.
+    let log = NSTemporaryDirectory() + "fleetcast-interop-" + UUID().uuidString
+    FileManager.default.createFile(atPath: log, contents: nil)
+    defer { try? FileManager.default.removeItem(atPath: log) }
+    let handle = FileHandle(forWritingAtPath: log)!
+    defer { try? handle.close() }
+    process.standardOutput = handle
+    process.standardError = handle
     try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    return (process.terminationStatus, String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
 }
 
 @Suite("Interoperability with pycose and cbor2")
