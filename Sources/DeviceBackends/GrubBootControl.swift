@@ -163,10 +163,13 @@ public final class GrubBootControl: BootControl {
         if done.wait(timeout: .now() + Self.toolSecondsMax) == .timedOut {
             kill(p.processIdentifier, SIGKILL)
             _ = done.wait(timeout: .now() + 5)
-            _ = reads.wait(timeout: .now() + 5)
             throw StorageError("\(tool) \(arguments.first ?? "") \(file): no answer within \(Int(Self.toolSecondsMax)) s; killed")
         }
-        _ = reads.wait(timeout: .now() + 5)
+        // It exited; a child of it that kept the pipes open would hold the readers: the
+        // output is used only once both have finished.
+        guard reads.wait(timeout: .now() + 5) == .success else {
+            throw StorageError("\(tool) \(arguments.first ?? "") \(file): exited, but its output did not end (a process it left holds it)")
+        }
         guard p.terminationStatus == 0 else {
             let said = String(decoding: errors, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
             throw StorageError("\(tool) \(arguments.first ?? "") \(file) exited \(p.terminationStatus)\(said.isEmpty ? "" : ": \(said)")")
