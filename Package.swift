@@ -47,8 +47,9 @@ let package = Package(
         // (bootloader tools, TPM, PKCS#11) will get a module of their own beside it.
         .target(name: "DeviceAgent", dependencies: ["DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto", "CBOR"]),
         // What runs tools or links C libraries for the device (../shared/DESIGN.md): the
-        // `grub` boot backend on Debian's grub-editenv (Specs/agent.md §3.3).
-        .target(name: "DeviceBackends", dependencies: ["DeviceAgent"]),
+        // `grub` boot backend on Debian's grub-editenv (Specs/agent.md §3.3), the `uboot` one
+        // on libubootenv's fw_printenv and fw_setenv (§3.4).
+        .target(name: "DeviceBackends", dependencies: ["DeviceAgent", "CZlib"]),
         // The crash explorer of the agent's install, activation and rollback (Specs/agent.md):
         // a disk that loses what was not fsynced, a power cut at every operation.
         .target(name: "AgentSimulation", dependencies: ["DeviceAgent", "DeviceBackends", "DeliveryCore", "FleetCrypto"]),
@@ -95,6 +96,6 @@ let package = Package(
             dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto", "DeviceAgent"]),
+        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto", "DeviceAgent", "DeviceBackends"]),
     ]
 )

@@ -33,9 +33,9 @@ public struct CrashExplorer {
     }
 
     /// The boot-control backend the device runs, modelled operation for operation
-    /// (Specs/agent.md §3.1, §3.3), with the bootloader's own writes.
+    /// (Specs/agent.md §3.1, §3.3, §3.4), with the bootloader's own writes.
     public enum Backend: String, CaseIterable, Sendable {
-        case statefile, grub
+        case statefile, grub, uboot
     }
 
     public struct Report: Sendable, CustomStringConvertible {
@@ -67,7 +67,19 @@ public struct CrashExplorer {
     /// (truncate and rewrite in place) instead of A-3a's new block and rename: the
     /// explorer must catch it.
     public var grubWritesInPlace = false
+    /// A deliberately broken uboot environment with one copy, rewritten in place
+    /// (no redundant copy to fall back on): the explorer must catch it.
+    public var ubootSingleCopy = false
     public init() {}
+
+    /// Whether this run's backend is its broken variant.
+    private var broken: Bool {
+        switch backend {
+        case .statefile: false
+        case .grub: grubWritesInPlace
+        case .uboot: ubootSingleCopy
+        }
+    }
 
     public func explore() -> Report {
         var report = Report()
@@ -75,13 +87,13 @@ public struct CrashExplorer {
         for behaviour in Behaviour.allCases {
             for manual in [false, true] {
                 let label = "\(behaviour)\(manual ? ", manual" : "")"
-                let clean = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts, cuts: [], skipsSlotSync: skipsSlotSync, backend: backend, grubInPlace: grubWritesInPlace).execute()
+                let clean = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts, cuts: [], skipsSlotSync: skipsSlotSync, backend: backend, broken: broken).execute()
                 report.violations += clean.violations.map { "[\(label), no cut] \($0)" }
                 report.operations[label] = clean.operations
                 for first in 0..<clean.operations {
                     for mode in SimulatedDisk.CutMode.allCases {
                         let once = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts, cuts: [(first, mode)],
-                                       skipsSlotSync: skipsSlotSync, backend: backend, grubInPlace: grubWritesInPlace).execute()
+                                       skipsSlotSync: skipsSlotSync, backend: backend, broken: broken).execute()
                         report.singleCuts += 1
                         report.violations += once.violations.map { "[\(label), cut at \(first) (\(mode))] \($0)" }
                         guard depth >= 2 else { continue }
@@ -89,7 +101,7 @@ public struct CrashExplorer {
                         for second in (first + 1)..<max(first + 1, once.operations) where mode == .loseVolatile {
                             for mode2 in secondCutModes.map(\.mode) {
                                 let twice = Run(behaviour: behaviour, manual: manual, trialAttempts: trialAttempts,
-                                                cuts: [(first, mode), (second, mode2)], skipsSlotSync: skipsSlotSync, backend: backend, grubInPlace: grubWritesInPlace).execute()
+                                                cuts: [(first, mode), (second, mode2)], skipsSlotSync: skipsSlotSync, backend: backend, broken: broken).execute()
                                 report.doubleCuts += 1
                                 report.violations += twice.violations.map { "[\(label), cuts at \(first), \(second) (\(mode2))] \($0)" }
                             }
@@ -147,16 +159,19 @@ private final class Run {
 
     let skipsSlotSync: Bool
     let backend: CrashExplorer.Backend
-    let grubInPlace: Bool
+    /// The backend's deliberately broken variant.
+    let broken: Bool
 
     init(behaviour: CrashExplorer.Behaviour, manual: Bool, trialAttempts: UInt8, cuts: [(Int, SimulatedDisk.CutMode)], skipsSlotSync: Bool,
-         backend: CrashExplorer.Backend, grubInPlace: Bool) {
+         backend: CrashExplorer.Backend, broken: Bool) {
         self.behaviour = behaviour; self.manual = manual; self.trialAttempts = trialAttempts; self.cuts = cuts; self.skipsSlotSync = skipsSlotSync
         self.backend = backend
-        self.grubInPlace = grubInPlace
+        self.broken = broken
         uncut = cuts.isEmpty
         disk.device("slot-a", initial: Self.oldImage)
         disk.device("slot-b", initial: [])
+        // U-Boot's environment exists before the agent (the agent never creates one, §3.4).
+        if backend == .uboot { SimulatedUBootEnv.ship(on: disk, singleCopy: broken) }
         // The shipped boot state, durable before the run starts (not counted as the update's).
         try? makeBoot().initialize(current: .a)
         disk.sync()
@@ -170,7 +185,8 @@ private final class Run {
     func makeBoot() -> BootControl {
         switch backend {
         case .statefile: StateFileBootControl(files: SimulatedFiles(disk, "boot"))
-        case .grub: SimulatedGrubEnv(disk, writesInPlace: grubInPlace)
+        case .grub: SimulatedGrubEnv(disk, writesInPlace: broken)
+        case .uboot: SimulatedUBootEnv(disk, singleCopy: broken)
         }
     }
 
@@ -179,6 +195,7 @@ private final class Run {
         switch backend {
         case .statefile: StateFileBootControl(files: DurableView(disk: disk)).generations().compactMap { $0 }.max { $0.generation < $1.generation }
         case .grub: SimulatedGrubEnv.state(SimulatedGrubEnv(disk).variables(durable: true))
+        case .uboot: SimulatedUBootEnv.state(SimulatedUBootEnv(disk, singleCopy: broken).current(durable: true)?.vars)
         }
     }
 
@@ -224,8 +241,13 @@ private final class Run {
         do { state = try bootControl.read() } catch { violations.append("I1: no valid boot state at power-on"); throw Settled() }
         guard let (side, spent) = BootLogic.boot(state) else { violations.append("I1: nothing to boot: \(state)"); throw Settled() }
         if let spent {
-            // GRUB saves the spent attempt in place (§3.3); the statefile's bootloader writes as the agent does.
-            if let grub = bootControl as? SimulatedGrubEnv { try grub.spendInPlace(spent) } else { try bootControl.write(spent) }
+            // GRUB saves the spent attempt in place (§3.3), U-Boot into the other copy (§3.4);
+            // the statefile's bootloader writes as the agent does.
+            switch bootControl {
+            case let grub as SimulatedGrubEnv: try grub.spendInPlace(spent)
+            case let uboot as SimulatedUBootEnv: try uboot.spend(spent)
+            default: try bootControl.write(spent)
+            }
         }
         let image = disk.contents(device: slotName(side), durable: false)
         if !isVerified(image) { violations.append("I1/I2: booted side \(side) holding no verified image (\(state))"); throw Settled() }
@@ -306,6 +328,10 @@ private final class Run {
         guard let boot = durableBootState() else {
             violations.append("I1: no valid boot state on disk (op \(disk.operations))")
             return
+        }
+        if backend == .uboot, let vars = SimulatedUBootEnv(disk, singleCopy: broken).current(durable: true)?.vars,
+           SimulatedUBootEnv.shippedVariables.contains(where: { vars[$0.key] != $0.value }) {
+            violations.append("I1: U-Boot's own variables lost from its environment (op \(disk.operations))")
         }
         for side in Side.allCases where boot[side].bootable {
             let image = disk.contents(device: slotName(side), durable: true)

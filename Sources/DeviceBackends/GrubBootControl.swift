@@ -16,16 +16,12 @@ public final class GrubBootControl: BootControl {
     /// The grubenv file (GRUB reads it with `load_env --file`).
     public let envPath: String
     public let tool: String
+    private let runner: BootTool
     private let directory: String
     private let name: String
 
-    /// Named limit: the tool gets this long per call; one that hangs is killed
-    /// and the write fails, the old block stays.
-    public static let toolSecondsMax = 30.0
-    /// Named limit: what the tool may print (`list` of a 1024-byte block is less).
-    public static let toolOutputByteCountMax = 64 << 10
-    /// Variables this backend owns; any other in the block is kept as it is.
-    public static let owned = ["ORDER", "A_OK", "A_TRY", "A_LEFT", "B_OK", "B_TRY", "B_LEFT", "FLEETCAST_GENERATION"]
+    /// Variables this backend owns; any other is kept as it is.
+    public static var owned: [String] { variables.owned }
 
     public init(envPath: String, tool: String = "/usr/bin/grub-editenv") throws(StorageError) {
         let url = URL(fileURLWithPath: envPath)
@@ -33,9 +29,7 @@ public final class GrubBootControl: BootControl {
         self.tool = tool
         directory = url.deletingLastPathComponent().path
         name = url.lastPathComponent
-        guard FileManager.default.isExecutableFile(atPath: tool) else {
-            throw StorageError("boot backend grub: \(tool) is missing or not executable (Debian: apt-get install grub-common)")
-        }
+        runner = try BootTool(path: tool, backend: "grub", package: "grub-common")
     }
 
     // MARK: BootControl
@@ -67,61 +61,28 @@ public final class GrubBootControl: BootControl {
 
     // MARK: The mapping (Specs/agent.md §3.3)
 
-    /// `<S>_OK` bootable, `<S>_TRY` on trial (not confirmed), `<S>_LEFT` trial boots left,
-    /// `ORDER`, and the generation. Exactly invertible by `decode`.
-    public static func encode(_ s: BootState) -> [String: String] {
-        var vars = ["ORDER": s.order.map(\.description).joined(separator: " "), "FLEETCAST_GENERATION": String(s.generation)]
-        for side in Side.allCases {
-            let x = s[side]
-            vars["\(side)_OK"] = x.bootable ? "1" : "0"
-            vars["\(side)_TRY"] = x.confirmed ? "0" : "1"
-            vars["\(side)_LEFT"] = String(x.attempts)
-        }
-        return vars
-    }
+    /// The variables (Specs/agent.md §3.3 table).
+    static let variables = BootVariables(order: "ORDER", sidePrefix: "", leftRadix: 10)
 
-    /// Named limit: trial boots a block may say are left (the agent's `trial-attempts` range).
-    static let attemptsMax: UInt8 = 10
+    public static func encode(_ s: BootState) -> [String: String] { variables.encode(s) }
 
     public static func decode(_ vars: [String: String], path: String) throws(StorageError) -> BootState {
-        func flag(_ key: String) throws(StorageError) -> Bool {
-            switch vars[key] {
-            case "1": return true
-            case "0": return false
-            case let v: throw StorageError("\(path): \(key) is \(v.map { "'\($0)'" } ?? "missing"), not 0 or 1: no valid boot state")
-            }
-        }
-        guard let orderText = vars["ORDER"] else { throw StorageError("\(path): ORDER is missing: no valid boot state") }
-        let order = orderText.split(separator: " ").compactMap { Side(name: String($0)) }
-        guard order.count == 2, Set(order).count == 2, orderText.split(separator: " ").count == 2 else {
-            throw StorageError("\(path): ORDER is '\(orderText)', not 'A B' or 'B A': no valid boot state")
-        }
-        guard let g = vars["FLEETCAST_GENERATION"].flatMap({ UInt64($0) }), g >= 1 else {
-            throw StorageError("\(path): FLEETCAST_GENERATION is \(vars["FLEETCAST_GENERATION"].map { "'\($0)'" } ?? "missing"): no valid boot state")
-        }
-        var sides: [BootState.SideState] = []
-        for side in Side.allCases {
-            let key = "\(side)_LEFT"
-            guard let left = vars[key].flatMap({ UInt8($0) }), left <= attemptsMax else {
-                throw StorageError("\(path): \(key) is \(vars[key].map { "'\($0)'" } ?? "missing"), not 0 to \(attemptsMax): no valid boot state")
-            }
-            sides.append(.init(bootable: try flag("\(side)_OK"), confirmed: !(try flag("\(side)_TRY")), attempts: left))
-        }
-        return BootState(generation: g, order: order, a: sides[0], b: sides[1])
+        try variables.decode(vars, path: path)
     }
 
     // MARK: The tool
 
     /// `grub-editenv FILE list`, parsed: NAME=VALUE per line.
     private func list() throws(StorageError) -> [String: String] {
-        guard FileManager.default.fileExists(atPath: envPath) else { throw StorageError("\(envPath): no GRUB environment block") }
-        let r = try run(["list"], on: envPath)
-        var vars: [String: String] = [:]
-        for line in r.split(separator: "\n") {
-            guard let eq = line.firstIndex(of: "=") else { continue }
-            vars[String(line[..<eq])] = String(line[line.index(after: eq)...])
+        guard let size = (try? FileManager.default.attributesOfItem(atPath: envPath))?[.size] as? Int else {
+            throw StorageError("\(envPath): no GRUB environment block")
         }
-        return vars
+        // grub-editenv lists a short file as it is, but GRUB's save_env writes in place and
+        // cannot grow it: only a whole block is one (A-1a).
+        guard size == GrubEnvBlock.byteCount else {
+            throw StorageError("\(envPath) is \(size) bytes, not a \(GrubEnvBlock.byteCount)-byte GRUB environment block: no valid boot state")
+        }
+        return BootTool.variables(try run(["list"], on: envPath))
     }
 
     /// A-3a: the new block built beside the old with the tool, then renamed over it.
@@ -142,39 +103,8 @@ public final class GrubBootControl: BootControl {
         guard fsync(fd) == 0 else { throw StorageError("fsync \(directory): \(String(cString: strerror(errno)))") }
     }
 
-    /// Runs the tool on `file`, bounded in time and output; its stdout, or an error
-    /// that names the tool, its status and what it said.
     private func run(_ arguments: [String], on file: String) throws(StorageError) -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: tool)
-        p.arguments = [file] + arguments
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        let done = DispatchSemaphore(value: 0)
-        p.terminationHandler = { _ in done.signal() }
-        do { try p.run() } catch { throw StorageError("\(tool): \(error.localizedDescription)") }
-        // Both pipes read while it runs (a full pipe would block it), at most the named
-        // limit each, off this thread, so that the time limit holds whatever it does.
-        let reads = DispatchGroup()
-        nonisolated(unsafe) var output = Data(), errors = Data()
-        DispatchQueue.global().async(group: reads) { output = out.fileHandleForReading.readData(ofLength: Self.toolOutputByteCountMax) }
-        DispatchQueue.global().async(group: reads) { errors = err.fileHandleForReading.readData(ofLength: Self.toolOutputByteCountMax) }
-        if done.wait(timeout: .now() + Self.toolSecondsMax) == .timedOut {
-            kill(p.processIdentifier, SIGKILL)
-            _ = done.wait(timeout: .now() + 5)
-            throw StorageError("\(tool) \(arguments.first ?? "") \(file): no answer within \(Int(Self.toolSecondsMax)) s; killed")
-        }
-        // It exited; a child of it that kept the pipes open would hold the readers: the
-        // output is used only once both have finished.
-        guard reads.wait(timeout: .now() + 5) == .success else {
-            throw StorageError("\(tool) \(arguments.first ?? "") \(file): exited, but its output did not end (a process it left holds it)")
-        }
-        guard p.terminationStatus == 0 else {
-            let said = String(decoding: errors, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            throw StorageError("\(tool) \(arguments.first ?? "") \(file) exited \(p.terminationStatus)\(said.isEmpty ? "" : ": \(said)")")
-        }
-        return String(decoding: output, as: UTF8.self)
+        try runner.run([file] + arguments, what: "\(arguments.first ?? "") \(file)")
     }
 }
 

@@ -35,7 +35,10 @@ struct Agent: ParsableCommand {
         "bundle-first" stages and verifies the whole bundle before writing the slots. \
         "boot": {"backend": "grub"} keeps the boot state in a GRUB environment block \
         ("grubenv", default <directory>/grubenv) written with grub-editenv, read at \
-        power-on by contrib/grub/fleetcast.cfg (Specs/agent.md §3.3). \
+        power-on by contrib/grub/fleetcast.cfg (Specs/agent.md §3.3); {"backend": "uboot"} \
+        keeps it in a redundant U-Boot environment ("fw-env-config", default \
+        <directory>/fw_env.config, naming its two copies) written with one fw_setenv -s \
+        per change and read back, read at power-on by contrib/uboot/fleetcast.cmd (§3.4). \
         "staging-window": a compressed or encrypted payload is staged whole where \
         staging has room for it ("auto", the default), else at most as far ahead of the \
         slot writes as the room allows and freed as it is written, so a device without \
@@ -87,6 +90,10 @@ struct AgentFiles {
         case .statefile: boot = StateFileBootControl(files: bootDirectory)
         case .grub(let env, let tool):
             do { boot = try GrubBootControl(envPath: env, tool: tool) } catch { throw ConfigError("boot", error.reason, exit: AgentExit.noInput) }
+        case .uboot(let fwConfig, let printenv, let setenv):
+            do { boot = try UBootBootControl(config: fwConfig, printenv: printenv, setenv: setenv) } catch {
+                throw ConfigError("boot", error.reason, exit: AgentExit.noInput)
+            }
         }
     }
 
@@ -400,8 +407,8 @@ struct AgentExplore: ParsableCommand {
         abstract: "Run the crash explorer and the model check of the slot state machine (Specs/agent.md §8).",
         discussion: """
             The crash explorer cuts the power at every operation of an install, activation, confirm and rollback on a \
-            simulated disk (and again at every operation of each recovery), once per boot backend (statefile, grub: \
-            grub-editenv's and GRUB's own writes, operation for operation); the model check explores every state a device \
+            simulated disk (and again at every operation of each recovery), once per boot backend (statefile; grub: \
+            grub-editenv's and GRUB's own writes, operation for operation; uboot: fw_setenv's and U-Boot's writes of the other copy); the model check explores every state a device \
             can reach with power cuts before any step, several releases offered in any order, failing writes, reboots and \
             reports. Prints what each covered; exit status 1 if any invariant (I1-I5) failed.
             """)

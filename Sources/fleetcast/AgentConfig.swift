@@ -35,6 +35,8 @@ struct AgentConfig {
         case statefile
         /// A GRUB environment block (§3.3), and the grub-editenv to write it with.
         case grub(env: String, tool: String)
+        /// A redundant U-Boot environment (§3.4) named by its fw_env.config, and libubootenv's tools.
+        case uboot(config: String, printenv: String, setenv: String)
     }
     var bootBackend: BootBackend
     /// Where the booted side is read from: a `fleetcast.side=a|b` word (the kernel command line).
@@ -143,8 +145,12 @@ struct AgentConfig {
         case "grub":
             bootBackend = .grub(env: resolve(try boot.string("grubenv", required: false) ?? "grubenv".prefixed(by: bootDirectory)),
                                 tool: try boot.string("tool", required: false) ?? "/usr/bin/grub-editenv")
+        case "uboot":
+            bootBackend = .uboot(config: resolve(try boot.string("fw-env-config", required: false) ?? "fw_env.config".prefixed(by: bootDirectory)),
+                                 printenv: try boot.string("printenv", required: false) ?? "/usr/bin/fw_printenv",
+                                 setenv: try boot.string("setenv", required: false) ?? "/usr/bin/fw_setenv")
         default:
-            throw ConfigError(root.file, "boot.backend: '\(backend)' is not one of 'statefile', 'grub' (uboot comes later)")
+            throw ConfigError(root.file, "boot.backend: '\(backend)' is not one of 'statefile', 'grub', 'uboot'")
         }
         bootedFrom = resolve(try boot.string("booted-from", required: false) ?? "/proc/cmdline")
         try boot.finish()

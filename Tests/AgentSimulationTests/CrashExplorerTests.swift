@@ -27,12 +27,14 @@ struct CrashExplorerTests {
         #expect(report.violations.contains { $0.contains("I2") }, "\(report)")
     }
 
-    @Test("The grub model can fail: writing the live grubenv in place, as grub-editenv does when run on it, loses the boot state at a cut")
-    func catchesInPlaceGrubWrite() {
+    @Test("Each bootloader model can fail: grub-editenv run on the live grubenv (its truncate, then a cut), a uboot environment without its redundant copy (a torn rewrite): the boot state is lost (I1)",
+          arguments: [CrashExplorer.Backend.grub, .uboot])
+    func catchesBrokenBackend(backend: CrashExplorer.Backend) {
         var explorer = CrashExplorer()
-        explorer.backend = .grub
+        explorer.backend = backend
         explorer.depth = 1
-        explorer.grubWritesInPlace = true
+        explorer.grubWritesInPlace = backend == .grub
+        explorer.ubootSingleCopy = backend == .uboot
         let report = explorer.explore()
         #expect(report.violations.contains { $0.contains("I1") }, "\(report)")
     }

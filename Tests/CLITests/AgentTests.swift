@@ -1,4 +1,5 @@
 import DeviceAgent
+import DeviceBackends
 import FleetCrypto
 import Foundation
 import Testing
@@ -123,6 +124,12 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
     private let resume = DispatchSemaphore(value: 0)
     func release() { resume.signal() }
 
+    /// The running agent's process ID, nil between two runs.
+    var agentPID: pid_t? {
+        lock.lock(); defer { lock.unlock() }
+        return current?.process.processIdentifier
+    }
+
     /// Kills the running agent with SIGKILL (the loop starts it again); false when
     /// none was running (between two runs).
     @discardableResult
@@ -168,6 +175,17 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
             usleep(50_000)
         }
         return nil
+    }
+
+    /// Whether `side`'s slot begins with `image`: a Bool for expectations (swift-testing
+    /// would diff two failing megabyte arrays element by element, for minutes).
+    func holds(_ side: String, _ image: Image) -> Bool { slot(side, bytes: image.bytes.count) == image.bytes }
+
+    /// An image as an expectation prints it: its size and digest, not its bytes.
+    struct Image: CustomStringConvertible {
+        let bytes: [UInt8]
+        init(_ bytes: [UInt8]) { self.bytes = bytes }
+        var description: String { "\(bytes.count) bytes, SHA-256 \(SHA256.hash(bytes).prefix(8).map { String(format: "%02x", $0) }.joined())..." }
     }
 
     func slot(_ side: String, bytes: Int) -> [UInt8] {
@@ -262,7 +280,7 @@ struct AgentTests {
             #expect(report[v.device]?.outcome == "confirmed", "\(d.name): \(String(describing: report[v.device])) \(s.output)\n\(d.logs)")
             #expect(v.installedVersion == "2.0" && v.installedSide == "b" && v.storedSequence == 2, "\(d.name): \(v.json)")
             #expect(v.side("b")?.confirmed == true && v.side("a")?.confirmed == true, "\(d.name): \(v.json)")
-            #expect(d.slot("b", bytes: f.image.count) == f.image, "\(d.name): slot b does not hold the image")
+            #expect(d.holds("b", .init(f.image)), "\(d.name): slot b does not hold the image")
         }
         let sickView = views[1]
         #expect(report[sickView.device]?.outcome == "rolled back" && report[sickView.device]?.reason == "unhealthy",
@@ -366,7 +384,7 @@ struct AgentTests {
         d.powerOff()
         let v = DeviceView(json: d.status() ?? [:])
         #expect(v.installedVersion == "2.0" && v.installedSide == "b" && v.side("b")?.confirmed == true, "\(v.json)")
-        #expect(d.slot("b", bytes: f.image.count) == f.image, "the confirmed slot differs from the image")
+        #expect(d.holds("b", .init(f.image)), "the confirmed slot differs from the image")
         #expect(d.logs.contains("staged in the slot as it arrived"), "\(d.logs)")
     }
 
@@ -416,7 +434,7 @@ struct AgentTests {
         let v = DeviceView(json: windowed.status() ?? [:])
         #expect(report[v.device]?.outcome == "confirmed", "\(String(describing: report[v.device])) \(s.output)\n\(windowed.logs)")
         #expect(v.installedVersion == "2.0" && v.installedSide == "b" && v.side("b")?.confirmed == true, "\(v.json)")
-        #expect(windowed.slot("b", bytes: image.count) == image, "the confirmed slot differs from the image")
+        #expect(windowed.holds("b", .init(image)), "the confirmed slot differs from the image")
         #expect(windowed.logs.contains("staged through the window, at most"), "\(windowed.logs)")
         for line in windowed.logs.split(separator: "\n") where line.contains("staged through the window") { print("windowedStaging: \(line)") }
         let u = DeviceView(json: whole.status() ?? [:])
@@ -451,15 +469,18 @@ struct AgentTests {
         #expect(!waiting.output.contains("no agent is running"), "\(waiting.output)")
     }
 
-    @Test("The grub backend (Specs/agent.md §3.3), real grub-editenv on files: one device installs and confirms, one fails its health check and rolls back; the grubenv says so in RAUC's variables")
-    func grubBackend() throws {
+    @Test("The grub and uboot backends (Specs/agent.md §3.3, §3.4), real grub-editenv, fw_printenv and fw_setenv on files: one device installs and confirms, one fails its health check and rolls back; the environment says so in RAUC's variables, the bootloader's own kept",
+          arguments: ["grub", "uboot"])
+    func bootloaderBackend(backend: String) throws {
         let f = try NetworkFixture(imageBytes: 1_000_000, encrypted: false)
         let lan = try TestLAN(receivers: 2, loss: [])
         let key = f.w.file("vendor.pub")
-        let grub: [String: Any] = ["backend": "grub", "directory": "boot", "booted-from": "boot/booted"]
-        let good = try TestDevice("good", in: f.w, lan: lan, host: "r1", slotBytes: 2 << 20, trustedKey: key, config: ["boot": grub])
+        let config: [String: Any] = ["backend": backend, "directory": "boot", "booted-from": "boot/booted"]
+        // A uboot device ships with its environment; a grub one gets its block at the first start.
+        if backend == "uboot" { for name in ["good", "bad"] { try shipUBootEnvironment(at: f.w.file(name) + "/boot") } }
+        let good = try TestDevice("good", in: f.w, lan: lan, host: "r1", slotBytes: 2 << 20, trustedKey: key, config: ["boot": config])
         let bad = try TestDevice("bad", in: f.w, lan: lan, host: "r2", slotBytes: 2 << 20, trustedKey: key,
-                                 config: ["boot": grub, "health-check": ["command": ["false"], "timeout": 5]])
+                                 config: ["boot": config, "health-check": ["command": ["false"], "timeout": 5]])
         let devices = [good, bad]
         for d in devices { d.powerOn() }
         defer { for d in devices { d.powerOff() } }
@@ -469,21 +490,24 @@ struct AgentTests {
         for d in devices { d.powerOff() }
         let report = fleetReport(f)
         func env(_ d: TestDevice) throws -> Set<Substring> {
-            let r = try runTool("/usr/bin/grub-editenv", [d.directory + "/boot/grubenv", "list"])
+            let r = backend == "grub" ? try runTool("/usr/bin/grub-editenv", [d.directory + "/boot/grubenv", "list"])
+                : try runTool("/usr/bin/fw_printenv", ["-c", d.directory + "/boot/fw_env.config"])
             #expect(r.status == 0, "\(r.output)")
             return Set(r.output.split(separator: "\n"))
         }
+        let p = backend == "grub" ? "" : "BOOT_"
+        let own: Set<Substring> = backend == "grub" ? [] : ["bootcmd=run fleetcast_boot"]
         let g = DeviceView(json: good.status() ?? [:])
         #expect(report[g.device]?.outcome == "confirmed", "\(String(describing: report[g.device])) \(good.logs)")
-        #expect(g.installedSide == "b" && good.slot("b", bytes: f.image.count) == f.image, "\(g.json)")
+        #expect(g.installedSide == "b" && good.holds("b", .init(f.image)), "\(g.json)")
         let goodEnv = try env(good)
-        #expect(goodEnv.isSuperset(of: ["ORDER=B A", "B_OK=1", "B_TRY=0", "A_OK=1", "A_TRY=0"]), "\(goodEnv)")
+        #expect(goodEnv.isSuperset(of: own.union(["\(p)ORDER=B A", "\(p)B_OK=1", "\(p)B_TRY=0", "\(p)A_OK=1", "\(p)A_TRY=0"].map { Substring($0) })), "\(goodEnv)")
         let b = DeviceView(json: bad.status() ?? [:])
         #expect(report[b.device]?.outcome == "rolled back", "\(String(describing: report[b.device])) \(bad.logs)")
         #expect(b.installedSide == "a" && b.side("a")?.confirmed == true, "\(b.json)")
         let badEnv = try env(bad)
-        #expect(badEnv.isSuperset(of: ["ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0"]), "\(badEnv)")
-        #expect(!FileManager.default.fileExists(atPath: good.directory + "/boot/grubenv.new"))
+        #expect(badEnv.isSuperset(of: own.union(["\(p)ORDER=A B", "\(p)A_OK=1", "\(p)A_TRY=0", "\(p)B_OK=0"].map { Substring($0) })), "\(badEnv)")
+        if backend == "grub" { #expect(!FileManager.default.fileExists(atPath: good.directory + "/boot/grubenv.new")) }
     }
 
     @Test("An expired bundle is refused at the offer; the device keeps running its side")
@@ -532,8 +556,11 @@ struct AgentTests {
             ({ $0["simulated-reboot"] = 1 }, 64, "simulated-reboot: expected true or false, got a number"),
             ({ $0["slots"] = ["rootfs": ["a": "a.img"]] }, 64, "slots.rootfs.b: missing"),
             ({ $0["staging-window"] = "10k" }, 64, "staging-window: '10k' is not 'auto', 'whole' or a size of at least 1M"),
-            ({ $0["boot"] = ["backend": "lilo", "directory": "boot"] }, 64, "boot.backend: 'lilo' is not one of 'statefile', 'grub'"),
+            ({ $0["boot"] = ["backend": "lilo", "directory": "boot"] }, 64, "boot.backend: 'lilo' is not one of 'statefile', 'grub', 'uboot'"),
             ({ $0["boot"] = ["backend": "grub", "directory": "boot", "tool": "/no/grub-editenv"] }, 66, "/no/grub-editenv is missing or not executable"),
+            ({ $0["boot"] = ["backend": "uboot", "directory": "boot", "tool": "/usr/bin/fw_setenv"] }, 64, "boot.tool: unknown field"),
+            ({ $0["boot"] = ["backend": "uboot", "directory": "boot", "printenv": "/no/fw_printenv"] }, 66, "/no/fw_printenv is missing or not executable"),
+            ({ $0["boot"] = ["backend": "uboot", "directory": "boot"] }, 66, "fw_env.config (the fw_env.config naming the environment's two copies) is missing"),
             ({ $0["trust"] = ["keys": ["missing.pub"]] }, 66, "missing.pub: key file missing"),
         ]
         for (change, status, message) in cases {
@@ -614,19 +641,135 @@ struct AgentTests {
             check.rolledBackSeen = record?.rolledBack.count ?? 0
             #expect(confirmed || rolledBack, "I4: round \(round) neither confirmed nor rolled back (seed \(seed)): \(String(describing: record))")
             #expect(status == 0 || rolledBack, "round \(round): sender \(String(describing: status)): \(s.output)")
-            if confirmed { #expect(d.slot(record!.installedSide == .a ? "a" : "b", bytes: imageBytes) == image, "round \(round): the confirmed slot differs") }
+            if confirmed { #expect(d.holds(record!.installedSide == .a ? "a" : "b", .init(image)), "round \(round): the confirmed slot differs") }
         }
         print("kill -9: \(kills) kills over \(round) releases, by phase at the kill: \(phases.sorted { $0.key < $1.key }) (seed \(seed))")
         #expect(kills >= target, "only \(kills) kills in time (seed \(seed))")
         #expect(check.violations.isEmpty, "seed \(seed): \(check.violations.prefix(10))")
         #expect(phases["installing", default: 0] > 0 && phases["trial", default: 0] > 0, "kills missed a phase: \(phases) (seed \(seed))")
     }
+
+    @Test("kill -9 of the agent inside each of its boot-backend writes (the tool killed with it, or left to finish), grub and uboot on the real tools: after every kill and restart the invariants hold, and the update settles",
+          arguments: ["grub", "uboot"])
+    func killNineInBackendWrite(backend: String) throws {
+        let w = Workspace()
+        #expect(try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path).status == 0)
+        let lan = try TestLAN(receivers: 1, loss: [])
+        let boot = w.file("dev") + "/boot"
+        try FileManager.default.createDirectory(atPath: boot, withIntermediateDirectories: true)
+        // The write tool (grub-editenv's create and set, fw_setenv), wrapped. Its calls by the
+        // running agent (not by the simulated bootloader) are counted, and every `period`-th
+        // one says so with its PID and waits for its parent to end (bounded) before it runs
+        // the real tool; the test kills the agent meanwhile. The calls in between let the
+        // retried write through (grub: its create and set; uboot: one fw_setenv), so the
+        // update moves on.
+        let period = backend == "grub" ? 3 : 2
+        let real = backend == "grub" ? "/usr/bin/grub-editenv" : "/usr/bin/fw_setenv"
+        let wrapper = w.file("write-tool"), count = w.file("write-count")
+        try """
+        #!/bin/sh
+        \(backend == "grub" ? "case \"$2\" in create|set) ;; *) exec \(real) \"$@\" ;; esac" : "")
+        if tr '\\0' ' ' < /proc/$PPID/cmdline | grep -q ' agent run '; then
+          n=$(cat \(count) 2>/dev/null || echo 0); n=$((n+1)); echo $n > \(count)
+          if [ $((n % \(period))) = \(period - 1) ]; then
+            echo $$ > \(w.file("in-write.tmp")) && mv \(w.file("in-write.tmp")) \(w.file("in-write"))
+            i=0
+            while kill -0 $PPID 2>/dev/null && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
+          fi
+        fi
+        exec \(real) "$@"
+
+        """.write(toFile: wrapper, atomically: true, encoding: .utf8)
+        chmod(wrapper, 0o755)
+        var bootConfig: [String: Any] = ["backend": backend, "directory": "boot", "booted-from": "boot/booted"]
+        let readBoot: (TestDevice) -> BootState?
+        if backend == "grub" {
+            bootConfig["tool"] = wrapper
+            readBoot = { d in try? GrubBootControl(envPath: d.directory + "/boot/grubenv").read() }
+        } else {
+            try shipUBootEnvironment(at: boot)
+            bootConfig["setenv"] = wrapper
+            readBoot = { d in try? UBootBootControl(config: d.directory + "/boot/fw_env.config").read() }
+        }
+        let imageBytes = 2_000_000
+        let d = try TestDevice("dev", in: w, lan: lan, host: "r1", slotBytes: 4 << 20, trustedKey: w.file("vendor.pub"), config: ["boot": bootConfig])
+        var check = InvariantCheck(device: d, imageBytes: imageBytes)
+        check.readBoot = readBoot
+        check.verified.insert(SHA256Digest(d.oldImage + [UInt8](repeating: 0, count: imageBytes - d.oldImage.count)))
+        d.holdAfterKill = true
+        d.powerOn(bootsMax: 60, seconds: 400)
+        defer { d.powerOff() }
+        #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.logs)")
+        var kills = 0, toolKilled = 0, toolFinished = 0
+        for round in 1...3 {
+            let image = (0..<imageBytes).map { UInt8(truncatingIfNeeded: $0 &* (round * 2 + 1) &+ round) }
+            FileManager.default.createFile(atPath: w.file("image-\(round)"), contents: Data(image))
+            #expect(try fleetcast(["pack", "--quiet", "--output", "u\(round).fcb", "--product", "lab", "--hardware", "lab-board", "--version", "\(round + 1).0",
+                                   "--sequence", "\(round + 1)", "--component", "rootfs=image-\(round)", "--sign", "vendor.key", "--compression", "none"], in: w.path).status == 0)
+            check.verified.insert(SHA256Digest(image))
+            let (path, args) = lan.command(on: "s", ["send", w.file("u\(round).fcb"), "--rate", "100M", "--min-receivers", "1", "--await", "confirmed",
+                                                     "--deadline", "150s", "--quiet"])
+            let s = BackgroundProcess(path, args, log: w.file("s\(round).log"))
+            try s.start()
+            // Each write the wrapper holds, until the round ends.
+            while s.process.isRunning {
+                var writer: pid_t?
+                while writer == nil && s.process.isRunning {
+                    writer = (try? String(contentsOfFile: w.file("in-write"), encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+                    if writer == nil { usleep(10_000) }
+                }
+                guard let writer else { break }
+                try? FileManager.default.removeItem(atPath: w.file("in-write"))
+                // Half the kills take the tool with the agent (systemd stops the whole unit, a power
+                // cut); the others leave it to finish its write after the agent is gone.
+                let withTool = kills % 2 == 0
+                if withTool { kill(writer, SIGKILL); toolKilled += 1 } else { toolFinished += 1 }
+                d.rebootAfterKill = kills % 3 == 1
+                guard d.kill9() else { continue }
+                kills += 1
+                #expect(d.waitUntilKilled(kills), "kill \(kills) not seen")
+                // The tool, if it lives on, finishes before the files are judged.
+                let toolDeadline = Date().addingTimeInterval(30)
+                while kill(writer, 0) == 0 && Date() < toolDeadline { usleep(10_000) }
+                _ = check.run(after: "\(backend) kill \(kills) (tool \(withTool ? "killed" : "left to finish"))")
+                d.release()
+            }
+            let status = s.wait(seconds: 160)
+            #expect(status == 0, "round \(round): \(s.output) \(d.logs.suffix(3000))")
+            let settled = d.waitFor(seconds: 60) { ($0["standing"] as? String) == "idle" && ($0["running"] as? Bool) == true }
+            #expect(settled != nil, "round \(round) did not settle: \(d.logs.suffix(3000))")
+            _ = check.run(after: "\(backend) round \(round) settled")
+            let record = check.record()
+            #expect(record?.installed.version == "\(round + 1).0", "round \(round): \(String(describing: record))")
+            if let record { #expect(d.holds(record.installedSide == .a ? "a" : "b", .init(image))) }
+        }
+        print("kill -9 in \(backend) backend writes: \(kills) kills (\(toolKilled) with the tool, \(toolFinished) leaving it to finish)")
+        #expect(kills >= 4 && toolKilled > 0 && toolFinished > 0, "\(kills) kills")
+        #expect(check.violations.isEmpty, "\(check.violations.prefix(10))")
+    }
+}
+
+/// A redundant U-Boot environment as a device ships it (`mkenvimage -r`, two
+/// 16 KiB copies in `boot/uboot.env`, U-Boot's own `bootcmd` in it) and the
+/// `fw_env.config` naming both copies, in the directory `boot`.
+func shipUBootEnvironment(at boot: String) throws {
+    try FileManager.default.createDirectory(atPath: boot, withIntermediateDirectories: true)
+    try "bootcmd=run fleetcast_boot\n".write(toFile: boot + "/env.txt", atomically: true, encoding: .utf8)
+    let made = try runTool("/usr/bin/mkenvimage", ["-r", "-s", "16384", "-o", boot + "/copy.bin", boot + "/env.txt"])
+    guard made.status == 0 else { throw LabError(text: "mkenvimage: \(made.output)") }
+    let copy = try Data(contentsOf: URL(fileURLWithPath: boot + "/copy.bin"))
+    try (copy + copy).write(to: URL(fileURLWithPath: boot + "/uboot.env"))
+    try "\(boot)/uboot.env 0x0 0x4000\n\(boot)/uboot.env 0x4000 0x4000\n".write(toFile: boot + "/fw_env.config", atomically: true, encoding: .utf8)
 }
 
 /// Specs/agent.md I1-I3 on the device's real files, after every kill.
 struct InvariantCheck {
     let device: TestDevice
     let imageBytes: Int
+    /// The boot state as the bootloader would find it (the statefile backend unless told).
+    var readBoot: (TestDevice) -> BootState? = { d in
+        (try? SafeDirectory(path: d.directory + "/boot")).flatMap { try? StateFileBootControl(files: $0).read() }
+    }
     /// Digests (of the first `imageBytes` of a slot) of images that were verified: shipped and every release.
     var verified: Set<SHA256Digest> = []
     var sequenceSeen: UInt64 = 1
@@ -640,7 +783,7 @@ struct InvariantCheck {
 
     /// Checks, and returns the phase the record was in ("idle", "installing", ...).
     mutating func run(after what: String) -> String {
-        guard let bootDir = try? SafeDirectory(path: device.directory + "/boot"), let boot = try? StateFileBootControl(files: bootDir).read() else {
+        guard let boot = readBoot(device) else {
             violations.append("\(what): I1: no valid boot state")
             return "?"
         }

@@ -47,16 +47,9 @@ struct GrubBootControlTests {
         let boot = try GrubBootControl(envPath: env)
         #expect(throws: StorageError.self) { try boot.read() }  // no state yet: refused, not guessed
         try boot.initialize(current: .a)
-        var state = try boot.read()
+        let state = try boot.read()
         #expect(state == BootState.initial(current: .a).withGeneration(state.generation))
-        // An install, an activation, a trial boot spent, a confirm, a rollback.
-        var steps: [BootState] = []
-        state.generation += 1; state[.b] = .init(bootable: false, confirmed: false); state.order = [.a, .b]; steps.append(state)
-        state.generation += 1; state[.b] = .init(bootable: true, confirmed: false, attempts: 3); state.order = [.b, .a]; steps.append(state)
-        state.generation += 1; state[.b].attempts = 2; steps.append(state)
-        state.generation += 1; state[.b] = .init(bootable: true, confirmed: true); steps.append(state)
-        state.generation += 1; state[.b] = .init(bootable: false, confirmed: false); state.order = [.a, .b]; steps.append(state)
-        for step in steps {
+        for step in state.lifecycle(trialAttempts: 3) {
             try boot.write(step)
             #expect(try boot.read() == step)
         }
@@ -90,7 +83,7 @@ struct GrubBootControlTests {
         #expect(booted == [.b, .b, .a, .a], "\(booted)")
     }
 
-    @Test("Bad input: a missing tool, a missing, corrupt or foreign block, a write that cannot build its block: each a clear error, the old block intact")
+    @Test("Bad input: a missing tool, a missing, corrupt, too small, read-only or foreign block, a write that cannot build its block: each a clear error, the old block intact")
     func badInput() throws {
         let s = Scratch()
         let env = s.file("grubenv")
@@ -127,6 +120,17 @@ struct GrubBootControlTests {
         #expect(failed?.reason.contains("grub-editenv") == true, "\(String(describing: failed))")
         #expect(try Data(contentsOf: URL(fileURLWithPath: env)) == before)
         #expect(try boot.read() == (try BootState.initialized(.b, from: boot)))
+        try FileManager.default.removeItem(atPath: env + ".new")
+        // Read-only (immutable, which holds for root too): the rename over it fails, the block stays.
+        #expect(try Self.run("/usr/bin/chattr", ["+i", env]).status == 0, "chattr +i needs a file system with attributes (ext4)")
+        let readOnly = #expect(throws: StorageError.self) { try boot.write(next) }
+        _ = try Self.run("/usr/bin/chattr", ["-i", env])
+        #expect(readOnly?.reason.contains("rename") == true, "\(String(describing: readOnly))")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: env)) == before)
+        // Too small to be a block: refused.
+        try Data(before.prefix(100)).write(to: URL(fileURLWithPath: env))
+        let small = #expect(throws: StorageError.self) { try boot.read() }
+        #expect(small?.reason.contains("is 100 bytes, not a 1024-byte GRUB environment block") == true, "\(String(describing: small))")
     }
 
     @Test("The shipped GRUB fragment is valid GRUB script (grub-script-check)")
@@ -141,6 +145,19 @@ extension BootState {
     /// The shipped state of `side` at the generation the block holds.
     static func initialized(_ side: Side, from boot: GrubBootControl) throws -> BootState {
         BootState.initial(current: side).withGeneration(try boot.read().generation)
+    }
+
+    /// From a device running A: an install (B not bootable), an activation (B on trial,
+    /// first), a trial boot spent, a confirm, a rollback; each a generation higher.
+    func lifecycle(trialAttempts: UInt8) -> [BootState] {
+        var state = self
+        var steps: [BootState] = []
+        state.generation += 1; state[.b] = .init(bootable: false, confirmed: false); state.order = [.a, .b]; steps.append(state)
+        state.generation += 1; state[.b] = .init(bootable: true, confirmed: false, attempts: trialAttempts); state.order = [.b, .a]; steps.append(state)
+        state.generation += 1; state[.b].attempts -= 1; steps.append(state)
+        state.generation += 1; state[.b] = .init(bootable: true, confirmed: true); steps.append(state)
+        state.generation += 1; state[.b] = .init(bootable: false, confirmed: false); state.order = [.a, .b]; steps.append(state)
+        return steps
     }
 
     func withGeneration(_ g: UInt64) -> BootState {
