@@ -39,6 +39,12 @@ struct Agent: ParsableCommand {
         keeps it in a redundant U-Boot environment ("fw-env-config", default \
         <directory>/fw_env.config, naming its two copies) written with one fw_setenv -s \
         per change and read back, read at power-on by contrib/uboot/fleetcast.cmd (§3.4). \
+        "activation": "live" switches a critical service without a reboot (Specs/agent.md §9): \
+        the sides are the directories "live.root"/a and /b, "current" links the running one; \
+        the new version is started with "live.command" beside the old one (handed the \
+        "live.listen" socket as fd 3, LISTEN_FDS=1), made current once it says READY=1 \
+        (NOTIFY_SOCKET) or still runs after "ready-timeout" ("ready": "running"), then the \
+        old one is stopped; if it fails, nothing switched. \
         "staging-window": a compressed or encrypted payload is staged whole where \
         staging has room for it ("auto", the default), else at most as far ahead of the \
         slot writes as the room allows and freed as it is written, so a device without \
@@ -99,6 +105,11 @@ struct AgentFiles {
 
     /// `fleetcast.side=a|b` in `booted-from` (the kernel command line, or the simulated bootloader's file).
     static func bootedSide(_ config: AgentConfig) throws -> Side {
+        // Live activation: the `current` link, or at the first start the side the boot state runs.
+        if let live = config.live {
+            if let side = try LiveActivation.currentSide(root: live.root) { return side }
+            return (try? AgentFiles(config, create: false).boot.read())?.confirmedSide ?? .a
+        }
         guard let data = FileManager.default.contents(atPath: config.bootedFrom), data.count <= 1 << 16 else {
             throw BundleError(.io, "cannot read \(config.bootedFrom) to learn which side booted")
         }
@@ -133,59 +144,104 @@ struct AgentRun: ParsableCommand {
             // A missing or bad key file is a ConfigError (exit 66), reported below, before anything is touched.
             let identity = try config.identity(deviceID: "unset")
             let files = try AgentFiles(config, create: true)
-            let booted = try AgentFiles.bootedSide(config)
+            // Activation live (Specs/agent.md §9): the running side is the service's `current`
+            // link, and its version is started here.
+            let live: LiveActivation? = try config.live.map { settings in
+                do throws(StorageError) { return try LiveActivation(settings) } catch { throw ConfigError("live", error.reason, exit: AgentExit.noInput) }
+            }
+            defer { live?.stopRunning() }
+            var booted = try AgentFiles.bootedSide(config)
             // A device's first start: the boot state as shipped, the running side good.
             if try files.records.read() == nil, (try? files.boot.read()) == nil { try files.boot.initialize(current: booted) }
-            var receiving = UpdateReceiver.Configuration(identity: identity, stagingDirectory: config.stagingDirectory)
-            receiving.stepTwoThread = true
-            receiving.stagingWindow = config.stagingWindow
-            receiving.tuning.inactivityTimeout = .seconds(10)
-            var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)
-            settings.trialAttempts = config.trialAttempts
-            settings.trigger = config.trigger
-            settings.installPath = config.installPath
-            let effects = CommandEffects(config: config, logger: logger)
-            let service: AgentService
-            do {
-                service = try AgentService(settings: settings, receiver: receiving, records: files.records, boot: files.boot, effects: effects,
-                                           unixTime: currentUnixTime)
-            } catch {
-                printError("agent: \(error)")
-                throw ExitCode(AgentExit.storage)
+            if let live {
+                try live.makeCurrent(booted)
+                if let why = live.switchTo(booted) { logger.error("the service of side \(booted.name) did not start: \(why)") }
             }
-            let group = try SocketAddress(host: config.group, port: config.port)
-            let interface = try config.interface.map { try NetworkInterface(name: $0) }
-            let pump = try ReceiverPump(endpoint: service, settings: ReceiverEndpoint(group: group, interface: interface),
-                                        simulatedLoss: simulateLoss / 100, seed: UInt64(fromBytes: try SecureRandom.bytes(8)))
-            let control = try ControlSocket(directory: config.stateDirectory)
-            let r = service.driver.machine.record
-            logger.info("device \(r.deviceID): booted side \(booted.name), installed \(r.installed.version) (sequence \(r.sequence)) on side \(r.installedSide.name), \(service.describe(service.driver.machine.standing)); listening on \(group)\(interface.map { " on \($0)" } ?? "")")
-            service.onEvent = { log($0, logger) }
-            service.start(at: MonotonicClock.now())
-            var lastProgress = MonotonicClock.now()
-            try pump.run(tick: { now in
-                control.serve { request in Self.answer(request, service: service, booted: booted, files: files) }
-                if !quiet, let m = service.receiver.manifest, now >= lastProgress + .seconds(5) {
-                    lastProgress = now
-                    let total = BlockGeometry(payloadSize: m.payload.size, profile: m.transport).blockCount
-                    logger.info("receiving \(m.version): \(service.receiver.blocksDone)/\(total) blocks\(service.receiver.isVerifying ? ", verifying" : "")")
-                }
-            }, shouldStop: { interrupted })
-            if let fault = service.fault {
-                logger.critical("state could not be kept: \(fault.reason); the agent stops (the running side stays as it was)")
-                throw ExitCode(AgentExit.storage)
-            }
-            if interrupted { throw ExitCode(130) }
-            if service.rebootStartedAt != nil {
-                if config.simulatedReboot { throw ExitCode(AgentExit.simulatedReboot) }
-                // The system stops the agent as it reboots; if it does not, say so.
-                let giveUpAt = MonotonicClock.now() + .seconds(300)
-                while !interrupted && MonotonicClock.now() < giveUpAt { usleep(100_000) }
-                if interrupted { throw ExitCode(0) }
-                logger.critical("the reboot command succeeded but the system did not reboot within 300 s")
-                throw ExitCode(1)
+            while true {
+                try runOnce(config: config, identity: identity, files: files, booted: booted, logger: logger)
+                guard let live else { return }
+                // The in-process reboot of a live activation: the switch plays the bootloader.
+                booted = try Self.liveBoot(live, boot: files.boot, running: booted, logger: logger)
             }
         }
+    }
+
+    /// The agent from its start to its reboot (returns: live activation's) or its end (throws an exit).
+    private func runOnce(config: AgentConfig, identity: DeviceIdentity, files: AgentFiles, booted: Side, logger: Logger) throws {
+        var receiving = UpdateReceiver.Configuration(identity: identity, stagingDirectory: config.stagingDirectory)
+        receiving.stepTwoThread = true
+        receiving.stagingWindow = config.stagingWindow
+        receiving.tuning.inactivityTimeout = .seconds(10)
+        var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)
+        settings.trialAttempts = config.trialAttempts
+        settings.trigger = config.trigger
+        settings.installPath = config.installPath
+        let effects = CommandEffects(config: config, logger: logger)
+        let service: AgentService
+        do {
+            service = try AgentService(settings: settings, receiver: receiving, records: files.records, boot: files.boot, effects: effects,
+                                       unixTime: currentUnixTime)
+        } catch {
+            printError("agent: \(error)")
+            throw ExitCode(AgentExit.storage)
+        }
+        let group = try SocketAddress(host: config.group, port: config.port)
+        let interface = try config.interface.map { try NetworkInterface(name: $0) }
+        let pump = try ReceiverPump(endpoint: service, settings: ReceiverEndpoint(group: group, interface: interface),
+                                    simulatedLoss: simulateLoss / 100, seed: UInt64(fromBytes: try SecureRandom.bytes(8)))
+        let control = try ControlSocket(directory: config.stateDirectory)
+        let r = service.driver.machine.record
+        logger.info("device \(r.deviceID): \(config.live == nil ? "booted" : "running") side \(booted.name), installed \(r.installed.version) (sequence \(r.sequence)) on side \(r.installedSide.name), \(service.describe(service.driver.machine.standing)); listening on \(group)\(interface.map { " on \($0)" } ?? "")")
+        service.onEvent = { log($0, logger) }
+        service.start(at: MonotonicClock.now())
+        var lastProgress = MonotonicClock.now()
+        try pump.run(tick: { now in
+            control.serve { request in Self.answer(request, service: service, booted: booted, files: files) }
+            if !quiet, let m = service.receiver.manifest, now >= lastProgress + .seconds(5) {
+                lastProgress = now
+                let total = BlockGeometry(payloadSize: m.payload.size, profile: m.transport).blockCount
+                logger.info("receiving \(m.version): \(service.receiver.blocksDone)/\(total) blocks\(service.receiver.isVerifying ? ", verifying" : "")")
+            }
+        }, shouldStop: { interrupted })
+        if let fault = service.fault {
+            logger.critical("state could not be kept: \(fault.reason); the agent stops (the running side stays as it was)")
+            throw ExitCode(AgentExit.storage)
+        }
+        if interrupted { throw ExitCode(130) }
+        guard service.rebootStartedAt != nil else { throw ExitCode(0) }
+        if config.live != nil { return }
+        if config.simulatedReboot { throw ExitCode(AgentExit.simulatedReboot) }
+        // The system stops the agent as it reboots; if it does not, say so.
+        let giveUpAt = MonotonicClock.now() + .seconds(300)
+        while !interrupted && MonotonicClock.now() < giveUpAt { usleep(100_000) }
+        if interrupted { throw ExitCode(0) }
+        logger.critical("the reboot command succeeded but the system did not reboot within 300 s")
+        throw ExitCode(1)
+    }
+
+    /// Specs/agent.md §9: the boot logic (§3.2) over the boot state, as a bootloader
+    /// runs it, with the service's versions for sides: the side it picks is started
+    /// beside the running one and made current once ready; a side that does not get
+    /// ready has spent its attempt, and the logic runs again (at most as often as a
+    /// side may have attempts). Returns the side now running.
+    static func liveBoot(_ live: LiveActivation, boot: BootControl, running: Side, logger: Logger) throws -> Side {
+        for _ in 0...(Int(LiveActivation.attemptsMax) + 1) {
+            let state = try boot.read()
+            guard let (side, spent) = BootLogic.boot(state) else { throw StorageError("no side to run in \(state)") }
+            if let spent { try boot.write(spent) }
+            if side == running {
+                if let why = live.switchTo(running) { logger.error("the service of side \(running.name) did not start again: \(why)") }
+                return running
+            }
+            logger.notice("live switch: starting side \(side.name) while side \(running.name) serves")
+            if let why = live.switchTo(side) {
+                logger.error("live switch to side \(side.name) failed, nothing switched, side \(running.name) serves on: \(why)")
+                continue
+            }
+            logger.notice("live switch: side \(side.name) is current; side \(running.name) stopped, kept until the update is confirmed")
+            return side
+        }
+        throw StorageError("the boot logic kept picking a side that does not start")
     }
 
     private func log(_ e: AgentEvent, _ logger: Logger) {

@@ -1,5 +1,6 @@
 import DeliveryCore
 import DeviceAgent
+import DeviceBackends
 import FleetCrypto
 import Foundation
 import UpdateBundle
@@ -42,6 +43,8 @@ struct AgentConfig {
     /// Where the booted side is read from: a `fleetcast.side=a|b` word (the kernel command line).
     var bootedFrom: String
     var healthCheck: HealthCheck?
+    /// `"activation": "live"` (Specs/agent.md §9): the service's two sides and how to run them; nil: activation by reboot.
+    var live: LiveActivation.Settings?
     var trialAttempts: UInt8
     var trigger: AgentSettings.Trigger
     var installPath: AgentSettings.InstallPath
@@ -170,8 +173,30 @@ struct AgentConfig {
             throw ConfigError(root.file, "staging-window: '\(window)' is not 'auto', 'whole' or a size of at least 1M (such as 64M)")
         }
         stagingWindow = w
-        let activation = try root.string("activation", required: false) ?? "reboot"
-        guard activation == "reboot" else { throw ConfigError(root.file, "activation: '\(activation)' is not supported (reboot)") }
+        switch try root.string("activation", required: false) ?? "reboot" {
+        case "reboot":
+            live = nil
+        case "live":
+            guard var fields = try root.object("live", required: false) else {
+                throw ConfigError(root.file, "live: missing (activation live needs the service's root and command)")
+            }
+            var settings = LiveActivation.Settings(root: resolve(try fields.string("root")!), command: try fields.strings("command")!)
+            guard !settings.command.isEmpty else { throw ConfigError(root.file, "live.command: a command and its arguments") }
+            if let listen = try fields.string("listen", required: false) {
+                let parts = listen.split(separator: ":")
+                guard parts.count == 2, let port = UInt16(parts[1]), port > 0 else {
+                    throw ConfigError(root.file, "live.listen: '\(listen)' is not HOST:PORT (an IPv4 address and a port)")
+                }
+                settings.listen = (String(parts[0]), port)
+            }
+            settings.ready = try fields.choice("ready", LiveActivation.Settings.Ready.self) ?? .notify
+            settings.readySeconds = try fields.seconds("ready-timeout", required: false) ?? 10
+            settings.stopSeconds = try fields.seconds("stop-timeout", required: false) ?? 10
+            try fields.finish()
+            live = settings
+        case let other:
+            throw ConfigError(root.file, "activation: '\(other)' is not one of 'reboot', 'live'")
+        }
         rebootCommand = try root.strings("reboot-command", required: false) ?? ["systemctl", "reboot"]
         guard !rebootCommand.isEmpty else { throw ConfigError(root.file, "reboot-command: a command and its arguments") }
         simulatedReboot = try root.bool("simulated-reboot", required: false) ?? false

@@ -82,6 +82,10 @@ final class CommandEffects: AgentEffects {
     }
 
     func reboot() -> String? {
+        if config.live != nil {
+            logger.notice("activation live: the agent restarts in process and switches the service (no reboot)")
+            return nil
+        }
         if config.simulatedReboot {
             logger.notice("simulated reboot: the agent stops (exit \(AgentExit.simulatedReboot)); run `fleetcast agent boot` and start it again")
             return nil

@@ -562,6 +562,11 @@ struct AgentTests {
             ({ $0["boot"] = ["backend": "uboot", "directory": "boot", "printenv": "/no/fw_printenv"] }, 66, "/no/fw_printenv is missing or not executable"),
             ({ $0["boot"] = ["backend": "uboot", "directory": "boot"] }, 66, "fw_env.config (the fw_env.config naming the environment's two copies) is missing"),
             ({ $0["trust"] = ["keys": ["missing.pub"]] }, 66, "missing.pub: key file missing"),
+            ({ $0["activation"] = "hot" }, 64, "activation: 'hot' is not one of 'reboot', 'live'"),
+            ({ $0["activation"] = "live" }, 64, "live: missing (activation live needs the service's root and command)"),
+            ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"], "listen": "8080"] }, 64, "live.listen: '8080' is not HOST:PORT"),
+            ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"], "ready": "soon"] }, 64, "live.ready: 'soon' is not one of 'notify', 'running'"),
+            ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"]] }, 66, "app/a is not a directory"),
         ]
         for (change, status, message) in cases {
             let r = try run(change)
@@ -746,6 +751,152 @@ struct AgentTests {
         print("kill -9 in \(backend) backend writes: \(kills) kills (\(toolKilled) with the tool, \(toolFinished) leaving it to finish)")
         #expect(kills >= 4 && toolKilled > 0 && toolFinished > 0, "\(kills) kills")
         #expect(check.violations.isEmpty, "\(check.violations.prefix(10))")
+    }
+
+    /// The critical service of the live tests (Specs/agent.md §9): an HTTP server that
+    /// answers every request with its version (the start of its side's `app` file) and its PID,
+    /// serves on the socket handed to it (fd 3, LISTEN_FDS/LISTEN_PID), says READY=1
+    /// to NOTIFY_SOCKET, and on SIGTERM finishes the request it has before it exits. A
+    /// version whose file says CRASH exits at once.
+    static let liveService = """
+    import os, signal, socket, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    with open(os.path.join(os.environ["FLEETCAST_LIVE_DIR"], "app"), "rb") as f:
+        version = f.read(4096).split(b"\\0")[0].decode().strip()
+    if "CRASH" in version:
+        sys.exit(3)
+    if os.environ.get("LISTEN_FDS") != "1" or int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
+        sys.exit("no socket handed over")
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = ("%s|%d" % (version, os.getpid())).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args):
+            pass
+    server = HTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = socket.socket(fileno=3)
+    server.timeout = 0.1
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+    while not stopping:
+        server.handle_request()
+
+    """
+
+    /// Requests the service every 10 ms until told to stop (bounded in count and time),
+    /// one line per request: "ok VERSION" or "fail WHY".
+    static let liveClient = """
+    import os, sys, time, urllib.request
+    port, log, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+    deadline = time.time() + 400
+    n = 0
+    with open(log, "w", buffering=1) as out:
+        while time.time() < deadline and n < 40000 and not os.path.exists(stop):
+            n += 1
+            try:
+                out.write("ok " + urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=5).read().decode() + "\\n")
+            except Exception as e:
+                out.write("fail " + repr(e).replace("\\n", " ") + "\\n")
+            time.sleep(0.01)
+
+    """
+
+    @Test("Activation live (Specs/agent.md §9): a real HTTP service answers a client throughout a live switch, a failed live switch and a rollback; the client sees no failed request, and the sender's report shows confirmed, rolled back (did not come up), rolled back (unhealthy)")
+    func liveActivation() throws {
+        let w = Workspace()
+        #expect(try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path).status == 0)
+        let lan = try TestLAN(receivers: 1, loss: [])
+        let root = w.file("dev") + "/app"
+        let appBytes = 64 << 10
+        func app(_ text: String) -> [UInt8] { Array(text.utf8) + [UInt8](repeating: 0, count: 4096 - text.utf8.count) }
+        for side in ["a", "b"] {
+            try FileManager.default.createDirectory(atPath: root + "/" + side, withIntermediateDirectories: true)
+            FileManager.default.createFile(atPath: "\(root)/\(side)/app", contents: Data(side == "a" ? app("1.0") : []) + Data(count: appBytes - (side == "a" ? 4096 : 0)))
+        }
+        try Self.liveService.write(toFile: w.file("service.py"), atomically: true, encoding: .utf8)
+        try Self.liveClient.write(toFile: w.file("client.py"), atomically: true, encoding: .utf8)
+        let port = 20_000 + Int(lan.port % 20_000)
+        let d = try TestDevice("dev", in: w, lan: lan, host: "r1", slotBytes: 1 << 20, trustedKey: w.file("vendor.pub"), config: [
+            "slots": ["app": ["a": "app/a/app", "b": "app/b/app"]],
+            "activation": "live",
+            "live": ["root": "app", "command": ["python3", w.file("service.py")], "listen": "127.0.0.1:\(port)", "ready-timeout": 10],
+            // A release that says BROKEN fails its health check once it serves.
+            "health-check": ["command": ["sh", "-c", "! grep -qa BROKEN \(root)/current/app"], "timeout": 10, "healthy-for": 2],
+            "trial-attempts": 2,
+        ])
+        d.powerOn(bootsMax: 3, seconds: 400)
+        defer { d.powerOff() }
+        #expect(d.waitFor(seconds: 30) { $0["running"] as? Bool == true } != nil, "\(d.logs)")
+        let (clientPath, clientArgs) = lan.wrap(on: "r1", "/usr/bin/python3", [w.file("client.py"), "\(port)", w.file("client.log"), w.file("client.stop")])
+        let client = BackgroundProcess(clientPath, clientArgs, log: w.file("client.out"))
+        try client.start()
+        defer { FileManager.default.createFile(atPath: w.file("client.stop"), contents: nil); _ = client.wait(seconds: 20) }
+        /// The client's lines, "ok VERSION" with the answering PID split off, or "fail ...".
+        func answers() -> [(line: String, pid: String)] {
+            ((try? String(contentsOfFile: w.file("client.log"), encoding: .utf8)) ?? "").split(separator: "\n").map { line in
+                let parts = line.split(separator: "|")
+                return (String(parts[0]), parts.count > 1 ? String(parts[1]) : "")
+            }
+        }
+        func responses() -> [String] { answers().map(\.line) }
+        var pidsBefore: Set<String> = []
+        // The client is answered by the shipped version before anything happens.
+        let deadline = Date().addingTimeInterval(20)
+        while !responses().contains("ok 1.0") && Date() < deadline { usleep(20_000) }
+        #expect(responses().contains("ok 1.0"), "\(responses().suffix(5)) \(d.logs)")
+
+        var outcomes: [String] = []
+        for (round, text) in ["2.0", "2.1 CRASH", "3.0 BROKEN"].enumerated() {
+            FileManager.default.createFile(atPath: w.file("image-\(round)"), contents: Data(app(text)))
+            #expect(try fleetcast(["pack", "--quiet", "--output", "u\(round).fcb", "--product", "lab", "--hardware", "lab-board", "--version", String(text.prefix(3)),
+                                   "--sequence", "\(round + 2)", "--component", "app=image-\(round)", "--sign", "vendor.key", "--compression", "none"], in: w.path).status == 0)
+            let (path, args) = lan.command(on: "s", ["send", w.file("u\(round).fcb"), "--rate", "50M", "--min-receivers", "1", "--await", "confirmed",
+                                                     "--deadline", "120s", "--report", w.file("fleet-\(round).json"), "--quiet"])
+            let s = BackgroundProcess(path, args, log: w.file("s\(round).log"))
+            let answeredBefore = answers().count
+            try s.start()
+            let status = s.wait(seconds: 150)
+            #expect(status == (round == 0 ? 0 : 32), "round \(round): \(s.output) \(d.logs.suffix(3000))")
+            // Settled: nothing pending, and the service switched to the installed side (after a
+            // rollback the switch back follows the report).
+            let settled = d.waitFor(seconds: 60) {
+                ($0["standing"] as? String) == "idle" && ($0["running"] as? Bool) == true && $0["booted"] as? String == $0["installedSide"] as? String
+            }
+            #expect(settled != nil, "round \(round) did not settle: \(d.logs.suffix(3000))")
+            let report = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: w.file("fleet-\(round).json"))))) as? [String: Any]
+            let r = (report?["receivers"] as? [[String: Any]])?.first
+            outcomes.append("\(r?["outcome"] as? String ?? "?"): \(r?["failureReason"] as? String ?? "")")
+            // The version now answering: the switch's for round 0, the one before for the others.
+            let settledAt = responses().count
+            let until = Date().addingTimeInterval(10)
+            while responses().count < settledAt + 20 && Date() < until { usleep(20_000) }
+            #expect(responses().suffix(10).allSatisfy { $0 == "ok 2.0" }, "round \(round): \(responses().suffix(10))")
+            if round == 1 {
+                // The failed switch: the version that served before never stopped; one process answered throughout.
+                let pids = Set(answers()[answeredBefore...].map(\.pid))
+                #expect(pids.count == 1 && pidsBefore.isSuperset(of: pids), "round 1 answered by \(pids), before by \(pidsBefore)")
+            }
+            pidsBefore = Set(answers().suffix(10).map(\.pid))
+        }
+        FileManager.default.createFile(atPath: w.file("client.stop"), contents: nil)
+        #expect(client.wait(seconds: 20) == 0)
+        let all = responses()
+        let failed = all.filter { !$0.hasPrefix("ok ") }
+        var versions: [String] = []
+        for line in all where versions.last != line { versions.append(line) }
+        print("live activation: \(all.count) requests, \(failed.count) failed; versions in order: \(versions.prefix(12)); outcomes: \(outcomes)")
+        #expect(failed.isEmpty, "\(failed.prefix(5))")
+        #expect(all.count > 200, "the client ran throughout: \(all.count) requests")
+        #expect(!all.contains { $0.contains("CRASH") } && all.contains("ok 3.0 BROKEN"), "\(versions)")
+        #expect(outcomes.count == 3 && outcomes[0].hasPrefix("confirmed") && outcomes[1].hasPrefix("rolled back") && outcomes[2].hasPrefix("rolled back"), "\(outcomes)")
+        #expect(outcomes == ["confirmed: ", "rolled back: didNotBoot", "rolled back: unhealthy"], "\(outcomes)")
+        #expect((try? LiveActivation.currentSide(root: root)) == .b)
     }
 }
 

@@ -277,7 +277,10 @@ public final class AgentService: DatagramEndpoint {
     }
 
     public var nextDeadline: Instant? {
-        [receiver.nextDeadline, reporter.nextDeadline, healthRunning ? healthPollAt : nil, rebootRetryAt].compactMap { $0 }.min()
+        // The end of a started reboot's drain is a deadline too: with nothing else due, the
+        // loop would otherwise sleep past it and `isDone` would wait for the next datagram.
+        [receiver.nextDeadline, reporter.nextDeadline, healthRunning ? healthPollAt : nil, rebootRetryAt,
+         rebootStartedAt.map { $0 + Self.rebootDrain }].compactMap { $0 }.min()
     }
 
     public var hasPendingWork: Bool { receiver.hasPendingWork }

@@ -1,0 +1,298 @@
+import DeviceAgent
+import Foundation
+
+/// Activation without a gap (Specs/agent.md §9, `"activation": "live"`): the two
+/// sides are directories of a critical service, `ROOT/a` and `ROOT/b`, and the
+/// running one is named by the link `ROOT/current`. This is the edge that runs
+/// the service: it starts a side's command (in that directory), judges it ready,
+/// renames `current` to it and stops the other; it plays the bootloader's part
+/// for the agent's in-process "reboot".
+///
+/// Where the configuration names a listening address, the agent binds it once
+/// and hands the socket to every version it starts, as systemd's socket
+/// activation does (fd 3, `LISTEN_FDS=1`, `LISTEN_PID`): while the new version
+/// starts and is checked, the old one still accepts on the same socket, and
+/// connections that arrive while one stops wait in the socket's queue for the
+/// other, so none is refused. Readiness is the service's own word where it
+/// can give it (systemd's notify protocol: `READY=1` to `NOTIFY_SOCKET`), or
+/// still running after the ready timeout.
+public final class LiveActivation {
+    public struct Settings: Equatable, Sendable {
+        public enum Ready: String, Sendable, CaseIterable { case notify, running }
+        public var root: String
+        public var command: [String]
+        /// IPv4 address and port to listen on and hand over; nil: the service binds its own.
+        public var listen: (host: String, port: UInt16)?
+        public var ready = Ready.notify
+        public var readySeconds = 10.0
+        public var stopSeconds = 10.0
+        public init(root: String, command: [String]) { self.root = root; self.command = command }
+        public static func == (a: Settings, b: Settings) -> Bool {
+            a.root == b.root && a.command == b.command && a.listen?.host == b.listen?.host && a.listen?.port == b.listen?.port
+                && a.ready == b.ready && a.readySeconds == b.readySeconds && a.stopSeconds == b.stopSeconds
+        }
+    }
+
+    /// A version of the service that this process started.
+    public final class Service {
+        public let side: Side
+        public let pid: pid_t
+        fileprivate let notify: Int32
+        fileprivate var exitStatus: Int32?
+        fileprivate init(side: Side, pid: pid_t, notify: Int32) { self.side = side; self.pid = pid; self.notify = notify }
+        deinit { if notify >= 0 { close(notify) } }
+
+        /// Whether it still runs (reaps it when it has ended).
+        public var isRunning: Bool {
+            if exitStatus != nil { return false }
+            var status: Int32 = 0
+            let r = waitpid(pid, &status, WNOHANG)
+            if r == pid || (r < 0 && errno == ECHILD) { exitStatus = status; return false }
+            return true
+        }
+    }
+
+    public let settings: Settings
+    /// The handed-over listening socket, or -1.
+    public let listenFD: Int32
+    public private(set) var running: Service?
+    /// Where a started version's output goes (`ROOT/<side>.log`, appended).
+    public func logPath(_ side: Side) -> String { settings.root + "/" + side.dirName + ".log" }
+
+    /// Named limit: the trial attempts a side may have (the agent's `trial-attempts` range).
+    public static let attemptsMax = 10
+    /// Named limit: how long a stop waits after SIGKILL for the process to be reaped.
+    static let reapSecondsMax = 5.0
+    static let pollMicroseconds: useconds_t = 20_000
+
+    public init(_ settings: Settings) throws(StorageError) {
+        self.settings = settings
+        var isDirectory: ObjCBool = false
+        for side in Side.allCases {
+            let dir = settings.root + "/" + side.dirName
+            guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDirectory), isDirectory.boolValue else {
+                throw StorageError("activation live: \(dir) is not a directory (each side of the service is one: \(settings.root)/a and \(settings.root)/b)")
+            }
+        }
+        if let listen = settings.listen {
+            listenFD = try Self.bind(listen.host, listen.port)
+        } else {
+            listenFD = -1
+        }
+    }
+
+    deinit { if listenFD >= 0 { close(listenFD) } }
+
+    // MARK: The current link
+
+    /// The side `ROOT/current` names, nil when there is no link yet.
+    public func currentSide() throws(StorageError) -> Side? { try Self.currentSide(root: settings.root) }
+
+    public static func currentSide(root: String) throws(StorageError) -> Side? {
+        let link = root + "/current"
+        var buffer = [CChar](repeating: 0, count: 64)
+        let n = readlink(link, &buffer, buffer.count - 1)
+        if n < 0 {
+            if errno == ENOENT { return nil }
+            throw StorageError("readlink \(link): \(String(cString: strerror(errno)))")
+        }
+        let target = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard let side = Side(name: target), target == side.dirName else {
+            throw StorageError("\(link) points to '\(target)', not a or b")
+        }
+        return side
+    }
+
+    /// `current` renamed into place: a new link beside it, renamed over it, the directory fsynced.
+    public func makeCurrent(_ side: Side) throws(StorageError) {
+        if (try? currentSide()) == side { return }
+        let link = settings.root + "/current", temporary = settings.root + "/current.new"
+        unlink(temporary)
+        guard symlink(side.dirName, temporary) == 0 else { throw StorageError("symlink \(temporary): \(String(cString: strerror(errno)))") }
+        guard rename(temporary, link) == 0 else {
+            let reason = String(cString: strerror(errno))
+            unlink(temporary)
+            throw StorageError("rename \(temporary) over \(link): \(reason)")
+        }
+        let fd = open(settings.root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw StorageError("open \(settings.root): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw StorageError("fsync \(settings.root): \(String(cString: strerror(errno)))") }
+    }
+
+    // MARK: Switching
+
+    /// Makes `side` the running version: starts it while the running one (if any)
+    /// still serves, waits until it is ready, renames `current` to it, then stops
+    /// the old one. nil when it switched; otherwise why not, and the new version
+    /// was stopped, the link and the old version untouched.
+    public func switchTo(_ side: Side) -> String? {
+        if let r = running, r.side == side, r.isRunning { return nil }
+        let new: Service
+        do { new = try start(side) } catch { return error.reason }
+        if let why = waitReady(new) {
+            stop(new)
+            return why
+        }
+        do { try makeCurrent(side) } catch {
+            stop(new)
+            return error.reason
+        }
+        if let old = running, old.side != side { stop(old) }
+        running = new
+        return nil
+    }
+
+    /// Stops the running version (the agent ends).
+    public func stopRunning() {
+        if let r = running { stop(r) }
+        running = nil
+    }
+
+    func start(_ side: Side) throws(StorageError) -> Service {
+        let dir = settings.root + "/" + side.dirName
+        var env = ProcessInfo.processInfo.environment
+        env["FLEETCAST_LIVE_DIR"] = dir
+        env["FLEETCAST_SIDE"] = side.dirName
+        env["LISTEN_PID"] = nil
+        env["LISTEN_FDS"] = nil
+        env["NOTIFY_SOCKET"] = nil
+        var notify: Int32 = -1
+        if settings.ready == .notify {
+            let path = settings.root + "/.notify-" + side.dirName
+            notify = try Self.notifySocket(path)
+            env["NOTIFY_SOCKET"] = path
+        }
+        if listenFD >= 0 { env["LISTEN_FDS"] = "1"; env["LISTEN_FDNAMES"] = "fleetcast" }
+        // sh sets LISTEN_PID to its own PID, which the service keeps across exec, and
+        // enters the side's directory (posix_spawn has no portable chdir).
+        let script = "cd \"$1\" || exit 127; shift; \(listenFD >= 0 ? "LISTEN_PID=$$; export LISTEN_PID; " : "")exec \"$@\""
+        let argv = ["/bin/sh", "-c", script, "fleetcast-live", dir] + settings.command
+        let pid: pid_t
+        do throws(StorageError) { pid = try Self.spawn(argv, environment: env, passing: listenFD, log: logPath(side)) } catch {
+            if notify >= 0 { close(notify) }
+            throw error
+        }
+        return Service(side: side, pid: pid, notify: notify)
+    }
+
+    /// nil once `s` is ready, or why it is not within the ready timeout.
+    func waitReady(_ s: Service) -> String? {
+        let deadline = Date().addingTimeInterval(settings.readySeconds)
+        while Date() < deadline {
+            guard s.isRunning else { return "side \(s.side.dirName)'s service exited before it was ready (its output: \(logPath(s.side)))" }
+            if settings.ready == .notify, Self.readReady(s.notify) { return nil }
+            usleep(Self.pollMicroseconds)
+        }
+        if settings.ready == .running, s.isRunning { return nil }
+        return "side \(s.side.dirName)'s service did not say READY=1 within \(settings.readySeconds) s"
+    }
+
+    /// SIGTERM to its process group, SIGKILL after the stop timeout; reaped.
+    func stop(_ s: Service) {
+        guard s.isRunning else { return }
+        kill(-s.pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(settings.stopSeconds)
+        while s.isRunning && Date() < deadline { usleep(Self.pollMicroseconds) }
+        if s.isRunning {
+            kill(-s.pid, SIGKILL)
+            let reap = Date().addingTimeInterval(Self.reapSecondsMax)
+            while s.isRunning && Date() < reap { usleep(Self.pollMicroseconds) }
+        }
+    }
+
+    // MARK: System calls
+
+    static func spawn(_ argv: [String], environment: [String: String], passing fd: Int32, log: String) throws(StorageError) -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // dup2 clears close-on-exec on the copy: only fd 3 reaches the service.
+        if fd >= 0 { posix_spawn_file_actions_adddup2(&actions, fd, 3) }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        // Its own process group (stopped as one); default signal handling and an empty mask,
+        // whatever this process ignores or blocks (SIGPIPE, its interrupt handlers).
+        var defaults = sigset_t(), empty = sigset_t()
+        sigemptyset(&defaults)
+        for signal in [SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGQUIT] { sigaddset(&defaults, signal) }
+        sigemptyset(&empty)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for p in cArgs + cEnv { free(p) } }
+        var pid: pid_t = 0
+        let r = posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
+        guard r == 0 else { throw StorageError("cannot start \(argv.dropFirst(5).joined(separator: " ")): \(String(cString: strerror(r)))") }
+        return pid
+    }
+
+    /// A listening TCP socket on an IPv4 address, close-on-exec.
+    static func bind(_ host: String, _ port: UInt16) throws(StorageError) -> Int32 {
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        guard inet_pton(AF_INET, host, &address.sin_addr) == 1 else { throw StorageError("live.listen: '\(host)' is not an IPv4 address") }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw StorageError("socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard bound == 0, listen(fd, listenBacklog) == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw StorageError("live.listen \(host):\(port): \(reason)")
+        }
+        return fd
+    }
+
+    /// Named limit: connections the handed-over socket queues while no version accepts.
+    static let listenBacklog: Int32 = 512
+
+    static func notifySocket(_ path: String) throws(StorageError) -> Int32 {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw StorageError("\(path): too long for a Unix socket") }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        guard fd >= 0 else { throw StorageError("socket: \(String(cString: strerror(errno)))") }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw StorageError("bind \(path): \(reason)")
+        }
+        return fd
+    }
+
+    /// Whether a datagram with the line `READY=1` is waiting (the notify protocol's messages are newline-separated assignments).
+    static func readReady(_ fd: Int32) -> Bool {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = recv(fd, &buffer, buffer.count, 0)
+            guard n > 0 else { return false }
+            if String(decoding: buffer[0..<n], as: UTF8.self).split(separator: "\n").contains("READY=1") { return true }
+        }
+    }
+}
+
+extension Side {
+    /// The side's directory under the live root, and the `current` link's target.
+    var dirName: String { self == .a ? "a" : "b" }
+}
