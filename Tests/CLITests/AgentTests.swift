@@ -351,7 +351,7 @@ struct AgentTests {
             #expect(v.installedSide == "a" && v.side("a")?.bootable == true && v.side("a")?.confirmed == true && v.side("b")?.bootable == false,
                     "\(d.name): \(v.json)")
             #expect(d.slot("a", bytes: TestDevice.shippedImageBytes) == d.oldImage, "\(d.name): the running slot changed")
-            #expect(v.standing == "idle", "\(d.name): \(v.json)\n\(d.logs)")
+            #expect(v.standing == "idle", "\(d.name): \(v.json)\nexits \(d.exits)\n\(d.logs)")
         }
         #expect(DeviceView(json: devices[1].status() ?? [:]).storedSequence == 5)
         // The full disk was met by a slot write, midway (not by the offer's checks).

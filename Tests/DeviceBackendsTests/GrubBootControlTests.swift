@@ -22,7 +22,7 @@ struct GrubBootControlTests {
 
     /// A tool's status and output, through a file read after it exited (a pipe read to
     /// its end would also wait for any process spawned meanwhile that inherited it).
-    static func run(_ path: String, _ args: [String]) throws -> (status: Int32, output: String) {
+    static func run(_ path: String, _ args: [String], seconds: Double = 120) throws -> (status: Int32, output: String) {
         let log = NSTemporaryDirectory() + "fleetcast-tool-" + UUID().uuidString
         FileManager.default.createFile(atPath: log, contents: nil)
         defer { try? FileManager.default.removeItem(atPath: log) }
@@ -33,8 +33,14 @@ struct GrubBootControlTests {
         p.arguments = args
         p.standardOutput = handle
         p.standardError = handle
+        let done = DispatchSemaphore(value: 0)
+        p.terminationHandler = { _ in done.signal() }
         try p.run()
-        p.waitUntilExit()
+        if done.wait(timeout: .now() + seconds) == .timedOut {
+            kill(p.processIdentifier, SIGKILL)
+            _ = done.wait(timeout: .now() + 10)
+            return (-1, "\(path): no end within \(seconds) s; killed\n" + String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
+        }
         return (p.terminationStatus, String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
     }
 
