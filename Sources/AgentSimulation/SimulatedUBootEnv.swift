@@ -6,11 +6,12 @@ import DeviceBackends
 /// redundant environment, so that the crash explorer cuts the power inside
 /// each of their steps. The environment is one device holding two copies of
 /// `copyByteCount`; a write (the agent's `fw_setenv -s`, or U-Boot saving a
-/// spent attempt) goes over the copy that is not current, with the flag one
-/// higher, as on NOR flash (where most U-Boot environments live, and where
-/// libubootenv and U-Boot erase a copy before writing it): erase, write, sync,
-/// three operations, the first two tearable. A file-backed environment is
-/// written without the erase; what a cut can leave there is a subset of this.
+/// spent attempt) goes over the copy that is not current, with libubootenv's
+/// incrementing flag one higher (file-backed, eMMC, NAND environments), erased
+/// first as flash needs: erase, write, sync, three operations, the first two
+/// tearable. A file is written without the erase; what a cut can leave there is
+/// a subset of this. (U-Boot on NOR flash flags copies active/obsolete and marks
+/// the old one with a second write, which is not modelled.)
 ///
 /// Copies are real U-Boot environment copies (`UBootEnvImage`, CRC-32 and
 /// flag), so a torn one is judged as U-Boot and libubootenv would judge it.

@@ -69,7 +69,8 @@ struct BootTool {
         guard p.terminationStatus == 0 else {
             let said = String(decoding: errors, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
                 .split(separator: "\n").joined(separator: "; ")
-            throw StorageError("\(path) \(what) exited \(p.terminationStatus)\(said.isEmpty ? "" : ": \(said)")")
+            let ended = p.terminationReason == .uncaughtSignal ? "was killed by signal \(p.terminationStatus)" : "exited \(p.terminationStatus)"
+            throw StorageError("\(path) \(what) \(ended)\(said.isEmpty ? "" : ": \(said)")")
         }
         return String(decoding: output, as: UTF8.self)
     }

@@ -43,8 +43,9 @@ public final class GrubBootControl: BootControl {
     public func write(_ state: BootState) throws(StorageError) {
         // Others' variables (GRUB's own `saved_entry`, a vendor's) are carried over.
         let current = (try? list()) ?? [:]
-        if let old = try? Self.decode(current, path: envPath) {
-            precondition(state.generation > old.generation, "a boot state is written with a higher generation (\(state.generation) after \(old.generation))")
+        // The stored generation comes from a file others can write: a higher one is refused, not trusted to a trap.
+        if let old = try? Self.decode(current, path: envPath), state.generation <= old.generation {
+            throw StorageError("\(envPath): the block's generation \(old.generation) is not below the one written (\(state.generation)): refused")
         }
         var vars = current.filter { !Self.owned.contains($0.key) }
         for (k, v) in Self.encode(state) { vars[k] = v }

@@ -37,10 +37,20 @@ public final class LiveActivation {
     public final class Service {
         public let side: Side
         public let pid: pid_t
-        fileprivate let notify: Int32
+        fileprivate var notify: Int32
+        fileprivate var notifyPath: String?
         fileprivate var exitStatus: Int32?
         fileprivate init(side: Side, pid: pid_t, notify: Int32) { self.side = side; self.pid = pid; self.notify = notify }
-        deinit { if notify >= 0 { close(notify) } }
+        deinit { closeNotify() }
+
+        /// Once ready, the notify socket is closed and its name removed: a service that goes on
+        /// sending (STATUS=, WATCHDOG=1) then gets an error, instead of blocking on a full queue.
+        fileprivate func closeNotify() {
+            if notify >= 0 { close(notify) }
+            notify = -1
+            if let notifyPath { unlink(notifyPath) }
+            notifyPath = nil
+        }
 
         /// Whether it still runs (reaps it when it has ended).
         public var isRunning: Bool {
@@ -61,6 +71,8 @@ public final class LiveActivation {
 
     /// Named limit: the trial attempts a side may have (the agent's `trial-attempts` range).
     public static let attemptsMax = 10
+    /// Named limit: the longest ready or stop timeout a configuration may give.
+    public static let timeoutSecondsMax = 600.0
     /// Named limit: how long a stop waits after SIGKILL for the process to be reaped.
     static let reapSecondsMax = 5.0
     static let pollMicroseconds: useconds_t = 20_000
@@ -135,8 +147,12 @@ public final class LiveActivation {
             return why
         }
         do { try makeCurrent(side) } catch {
-            stop(new)
-            return error.reason
+            // Renamed, but the directory's fsync failed: the link names the new version, so
+            // it is the one that runs (stopping it would leave the link naming a stopped side).
+            if (try? currentSide()) != side {
+                stop(new)
+                return error.reason
+            }
         }
         if let old = running, old.side != side { stop(old) }
         running = new
@@ -173,33 +189,45 @@ public final class LiveActivation {
             if notify >= 0 { close(notify) }
             throw error
         }
-        return Service(side: side, pid: pid, notify: notify)
+        let service = Service(side: side, pid: pid, notify: notify)
+        if notify >= 0 { service.notifyPath = settings.root + "/.notify-" + side.dirName }
+        return service
     }
 
     /// nil once `s` is ready, or why it is not within the ready timeout.
     func waitReady(_ s: Service) -> String? {
-        let deadline = Date().addingTimeInterval(settings.readySeconds)
-        while Date() < deadline {
+        // Monotonic: a device without a real-time clock steps its wall clock at the first NTP sync.
+        let deadline = Self.monotonic(after: settings.readySeconds)
+        while DispatchTime.now() < deadline {
             guard s.isRunning else { return "side \(s.side.dirName)'s service exited before it was ready (its output: \(logPath(s.side)))" }
-            if settings.ready == .notify, Self.readReady(s.notify) { return nil }
+            if settings.ready == .notify, Self.readReady(s.notify) {
+                s.closeNotify()
+                return nil
+            }
             usleep(Self.pollMicroseconds)
         }
         if settings.ready == .running, s.isRunning { return nil }
         return "side \(s.side.dirName)'s service did not say READY=1 within \(settings.readySeconds) s"
     }
 
-    /// SIGTERM to its process group, SIGKILL after the stop timeout; reaped.
+    /// SIGTERM to its process group, SIGKILL after the stop timeout; the leader reaped.
+    /// The group, not only the leader: workers it forked would keep fd 3 and go on
+    /// accepting as the old version.
     func stop(_ s: Service) {
-        guard s.isRunning else { return }
+        s.closeNotify()
+        func groupAlive() -> Bool { s.isRunning || kill(-s.pid, 0) == 0 }
+        guard groupAlive() else { return }
         kill(-s.pid, SIGTERM)
-        let deadline = Date().addingTimeInterval(settings.stopSeconds)
-        while s.isRunning && Date() < deadline { usleep(Self.pollMicroseconds) }
-        if s.isRunning {
+        let deadline = Self.monotonic(after: settings.stopSeconds)
+        while groupAlive() && DispatchTime.now() < deadline { usleep(Self.pollMicroseconds) }
+        if groupAlive() {
             kill(-s.pid, SIGKILL)
-            let reap = Date().addingTimeInterval(Self.reapSecondsMax)
-            while s.isRunning && Date() < reap { usleep(Self.pollMicroseconds) }
+            let reap = Self.monotonic(after: Self.reapSecondsMax)
+            while groupAlive() && DispatchTime.now() < reap { usleep(Self.pollMicroseconds) }
         }
     }
+
+    static func monotonic(after seconds: Double) -> DispatchTime { .now() + .milliseconds(Int(seconds * 1000)) }
 
     // MARK: System calls
 
@@ -208,7 +236,7 @@ public final class LiveActivation {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o640)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0o640)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         // dup2 clears close-on-exec on the copy: only fd 3 reaches the service.
         if fd >= 0 { posix_spawn_file_actions_adddup2(&actions, fd, 3) }
@@ -219,7 +247,7 @@ public final class LiveActivation {
         // whatever this process ignores or blocks (SIGPIPE, its interrupt handlers).
         var defaults = sigset_t(), empty = sigset_t()
         sigemptyset(&defaults)
-        for signal in [SIGPIPE, SIGTERM, SIGINT, SIGHUP, SIGQUIT] { sigaddset(&defaults, signal) }
+        for signal in 1..<65 where signal != SIGKILL && signal != SIGSTOP { sigaddset(&defaults, Int32(signal)) }
         sigemptyset(&empty)
         posix_spawnattr_setsigdefault(&attributes, &defaults)
         posix_spawnattr_setsigmask(&attributes, &empty)
@@ -230,7 +258,9 @@ public final class LiveActivation {
         defer { for p in cArgs + cEnv { free(p) } }
         var pid: pid_t = 0
         let r = posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
-        guard r == 0 else { throw StorageError("cannot start \(argv.dropFirst(5).joined(separator: " ")): \(String(cString: strerror(r)))") }
+        guard r == 0 else {
+            throw StorageError("cannot start \(argv.dropFirst(5).joined(separator: " ")) (output to \(log)): \(String(cString: strerror(r)))")
+        }
         return pid
     }
 

@@ -23,13 +23,21 @@ public final class UBootBootControl: BootControl {
 
     /// Variables this backend owns; any other is kept as it is.
     public static var owned: [String] { variables.owned }
+    /// Named limit: a fw_env.config is a few lines.
+    static let configByteCountMax = 64 << 10
 
     public init(config: String, printenv: String = "/usr/bin/fw_printenv", setenv: String = "/usr/bin/fw_setenv") throws(StorageError) {
         configPath = config
         self.printenv = try BootTool(path: printenv, backend: "uboot", package: "libubootenv-tool")
         self.setenv = try BootTool(path: setenv, backend: "uboot", package: "libubootenv-tool")
-        guard FileManager.default.isReadableFile(atPath: config) else {
+        guard FileManager.default.isReadableFile(atPath: config), let text = try? String(contentsOfFile: config, encoding: .utf8),
+              text.utf8.count <= Self.configByteCountMax else {
             throw StorageError("boot backend uboot: \(config) (the fw_env.config naming the environment's two copies) is missing or unreadable")
+        }
+        // A-3b: only a redundant environment keeps the old state through a torn write.
+        let copies = text.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty && !$0.hasPrefix("#") }
+        guard copies.count == 2 else {
+            throw StorageError("boot backend uboot: \(config) names \(copies.count) environment cop\(copies.count == 1 ? "y" : "ies"), not 2: the backend needs a redundant environment (two lines; mkenvimage -r makes one), so that a write torn by a power cut leaves the old copy")
         }
     }
 
@@ -41,8 +49,9 @@ public final class UBootBootControl: BootControl {
     }
 
     public func write(_ state: BootState) throws(StorageError) {
-        if let old = try? read() {
-            precondition(state.generation > old.generation, "a boot state is written with a higher generation (\(state.generation) after \(old.generation))")
+        // The stored generation comes from a file others can write: a higher one is refused, not trusted to a trap.
+        if let old = try? read(), state.generation <= old.generation {
+            throw StorageError("\(configPath): the environment's generation \(old.generation) is not below the one written (\(state.generation)): refused")
         }
         try set(Self.encode(state), expecting: state)
     }

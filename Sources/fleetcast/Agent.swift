@@ -108,7 +108,13 @@ struct AgentFiles {
         // Live activation: the `current` link, or at the first start the side the boot state runs.
         if let live = config.live {
             if let side = try LiveActivation.currentSide(root: live.root) { return side }
-            return (try? AgentFiles(config, create: false).boot.read())?.confirmedSide ?? .a
+            // No link: a device's first start runs the side its boot state confirms (A as shipped).
+            let files = try AgentFiles(config, create: false)
+            if let state = try? files.boot.read() { return state.confirmedSide ?? .a }
+            guard try files.records.read() == nil else {
+                throw BundleError(.io, "\(live.root)/current is missing and the boot state cannot be read, though the agent has run here: not guessing which side runs")
+            }
+            return .a
         }
         guard let data = FileManager.default.contents(atPath: config.bootedFrom), data.count <= 1 << 16 else {
             throw BundleError(.io, "cannot read \(config.bootedFrom) to learn which side booted")
@@ -147,15 +153,24 @@ struct AgentRun: ParsableCommand {
             // Activation live (Specs/agent.md §9): the running side is the service's `current`
             // link, and its version is started here.
             let live: LiveActivation? = try config.live.map { settings in
-                do throws(StorageError) { return try LiveActivation(settings) } catch { throw ConfigError("live", error.reason, exit: AgentExit.noInput) }
+                do throws(StorageError) { return try LiveActivation(settings) } catch {
+                    // A port in use is not the configuration's fault and may pass: not an exit
+                    // that the unit's RestartPreventExitStatus= keeps from restarting.
+                    if error.reason.hasPrefix("live.listen") && !error.reason.contains("not an IPv4 address") {
+                        printError("agent: \(error.reason)")
+                        throw ExitCode(AgentExit.storage)
+                    }
+                    throw ConfigError("live", error.reason, exit: AgentExit.noInput)
+                }
             }
             defer { live?.stopRunning() }
             var booted = try AgentFiles.bootedSide(config)
             // A device's first start: the boot state as shipped, the running side good.
             if try files.records.read() == nil, (try? files.boot.read()) == nil { try files.boot.initialize(current: booted) }
             if let live {
+                // A start is a power-on: the boot logic runs (a side on trial spends an attempt).
                 try live.makeCurrent(booted)
-                if let why = live.switchTo(booted) { logger.error("the service of side \(booted.name) did not start: \(why)") }
+                booted = try Self.liveBoot(live, boot: files.boot, running: booted, logger: logger)
             }
             while true {
                 try runOnce(config: config, identity: identity, files: files, booted: booted, logger: logger)
@@ -226,6 +241,7 @@ struct AgentRun: ParsableCommand {
     /// side may have attempts). Returns the side now running.
     static func liveBoot(_ live: LiveActivation, boot: BootControl, running: Side, logger: Logger) throws -> Side {
         for _ in 0...(Int(LiveActivation.attemptsMax) + 1) {
+            if interrupted { throw ExitCode(130) }
             let state = try boot.read()
             guard let (side, spent) = BootLogic.boot(state) else { throw StorageError("no side to run in \(state)") }
             if let spent { try boot.write(spent) }
@@ -236,6 +252,8 @@ struct AgentRun: ParsableCommand {
             logger.notice("live switch: starting side \(side.name) while side \(running.name) serves")
             if let why = live.switchTo(side) {
                 logger.error("live switch to side \(side.name) failed, nothing switched, side \(running.name) serves on: \(why)")
+                // A confirmed side spends no attempt: trying it again would fail the same way.
+                if spent == nil { return running }
                 continue
             }
             logger.notice("live switch: side \(side.name) is current; side \(running.name) stopped, kept until the update is confirmed")

@@ -192,6 +192,10 @@ struct AgentConfig {
             settings.ready = try fields.choice("ready", LiveActivation.Settings.Ready.self) ?? .notify
             settings.readySeconds = try fields.seconds("ready-timeout", required: false) ?? 10
             settings.stopSeconds = try fields.seconds("stop-timeout", required: false) ?? 10
+            for (key, value) in [("ready-timeout", settings.readySeconds), ("stop-timeout", settings.stopSeconds)]
+            where !(0.1...LiveActivation.timeoutSecondsMax).contains(value) {
+                throw ConfigError(root.file, "live.\(key): \(value) s is outside 0.1...\(Int(LiveActivation.timeoutSecondsMax)) s")
+            }
             try fields.finish()
             live = settings
         case let other:

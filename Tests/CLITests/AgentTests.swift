@@ -567,6 +567,7 @@ struct AgentTests {
             ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"], "listen": "8080"] }, 64, "live.listen: '8080' is not HOST:PORT"),
             ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"], "ready": "soon"] }, 64, "live.ready: 'soon' is not one of 'notify', 'running'"),
             ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"]] }, 66, "app/a is not a directory"),
+            ({ $0["activation"] = "live"; $0["live"] = ["root": "app", "command": ["srv"], "ready-timeout": 0] }, 64, "live.ready-timeout: 0.0 s is outside 0.1...600 s"),
         ]
         for (change, status, message) in cases {
             let r = try run(change)

@@ -114,16 +114,26 @@ struct UBootBootControlTests {
         #expect(try Self.printenv(config).status == 0)
     }
 
-    @Test("Bad input: a missing, failing or lying tool, a missing config, a corrupt, too small or read-only environment, values out of range: each a clear error, the environment as it was")
+    @Test("Bad input: a config naming one copy, a stale generation, a missing, failing or lying tool, a missing config, a corrupt, too small or read-only environment, values out of range: each a clear error, the environment as it was")
     func badInput() throws {
         let s = Scratch()
         #expect(throws: StorageError.self) { try UBootBootControl(config: s.file("fw_env.config"), printenv: s.file("no-such-tool")) }
         let noConfig = #expect(throws: StorageError.self) { try UBootBootControl(config: s.file("fw_env.config")) }
         #expect(noConfig?.reason.contains("fw_env.config") == true, "\(String(describing: noConfig))")
         let (config, env) = try Self.environment(in: s)
+        // One copy named: refused at once (A-3b), before anything is read or written.
+        let single = s.file("single.config")
+        try "# one copy\n\(env) 0x0 0x4000\n".write(toFile: single, atomically: true, encoding: .utf8)
+        let e0 = #expect(throws: StorageError.self) { try UBootBootControl(config: single) }
+        #expect(e0?.reason.contains("names 1 environment copy, not 2") == true, "\(String(describing: e0))")
         let boot = try UBootBootControl(config: config)
         try boot.initialize(current: .a)
         let shipped = try boot.read()
+        // A stored generation at or above the one written is refused, not a trap.
+        var stale = shipped
+        stale.generation = 1
+        let e00 = #expect(throws: StorageError.self) { try boot.write(stale) }
+        #expect(e00?.reason.contains("is not below the one written") == true, "\(String(describing: e00))")
         let intact = try Data(contentsOf: URL(fileURLWithPath: env))
         var next = shipped
         next.generation += 1
