@@ -69,7 +69,7 @@ final class SimulatedGrubEnv: BootControl {
     /// in place. The generation GRUB leaves as it was (it does not write it).
     func spendInPlace(_ spent: BootState) throws(StorageError) {
         guard var vars = variables(durable: false) else { throw StorageError("\(Self.name): no block to save into") }
-        for side in Side.allCases { vars["\(side)_LEFT"] = String(spent[side].attempts) }
+        vars.merge(GrubBootControl.encodeAttempts(spent)) { $1 }
         do {
             try disk.overwrite(Self.dir, Self.name, GrubEnvBlock.encode(vars)!)
             try disk.fsync(Self.dir, Self.name)

@@ -70,9 +70,7 @@ final class SimulatedUBootEnv: BootControl {
     /// U-Boot's own write of a spent attempt (the script's `setexpr` and `saveenv`);
     /// the generation it leaves as it was.
     func spend(_ spent: BootState) throws(StorageError) {
-        var vars: [String: String] = [:]
-        for side in Side.allCases { vars["BOOT_\(side)_LEFT"] = String(spent[side].attempts, radix: 16) }
-        try save(vars)
+        try save(UBootBootControl.encodeAttempts(spent))
     }
 
     /// `fw_setenv -s` or `saveenv`: the current variables with `changes`, written

@@ -67,6 +67,11 @@ public final class GrubBootControl: BootControl {
 
     public static func encode(_ s: BootState) -> [String: String] { variables.encode(s) }
 
+    /// Only the trial boots left, as the bootloader saves a spent attempt (the crash explorer's model of it).
+    public static func encodeAttempts(_ s: BootState) -> [String: String] {
+        variables.encode(s).filter { key, _ in Side.allCases.contains { variables.left($0) == key } }
+    }
+
     public static func decode(_ vars: [String: String], path: String) throws(StorageError) -> BootState {
         try variables.decode(vars, path: path)
     }

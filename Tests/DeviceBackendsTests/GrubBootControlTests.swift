@@ -75,11 +75,7 @@ struct GrubBootControlTests {
         #expect(try Self.editenv([env, "create"]).status == 0)
         let boot = try GrubBootControl(envPath: env)
         try boot.initialize(current: .a)
-        var state = try boot.read()
-        state.generation += 1
-        state[.b] = .init(bootable: true, confirmed: false, attempts: 2)
-        state.order = [.b, .a]
-        try boot.write(state)
+        try boot.write(try boot.read().activatingB(.init(bootable: true, confirmed: false, attempts: 2)))
         var booted: [Side] = []
         for _ in 0..<4 {
             let (side, spent) = try #require(BootLogic.boot(try boot.read()))
@@ -164,6 +160,15 @@ extension BootState {
         state.generation += 1; state[.b] = .init(bootable: true, confirmed: true); steps.append(state)
         state.generation += 1; state[.b] = .init(bootable: false, confirmed: false); state.order = [.a, .b]; steps.append(state)
         return steps
+    }
+
+    /// The next generation with side B first, in `b` (on trial, or confirmed).
+    func activatingB(_ b: SideState) -> BootState {
+        var next = self
+        next.generation += 1
+        next[.b] = b
+        next.order = [.b, .a]
+        return next
     }
 
     func withGeneration(_ g: UInt64) -> BootState {

@@ -25,10 +25,7 @@ struct GrubFragmentTests {
         #expect(try GrubBootControlTests.editenv([env, "create"]).status == 0)
         let boot = try GrubBootControl(envPath: env)
         try boot.initialize(current: .a)
-        var state = try boot.read()
-        state.generation += 1
-        state[.b] = kind == "trial" ? .init(bootable: true, confirmed: false, attempts: 2) : .init(bootable: true, confirmed: true)
-        state.order = [.b, .a]
+        let state = try boot.read().activatingB(kind == "trial" ? .init(bootable: true, confirmed: false, attempts: 2) : .init(bootable: true, confirmed: true))
         try boot.write(state)
 
         // A 4 MiB FAT disk holding the block, as a device's /boot would.

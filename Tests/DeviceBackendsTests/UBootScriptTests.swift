@@ -93,10 +93,7 @@ struct UBootScriptTests {
         var state: BootState?
         if kind != "shipped" {
             try boot.initialize(current: .a)
-            var next = try boot.read()
-            next.generation += 1
-            next[.b] = kind == "trial" ? .init(bootable: true, confirmed: false, attempts: 2) : .init(bootable: true, confirmed: true)
-            next.order = [.b, .a]
+            let next = try boot.read().activatingB(kind == "trial" ? .init(bootable: true, confirmed: false, attempts: 2) : .init(bootable: true, confirmed: true))
             try boot.write(next)
             state = next
         }
