@@ -96,8 +96,14 @@ public final class PrivateKey: @unchecked Sendable {
     /// Parses a PKCS#8 PEM private key ("-----BEGIN PRIVATE KEY-----"), as
     /// written by `pemPKCS8` or `openssl genpkey`.
     public convenience init(pem: String) throws(CryptoError) {
-        let parsed = withMemoryBIO(pem) { bio in PEM_read_bio_PrivateKey(bio, nil, nil, nil) }
-        guard let parsed else { throw CryptoError(.invalidKey, "not a PEM private key") }
+        // A callback that gives no passphrase: with none, OpenSSL would prompt on the terminal.
+        let parsed = withMemoryBIO(pem) { bio in PEM_read_bio_PrivateKey(bio, nil, { _, _, _, _ in -1 }, nil) }
+        guard let parsed else {
+            if pem.contains("ENCRYPTED") {
+                throw CryptoError(.invalidKey, "the private key is encrypted with a passphrase; fleetcast reads unencrypted PKCS#8 keys (openssl pkey -in KEY -out PLAIN.key, kept as private as KEY)")
+            }
+            throw CryptoError(.invalidKey, "not a PEM private key")
+        }
         guard let alg = keyAlgorithm(of: parsed) else {
             EVP_PKEY_free(parsed)
             throw CryptoError(.wrongAlgorithm, "private key is not Ed25519, X25519 or P-256")

@@ -36,6 +36,12 @@ struct Inject: ParsableCommand {
     @Option(help: "Seed of the forgeries.")
     var seed: UInt64 = 1
 
+    func validate() throws {
+        guard rate.isFinite, (1...1e6).contains(rate) else { throw ValidationError("--rate wants 1 to 1000000 datagrams per second") }
+        guard isSaneSeconds(duration), isSaneSeconds(timeout) else { throw ValidationError("--duration and --timeout want seconds from 0 to \(durationSecondsMax)") }
+        guard (0...255).contains(ttl) else { throw ValidationError("--ttl wants 0 to 255") }
+    }
+
     func run() throws {
         try reportingTransportFailures {
             let group = try network.groupAddress()

@@ -31,12 +31,14 @@ struct Inspect: ParsableCommand {
                     signatureStatus = "valid (\(v.validSignerKeyIDs.count) of \(m.signatureThreshold) required)"
                 } catch let e as BundleError { signatureStatus = "INVALID: \(e.reason)" }
             }
+            // Expiry against now (the signature is judged at the bundle's own creation time).
+            let expired = currentUnixTime() >= m.expiresAt
             let geometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
             let tagBytes = UInt64(geometry.blockCount) * UInt64(m.transport.repairSymbolsPerBlock + m.transport.sourceSymbolsPerBlock) * 16
             if json {
                 let object: [String: Any] = [
                     "product": m.productID, "hardware": m.hardwareIDs, "version": m.version, "sequence": m.sequence,
-                    "created": m.createdAt, "expires": m.expiresAt, "bundle_id": m.bundleID.hexString,
+                    "created": m.createdAt, "expires": m.expiresAt, "expired": expired, "bundle_id": m.bundleID.hexString,
                     "components": m.components.map { ["name": $0.name, "size": $0.size, "sha256": $0.sha256.hexString, "target": $0.installTarget] },
                     "payload": ["compression": m.payload.compression == .zlib ? "zlib" : "none", "size": m.payload.size,
                                 "sha256": m.payload.sha256.hexString, "compressed_size": m.payload.compressedSize,
@@ -58,16 +60,18 @@ struct Inspect: ParsableCommand {
                 _ = tagBytes
                 return
             }
+            // Every string from the manifest is escaped for the terminal: it is unverified here.
+            let safe = terminalSafe
             print("""
-            bundle      \(bundle) (format 1, \(formatBytes(opened.header.totalSize)))
-            product     \(m.productID) version \(m.version), sequence \(m.sequence)
-            hardware    \(m.hardwareIDs.joined(separator: ", "))
-            created     \(formatTime(m.createdAt)), expires \(formatTime(m.expiresAt))
+            bundle      \(safe(bundle)) (format 1, \(formatBytes(opened.header.totalSize)))
+            product     \(safe(m.productID)) version \(safe(m.version)), sequence \(m.sequence)
+            hardware    \(m.hardwareIDs.map(safe).joined(separator: ", "))
+            created     \(formatTime(m.createdAt)), expires \(formatTime(m.expiresAt))\(expired ? " (EXPIRED)" : "")
             bundle id   \(m.bundleID.hexString)
             components
             """)
             for c in m.components {
-                print("  \(c.name)  \(formatBytes(c.size))  -> \(c.installTarget)  sha256 \(c.sha256.hexString)")
+                print("  \(safe(c.name))  \(formatBytes(c.size))  -> \(safe(c.installTarget))  sha256 \(c.sha256.hexString)")
             }
             print("""
             payload     \(m.payload.compression == .zlib ? "zlib" : "uncompressed"), \(formatBytes(m.payload.uncompressedSize)) -> \(formatBytes(m.payload.compressedSize)) compressed, \(formatBytes(m.payload.size)) transferred
@@ -76,7 +80,7 @@ struct Inspect: ParsableCommand {
             transport   \(m.transport.symbolSize)-byte symbols, k = \(m.transport.sourceSymbolsPerBlock), repair ceiling R = \(m.transport.repairSymbolsPerBlock), \(geometry.blockCount) blocks
             auth chain  \(m.authentication.segmentCount) segment(s) of \(m.authentication.blocksPerSegment) blocks, \(formatBytes(m.authentication.size)) (\(String(format: "%.2f", Double(m.authentication.size) * 100 / Double(m.payload.size)))% of payload), head \(m.authentication.head.hexString)
             signers     \(m.signatureThreshold) of [\(m.signerKeyIDs.map(\.hexString).joined(separator: ", "))]; signed by [\(signers.map(\.hexString).joined(separator: ", "))]
-            signatures  \(signatureStatus)
+            signatures  \(safe(signatureStatus))
             """)
         }
     }

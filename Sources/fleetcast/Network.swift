@@ -35,9 +35,14 @@ enum NetworkExit {
 /// Parses a rate in bits per second: "900M", "1G", "250k", "100000000".
 func parseBitRate(_ text: String) -> Double? {
     let multipliers: [Character: Double] = ["k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9]
-    if let last = text.last, let m = multipliers[last], let v = Double(text.dropLast()), v > 0 { return v * m }
-    return Double(text).flatMap { $0 > 0 ? $0 : nil }
+    // Finite and positive only: "inf" and "nan" parse as Doubles.
+    if let last = text.last, let m = multipliers[last], let v = Double(text.dropLast()), v > 0, (v * m).isFinite { return v * m }
+    return Double(text).flatMap { $0 > 0 && $0.isFinite ? $0 : nil }
 }
+
+/// Named limits of `send --rate`: below 8 kbit/s a 1,400-byte datagram would wait longer
+/// than a session's timers; above 100 Gbit/s no link this runs on carries it.
+let rateBitsPerSecondMin = 8_000.0, rateBitsPerSecondMax = 100e9
 
 /// Parses a size in bytes: "8.6M", "32M", "1G", "65536" (decimal multiples).
 func parseByteCount(_ text: String) -> Int? {

@@ -83,9 +83,12 @@ struct Pack: ParsableCommand {
     func run() throws {
         try reportingFailures {
             guard let validity = parseDuration(expiresIn), validity > 0 else {
-                throw BundleError(.invalidInput, "--expires-in '\(expiresIn)' is not a duration like 30d")
+                throw BundleError(.invalidInput, "--expires-in '\(expiresIn)' is not a duration like 30d (at most 100y)")
             }
             let created = createdAt ?? currentUnixTime()
+            guard created <= UInt64.max - validity else {
+                throw BundleError(.invalidInput, "--created-at \(created) with --expires-in \(expiresIn) passes the end of 64-bit time")
+            }
             var sources: [PackRequest.ComponentSource] = []
             for spec in components {
                 guard let eq = spec.firstIndex(of: "=") else { throw BundleError(.invalidInput, "--component '\(spec)' is not NAME=PATH[:TARGET]") }

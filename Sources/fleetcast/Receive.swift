@@ -95,7 +95,7 @@ struct Receive: ParsableCommand {
 
     func validate() throws {
         guard (0..<100).contains(simulateLoss) else { throw ValidationError("--simulate-loss is a percentage below 100") }
-        guard timeout >= 0 else { throw ValidationError("--timeout must not be negative") }
+        guard isSaneSeconds(timeout) else { throw ValidationError("--timeout wants seconds from 0 to \(durationSecondsMax) (100 years)") }
         guard let bytes = parseByteCount(blockMemory), bytes >= 1_000_000 else {
             throw ValidationError("--block-memory wants a size of at least 1M, such as 8.6M or 32M")
         }

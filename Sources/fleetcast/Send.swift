@@ -89,9 +89,12 @@ struct Send: ParsableCommand {
     var progressLog: String?
 
     func validate() throws {
-        guard parseBitRate(rate) != nil else { throw ValidationError("--rate wants a positive number with an optional k, M or G suffix (bits/s)") }
+        guard let bits = parseBitRate(rate) else { throw ValidationError("--rate wants a positive number with an optional k, M or G suffix (bits/s)") }
+        guard (rateBitsPerSecondMin...rateBitsPerSecondMax).contains(bits) else {
+            throw ValidationError("--rate \(rate) is outside 8k...100G bits/s")
+        }
         guard (0...0.5).contains(repair) else { throw ValidationError("--repair must be between 0 and 0.5") }
-        if let deadline, parseDuration(deadline) == nil { throw ValidationError("--deadline wants a duration such as 90s, 15m or 1h") }
+        if let deadline, parseDuration(deadline) == nil { throw ValidationError("--deadline wants a duration such as 90s, 15m or 1h, at most 100y") }
         if carousel && deadline == nil { throw ValidationError("--carousel needs --deadline: without feedback the sender cannot know when the fleet is done") }
         guard (0...255).contains(ttl) else { throw ValidationError("--ttl must be 0...255") }
     }
@@ -128,7 +131,7 @@ struct Send: ParsableCommand {
                 printError("warning: the kernel granted a \(formatBytes(UInt64(driver.grantedBuffers.send))) send buffer (asked \(formatBytes(UInt64(endpoint.sendBufferBytes)))); raise net.core.wmem_max")
             }
             let from = driver.localAddress.map { "\($0)" } ?? "?"
-            say("sending \(manifest.productID) \(manifest.version) (\(formatBytes(manifest.payload.size))) to \(group)\(interface.map { " on \($0)" } ?? "") from \(from), session \(config.session), \(rate)bit/s")
+            say("sending \(terminalSafe(manifest.productID)) \(terminalSafe(manifest.version)) (\(formatBytes(manifest.payload.size))) to \(group)\(interface.map { " on \($0)" } ?? "") from \(from), session \(config.session), \(rate)bit/s")
 
             let payload = manifest.payload.size
             let status = StatusLine(enabled: !quiet)
@@ -159,7 +162,7 @@ struct Send: ParsableCommand {
                          fleet.count - awaited - failed))
             // With an agent fleet every device's final state is listed; otherwise the exceptions.
             for r in fleetReport.receivers where awaitState != .verified || r.outcome != FleetStanding.verified.rawValue {
-                say("  \(r.deviceID ?? r.receiverID): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
+                say("  \(terminalSafe(r.deviceID ?? r.receiverID)): \(r.outcome)\(r.failureReason.map { " (\($0))" } ?? "")")
             }
             if interrupted { throw ExitCode(130) }
             if fleet.isEmpty && !carousel {

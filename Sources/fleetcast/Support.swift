@@ -79,19 +79,47 @@ func writeFile(_ path: String, _ text: String, mode: Int, force: Bool) throws {
 
 func currentUnixTime() -> UInt64 { UInt64(time(nil)) }
 
-/// Parses durations such as 90s, 15m, 12h, 30d, 1y.
+/// Text that came from a bundle or the network, made safe for a terminal: control
+/// characters (C0, DEL, C1, where escape sequences begin) and the bidirectional
+/// overrides are printed as `\u{...}`, so that a forged string cannot move the
+/// cursor, clear the screen, colour a line or reorder it (issue 15, item 9).
+func terminalSafe(_ text: String) -> String {
+    var out = String.UnicodeScalarView()
+    for u in text.unicodeScalars {
+        let v = u.value
+        if v < 0x20 || (0x7F...0x9F).contains(v) || (0x202A...0x202E).contains(v) || (0x2066...0x2069).contains(v) {
+            out.append(contentsOf: "\\u{\(String(v, radix: 16))}".unicodeScalars)
+        } else {
+            out.append(u)
+        }
+    }
+    return String(out)
+}
+
+/// Named limit: the longest duration an argument may give (100 years), so that
+/// no deadline or expiry computed from one can wrap or trap.
+let durationSecondsMax: UInt64 = 100 * 31_536_000
+
+/// Parses durations such as 90s, 15m, 12h, 30d, 1y (at most `durationSecondsMax`;
+/// nil otherwise, the multiplication checked).
 func parseDuration(_ text: String) -> UInt64? {
-    guard let unit = text.last, let value = UInt64(text.dropLast()) else { return UInt64(text) }
-    let seconds: UInt64? = switch unit {
-    case "s": 1
+    let unit = text.last.flatMap { $0.isNumber ? nil : $0 }
+    guard let value = UInt64(unit == nil ? text : String(text.dropLast())) else { return nil }
+    let scale: UInt64? = switch unit {
+    case nil, "s": 1
     case "m": 60
     case "h": 3600
     case "d": 86_400
     case "y": 31_536_000
     default: nil
     }
-    return seconds.map { $0 * value }
+    guard let scale else { return nil }
+    let (seconds, overflow) = value.multipliedReportingOverflow(by: scale)
+    return overflow || seconds > durationSecondsMax ? nil : seconds
 }
+
+/// Seconds given as a plain number (`--timeout 2.5`): finite, not negative, at most `durationSecondsMax`.
+func isSaneSeconds(_ s: Double) -> Bool { s.isFinite && s >= 0 && s <= Double(durationSecondsMax) }
 
 /// A progress line on standard error, redrawn at most every 200 ms.
 final class ProgressLine {

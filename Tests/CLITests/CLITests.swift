@@ -152,6 +152,54 @@ struct CLITests {
         }
     }
 
+    @Test("Arguments that would trap, wrap or prompt are refused with their name (issue 15, item 10): durations and times checked, rates and seconds finite and bounded, an encrypted key refused, not prompted for")
+    func argumentsChecked() throws {
+        let w = Workspace()
+        FileManager.default.createFile(atPath: w.file("a.img"), contents: Data(repeating: 7, count: 10_000))
+        try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        let made = try runTool("/usr/bin/openssl", ["genpkey", "-algorithm", "ed25519", "-aes-256-cbc", "-pass", "pass:secret", "-out", w.file("locked.key")])
+        #expect(made.status == 0, "\(made.output)")
+        let pack = ["pack", "-o", "u.fcb", "--product", "gw", "--hardware", "h", "--version", "1", "--sequence", "1", "--component", "a=a.img", "--quiet"]
+        let cases: [([String], Int32, String)] = [
+            (pack + ["--sign", "vendor.key", "--expires-in", "99999999999999999y"], 21, "--expires-in '99999999999999999y' is not a duration"),
+            (pack + ["--sign", "vendor.key", "--expires-in", "101y"], 21, "at most 100y"),
+            (pack + ["--sign", "vendor.key", "--created-at", "18446744073709551615", "--expires-in", "1s"], 21, "passes the end of 64-bit time"),
+            (pack + ["--sign", "locked.key"], -1, "encrypted with a passphrase"),  // -1: any failure status
+            (["send", "u.fcb", "--rate", "1e-20"], 64, "--rate"),
+            (["send", "u.fcb", "--rate", "inf"], 64, "--rate"),
+            (["send", "u.fcb", "--rate", "1000G"], 64, "outside 8k...100G"),
+            (["send", "u.fcb", "--deadline", "999999999999999y"], 64, "--deadline"),
+            (["send", "u.fcb", "--deadline", "18446744073709s"], 64, "--deadline"),
+            (["receive", "--trusted-key", "vendor.pub", "--staging-dir", "st", "--timeout", "inf"], 64, "--timeout"),
+            (["receive", "--trusted-key", "vendor.pub", "--staging-dir", "st", "--timeout", "nan"], 64, "--timeout"),
+        ]
+        for (arguments, status, text) in cases {
+            let r = try fleetcast(arguments, in: w.path)
+            if status >= 0 { #expect(r.status == status, "\(arguments): \(r.stderr)") } else { #expect(r.status != 0 && r.status < 128, "\(arguments): \(r.status) \(r.stderr)") }
+            #expect((r.stdout + r.stderr).contains(text), "\(arguments): \(r.stdout) \(r.stderr)")
+        }
+    }
+
+    @Test("inspect shows a bundle's unverified strings escaped, never as terminal control, and says when it has expired (issue 15, item 9)")
+    func inspectEscapes() throws {
+        let w = Workspace()
+        FileManager.default.createFile(atPath: w.file("a.img"), contents: Data(repeating: 7, count: 10_000))
+        try fleetcast(["keygen", "--type", "ed25519", "--out", "vendor"], in: w.path)
+        // A version that would clear the screen and print a green "VERIFIED OK".
+        let hostile = "1.0\u{1b}[2J\u{1b}[32mVERIFIED OK\u{1b}[0m\u{202e}"
+        let pack = try fleetcast(["pack", "-o", "u.fcb", "--product", "gw", "--hardware", "h", "--version", hostile, "--sequence", "1",
+                                  "--created-at", "1000000000", "--expires-in", "1d", "--component", "a=a.img", "--sign", "vendor.key", "--quiet"], in: w.path)
+        try #require(pack.status == 0, "\(pack.stderr)")
+        let text = try fleetcast(["inspect", "u.fcb"], in: w.path)
+        #expect(text.status == 0, "\(text.stderr)")
+        #expect(!text.stdout.unicodeScalars.contains { $0.value == 0x1B || $0.value == 0x202E }, "\(text.stdout.debugDescription)")
+        #expect(text.stdout.contains("1.0\\u{1b}[2J\\u{1b}[32mVERIFIED OK\\u{1b}[0m\\u{202e}"), "\(text.stdout)")
+        #expect(text.stdout.contains("(EXPIRED)"), "\(text.stdout)")
+        let json = try fleetcast(["inspect", "u.fcb", "--json"], in: w.path)
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+        #expect(object?["expired"] as? Bool == true && object?["version"] as? String == hostile, "\(json.stdout)")
+    }
+
     @Test("--help explains every subcommand")
     func help() throws {
         let w = Workspace()
