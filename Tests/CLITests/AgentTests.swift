@@ -78,6 +78,8 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
                 current = p
                 lock.unlock()
                 let status = p.wait(seconds: max(1, deadline.timeIntervalSinceNow))
+                // Still running at the loop's deadline: its threads' stacks are kept, then it is killed.
+                if status == nil { captureAndKill(p) }
                 lock.lock()
                 exits.append(status)
                 current = nil
@@ -156,9 +158,19 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
         thread = nil
         lock.unlock()
         if t != nil, finished.wait(timeout: .now() + 30) == .timedOut, let p {
-            kill(p.process.processIdentifier, SIGKILL)
+            captureAndKill(p)
             _ = finished.wait(timeout: .now() + 10)
         }
+    }
+
+    /// An agent that does not end (after SIGTERM, or by the loop's deadline) is stuck
+    /// outside its loop: its threads' stacks go to agent-hung.txt (shown with `logs`),
+    /// then it is killed.
+    private func captureAndKill(_ p: BackgroundProcess) {
+        guard p.process.isRunning else { return }
+        let stacks = try? runTool("/usr/bin/gdb", ["-batch", "-p", "\(p.process.processIdentifier)", "-ex", "thread apply all bt 25"])
+        try? (stacks?.output ?? "gdb failed").write(toFile: directory + "/agent-hung.txt", atomically: true, encoding: .utf8)
+        kill(p.process.processIdentifier, SIGKILL)
     }
 
     /// `fleetcast agent status --json` (from the running agent, or its files).
@@ -195,6 +207,7 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
 
     var logs: String {
         (1...20).compactMap { try? String(contentsOfFile: directory + "/agent-\($0).log", encoding: .utf8) }.joined(separator: "\n--- reboot ---\n")
+            + ((try? String(contentsOfFile: directory + "/agent-hung.txt", encoding: .utf8)).map { "\n--- a hung agent's threads ---\n" + $0 } ?? "")
     }
 }
 
