@@ -74,7 +74,13 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
             for run in 1...bootsMax {
                 lock.lock()
                 if stopped { lock.unlock(); return }
-                guard let p = try? startAgent(run) else { lock.unlock(); return }
+                let p: BackgroundProcess
+                do { p = try startAgent(run) } catch {
+                    // Said in `logs`: a restart that could not even start the agent (seen once, in a full run).
+                    try? "run \(run): the agent could not be started: \(error)\n".write(toFile: directory + "/agent-start-failed.txt", atomically: true, encoding: .utf8)
+                    lock.unlock()
+                    return
+                }
                 current = p
                 lock.unlock()
                 let status = p.wait(seconds: max(1, deadline.timeIntervalSinceNow))
@@ -208,6 +214,7 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
     var logs: String {
         (1...20).compactMap { try? String(contentsOfFile: directory + "/agent-\($0).log", encoding: .utf8) }.joined(separator: "\n--- reboot ---\n")
             + ((try? String(contentsOfFile: directory + "/agent-hung.txt", encoding: .utf8)).map { "\n--- a hung agent's threads ---\n" + $0 } ?? "")
+            + ((try? String(contentsOfFile: directory + "/agent-start-failed.txt", encoding: .utf8)).map { "\n--- " + $0 } ?? "")
     }
 }
 
