@@ -49,7 +49,11 @@ let package = Package(
         // What runs tools or links C libraries for the device (../shared/DESIGN.md): the
         // `grub` boot backend on Debian's grub-editenv (Specs/agent.md §3.3), the `uboot` one
         // on libubootenv's fw_printenv and fw_setenv (§3.4).
-        .target(name: "DeviceBackends", dependencies: ["DeviceAgent", "CZlib"]),
+        .target(name: "DeviceBackends", dependencies: ["DeviceAgent", "CZlib", "ChildProcess"]),
+        // The one way another program is run (tools, health checks, hooks, a live service, the
+        // tests' daemons): posix_spawn with every other descriptor closed, waitpid on its PID.
+        .target(name: "CSpawn"),
+        .target(name: "ChildProcess", dependencies: ["CSpawn"]),
         // The crash explorer of the agent's install, activation and rollback (Specs/agent.md):
         // a disk that loses what was not fsynced, a power cut at every operation.
         .target(name: "AgentSimulation", dependencies: ["DeviceAgent", "DeviceBackends", "DeliveryCore", "FleetCrypto"]),
@@ -70,7 +74,7 @@ let package = Package(
             name: "fleetcast",
             dependencies: [
                 "UpdateBundle", "FleetCrypto", "DeliverySimulation", "DeliveryCore", "DeviceAgent", "DeviceBackends", "AgentSimulation", "Transport", "WireFormat",
-                "SeededRandom", "CSocket",
+                "SeededRandom", "CSocket", "ChildProcess",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -90,12 +94,13 @@ let package = Package(
         // Public API only (no @testable import): DeviceAgent as a device maker embeds it.
         .testTarget(name: "DeviceAgentTests", dependencies: ["DeviceAgent", "DeliveryCore", "UpdateBundle", "WireFormat", "FleetCrypto"]),
         .testTarget(name: "AgentSimulationTests", dependencies: ["AgentSimulation", "DeviceAgent"]),
-        .testTarget(name: "DeviceBackendsTests", dependencies: ["DeviceBackends", "DeviceAgent"]),
+        .testTarget(name: "DeviceBackendsTests", dependencies: ["DeviceBackends", "DeviceAgent", "ChildProcess"]),
+        .testTarget(name: "ChildProcessTests", dependencies: ["ChildProcess"]),
         .testTarget(
             name: "UpdateBundleTests",
-            dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom"],
+            dependencies: ["UpdateBundle", "FleetCrypto", "CBOR", "SeededRandom", "ChildProcess"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto", "DeviceAgent", "DeviceBackends"]),
+        .testTarget(name: "CLITests", dependencies: ["fleetcast", "UpdateBundle", "FleetCrypto", "DeviceAgent", "DeviceBackends", "ChildProcess"]),
     ]
 )

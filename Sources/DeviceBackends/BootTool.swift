@@ -1,3 +1,4 @@
+import ChildProcess
 import DeviceAgent
 import Foundation
 
@@ -29,53 +30,27 @@ struct BootTool {
     /// Runs the tool with `arguments`, `input` on its standard input; its standard
     /// output, or an error. `what` names the call in errors ("list /boot/grubenv").
     func run(_ arguments: [String], input: [UInt8] = [], what: String) throws(StorageError) -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        let inp = input.isEmpty ? nil : Pipe()
-        p.standardInput = inp ?? FileHandle.nullDevice
-        // A tool that exits without reading its input would make the write below raise
-        // SIGPIPE, which ends a process by default: this one takes EPIPE instead.
-        if inp != nil { Self.ignoreBrokenPipes }
-        let done = DispatchSemaphore(value: 0)
-        p.terminationHandler = { _ in done.signal() }
-        do { try p.run() } catch { throw StorageError("\(path): \(error.localizedDescription)") }
-        // Input written and both pipes read while it runs (a full pipe would block it), at
-        // most the named limit each, off this thread, so that the time limit holds whatever it does.
-        let reads = DispatchGroup()
-        nonisolated(unsafe) var output = Data(), errors = Data()
-        let payload = Data(input)
-        if let inp {
-            DispatchQueue.global().async {
-                try? inp.fileHandleForWriting.write(contentsOf: payload)
-                try? inp.fileHandleForWriting.close()
-            }
+        let outcome: ChildProcess.Outcome
+        do {
+            outcome = try ChildProcess.run(ChildProcess.Options([path] + arguments), input: input, seconds: Self.secondsMax,
+                                           outputByteCountMax: Self.outputByteCountMax)
+        } catch {
+            throw StorageError("\(path): \(error)")
         }
-        DispatchQueue.global().async(group: reads) { output = out.fileHandleForReading.readData(ofLength: Self.outputByteCountMax) }
-        DispatchQueue.global().async(group: reads) { errors = err.fileHandleForReading.readData(ofLength: Self.outputByteCountMax) }
-        if done.wait(timeout: .now() + Self.secondsMax) == .timedOut {
-            kill(p.processIdentifier, SIGKILL)
-            _ = done.wait(timeout: .now() + 5)
+        guard let termination = outcome.termination else {
             throw StorageError("\(path) \(what): no answer within \(Int(Self.secondsMax)) s; killed")
         }
-        // It exited; a child of it that kept the pipes open would hold the readers: the
-        // output is used only once both have finished.
-        guard reads.wait(timeout: .now() + 5) == .success else {
+        // It exited; a child of it that kept the pipes open would have cut its output short.
+        guard !outcome.outputIncomplete else {
             throw StorageError("\(path) \(what): exited, but its output did not end (a process it left holds it)")
         }
-        guard p.terminationStatus == 0 else {
-            let said = String(decoding: errors, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard termination.isSuccess else {
+            let said = outcome.errorText.trimmingCharacters(in: .whitespacesAndNewlines)
                 .split(separator: "\n").joined(separator: "; ")
-            let ended = p.terminationReason == .uncaughtSignal ? "was killed by signal \(p.terminationStatus)" : "exited \(p.terminationStatus)"
-            throw StorageError("\(path) \(what) \(ended)\(said.isEmpty ? "" : ": \(said)")")
+            throw StorageError("\(path) \(what) \(termination)\(said.isEmpty ? "" : ": \(said)")")
         }
-        return String(decoding: output, as: UTF8.self)
+        return outcome.outputText
     }
-
-    private static let ignoreBrokenPipes: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
 
     /// `NAME=VALUE` lines (what `grub-editenv list` and `fw_printenv` print), parsed.
     static func variables(_ listing: String) -> [String: String] {

@@ -1,3 +1,4 @@
+import ChildProcess
 import DeviceAgent
 import Foundation
 
@@ -36,11 +37,11 @@ public final class LiveActivation {
     /// A version of the service that this process started.
     public final class Service {
         public let side: Side
-        public let pid: pid_t
+        public var pid: pid_t { child.pid }
+        fileprivate let child: ChildProcess
         fileprivate var notify: Int32
         fileprivate var notifyPath: String?
-        fileprivate var exitStatus: Int32?
-        fileprivate init(side: Side, pid: pid_t, notify: Int32) { self.side = side; self.pid = pid; self.notify = notify }
+        fileprivate init(side: Side, child: ChildProcess, notify: Int32) { self.side = side; self.child = child; self.notify = notify }
         deinit { closeNotify() }
 
         /// Once ready, the notify socket is closed and its name removed: a service that goes on
@@ -53,13 +54,7 @@ public final class LiveActivation {
         }
 
         /// Whether it still runs (reaps it when it has ended).
-        public var isRunning: Bool {
-            if exitStatus != nil { return false }
-            var status: Int32 = 0
-            let r = waitpid(pid, &status, WNOHANG)
-            if r == pid || (r < 0 && errno == ECHILD) { exitStatus = status; return false }
-            return true
-        }
+        public var isRunning: Bool { child.isRunning }
     }
 
     public let settings: Settings
@@ -184,12 +179,19 @@ public final class LiveActivation {
         // enters the side's directory (posix_spawn has no portable chdir).
         let script = "cd \"$1\" || exit 127; shift; \(listenFD >= 0 ? "LISTEN_PID=$$; export LISTEN_PID; " : "")exec \"$@\""
         let argv = ["/bin/sh", "-c", script, "fleetcast-live", dir] + settings.command
-        let pid: pid_t
-        do throws(StorageError) { pid = try Self.spawn(argv, environment: env, passing: listenFD, log: logPath(side)) } catch {
+        var options = ChildProcess.Options(argv)
+        options.environment = env
+        options.standardOutput = .file(logPath(side), append: true)
+        options.standardError = .output
+        options.passedAsFD3 = listenFD >= 0 ? listenFD : nil
+        // Its own process group, stopped as one.
+        options.newProcessGroup = true
+        let child: ChildProcess
+        do { child = try ChildProcess(options) } catch {
             if notify >= 0 { close(notify) }
-            throw error
+            throw StorageError("cannot start \(settings.command.joined(separator: " ")) (output to \(logPath(side))): \(error)")
         }
-        let service = Service(side: side, pid: pid, notify: notify)
+        let service = Service(side: side, child: child, notify: notify)
         if notify >= 0 { service.notifyPath = settings.root + "/.notify-" + side.dirName }
         return service
     }
@@ -230,39 +232,6 @@ public final class LiveActivation {
     static func monotonic(after seconds: Double) -> DispatchTime { .now() + .milliseconds(Int(seconds * 1000)) }
 
     // MARK: System calls
-
-    static func spawn(_ argv: [String], environment: [String: String], passing fd: Int32, log: String) throws(StorageError) -> pid_t {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0o640)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        // dup2 clears close-on-exec on the copy: only fd 3 reaches the service.
-        if fd >= 0 { posix_spawn_file_actions_adddup2(&actions, fd, 3) }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        // Its own process group (stopped as one); default signal handling and an empty mask,
-        // whatever this process ignores or blocks (SIGPIPE, its interrupt handlers).
-        var defaults = sigset_t(), empty = sigset_t()
-        sigemptyset(&defaults)
-        for signal in 1..<65 where signal != SIGKILL && signal != SIGSTOP { sigaddset(&defaults, Int32(signal)) }
-        sigemptyset(&empty)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        posix_spawnattr_setpgroup(&attributes, 0)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
-        let cArgs = argv.map { strdup($0) } + [nil]
-        let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for p in cArgs + cEnv { free(p) } }
-        var pid: pid_t = 0
-        let r = posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
-        guard r == 0 else {
-            throw StorageError("cannot start \(argv.dropFirst(5).joined(separator: " ")) (output to \(log)): \(String(cString: strerror(r)))")
-        }
-        return pid
-    }
 
     /// A listening TCP socket on an IPv4 address, close-on-exec.
     static func bind(_ host: String, _ port: UInt16) throws(StorageError) -> Int32 {

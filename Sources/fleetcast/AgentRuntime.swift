@@ -1,3 +1,4 @@
+import ChildProcess
 import CSocket
 import DeliveryCore
 import DeviceAgent
@@ -21,7 +22,7 @@ final class CommandEffects: AgentEffects {
     static let healthRerunInterval = Interval.seconds(1)
 
     private struct Check {
-        var process: Process?
+        var process: ChildProcess?
         var runStartedAt: Instant
         var firstPassAt: Instant?
         var nextRunAt: Instant?
@@ -44,16 +45,16 @@ final class CommandEffects: AgentEffects {
         guard let hc = config.healthCheck, var c = check else { return .pending }
         defer { check = c }
         if let p = c.process {
-            if p.isRunning {
+            guard let ended = p.termination else {
                 guard now >= c.runStartedAt + .seconds(hc.timeout) else { return .pending }
-                kill(p.processIdentifier, SIGKILL)
-                p.waitUntilExit()
+                p.signal(SIGKILL)
+                p.wait()
                 check = nil
                 return .unhealthy("the health check timed out after \(hc.timeout) s")
             }
             c.process = nil
-            guard p.terminationReason == .exit, p.terminationStatus == 0 else {
-                return .unhealthy("the health check \(describeExit(p))")
+            guard ended.isSuccess else {
+                return .unhealthy("the health check \(ended)")
             }
             let first = c.firstPassAt ?? now
             c.firstPassAt = first
@@ -94,36 +95,26 @@ final class CommandEffects: AgentEffects {
         return runToEnd(config.rebootCommand, environment: [:], timeout: Self.rebootCommandTimeout)
     }
 
-    private func launch(_ command: [String], environment: [String: String]) -> Process? {
-        let p = Process()
+    /// A command of the configuration, started in a process group of its own (a timeout
+    /// stops what it forked too), its output into the agent's.
+    private func launch(_ command: [String], environment: [String: String]) -> ChildProcess? {
         // Through env, so that a bare command name is looked up in PATH.
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = command
-        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        do { try p.run() } catch {
+        var options = ChildProcess.Options(["/usr/bin/env"] + command)
+        options.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        options.newProcessGroup = true
+        do { return try ChildProcess(options) } catch {
             logger.error("cannot start \(command[0]): \(error)")
             return nil
         }
-        return p
     }
 
     /// nil when the command exited 0 within `timeout`, or what went wrong.
     private func runToEnd(_ command: [String], environment: [String: String], timeout: Interval) -> String? {
         guard let p = launch(command, environment: environment) else { return "\(command[0]) could not be started" }
-        let deadline = MonotonicClock.now() + timeout
-        while p.isRunning {
-            if MonotonicClock.now() >= deadline {
-                kill(p.processIdentifier, SIGKILL)
-                p.waitUntilExit()
-                return "\(command[0]) timed out after \(Int(timeout.seconds)) s"
-            }
-            usleep(10_000)
+        guard let ended = p.wait(seconds: timeout.seconds, orKill: ()) else {
+            return "\(command[0]) timed out after \(Int(timeout.seconds)) s"
         }
-        return p.terminationReason == .exit && p.terminationStatus == 0 ? nil : "\(command[0]) \(describeExit(p))"
-    }
-
-    private func describeExit(_ p: Process) -> String {
-        p.terminationReason == .exit ? "exited with status \(p.terminationStatus)" : "was killed by signal \(p.terminationStatus)"
+        return ended.isSuccess ? nil : "\(command[0]) \(ended)"
     }
 }
 

@@ -135,7 +135,7 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
     /// The running agent's process ID, nil between two runs.
     var agentPID: pid_t? {
         lock.lock(); defer { lock.unlock() }
-        return current?.process.processIdentifier
+        return current?.pid
     }
 
     /// Kills the running agent with SIGKILL (the loop starts it again); false when
@@ -147,7 +147,7 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
         if p != nil { kills += 1 }
         lock.unlock()
         // The loop's own wait sees it end (one waiter per process).
-        if let p { kill(p.process.processIdentifier, SIGKILL) }
+        p?.child?.signal(SIGKILL)
         return p != nil
     }
 
@@ -158,7 +158,7 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
         let p = current
         lock.unlock()
         // The loop's wait sees the agent end; it then stops.
-        if let p { kill(p.process.processIdentifier, SIGTERM) }
+        p?.child?.signal(SIGTERM)
         lock.lock()
         let t = thread
         thread = nil
@@ -173,10 +173,10 @@ final class TestDevice: @unchecked Sendable {  // its mutable state is behind `l
     /// outside its loop: its threads' stacks go to agent-hung.txt (shown with `logs`),
     /// then it is killed.
     private func captureAndKill(_ p: BackgroundProcess) {
-        guard p.process.isRunning else { return }
-        let stacks = try? runTool("/usr/bin/gdb", ["-batch", "-p", "\(p.process.processIdentifier)", "-ex", "thread apply all bt 25"])
+        guard p.isRunning else { return }
+        let stacks = try? runTool("/usr/bin/gdb", ["-batch", "-p", "\(p.pid)", "-ex", "thread apply all bt 25"])
         try? (stacks?.output ?? "gdb failed").write(toFile: directory + "/agent-hung.txt", atomically: true, encoding: .utf8)
-        kill(p.process.processIdentifier, SIGKILL)
+        p.child?.signal(SIGKILL)
     }
 
     /// `fleetcast agent status --json` (from the running agent, or its files).
@@ -644,9 +644,9 @@ struct AgentTests {
             let s = BackgroundProcess(path, args, log: w.file("s\(round).log"))
             try s.start()
             // Kill at random moments until the round settles; every kill is checked.
-            while s.process.isRunning && kills < target {
+            while s.isRunning && kills < target {
                 usleep(UInt32.random(in: 50_000...1_500_000, using: &rng))  // the moment of the kill, drawn from the seed
-                guard s.process.isRunning else { break }
+                guard s.isRunning else { break }
                 d.rebootAfterKill = Bool.random(using: &rng)
                 guard d.kill9() else { continue }
                 kills += 1
@@ -738,9 +738,9 @@ struct AgentTests {
             let s = BackgroundProcess(path, args, log: w.file("s\(round).log"))
             try s.start()
             // Each write the wrapper holds, until the round ends.
-            while s.process.isRunning {
+            while s.isRunning {
                 var writer: pid_t?
-                while writer == nil && s.process.isRunning {
+                while writer == nil && s.isRunning {
                     writer = (try? String(contentsOfFile: w.file("in-write"), encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
                     if writer == nil { usleep(10_000) }
                 }

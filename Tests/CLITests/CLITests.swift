@@ -1,3 +1,4 @@
+import ChildProcess
 import Foundation
 import Testing
 
@@ -13,34 +14,18 @@ struct Run {
     let stderr: String
 }
 
+/// Named limit: the longest one `fleetcast` command of a test may run.
+let fleetcastSecondsMax = 600.0
+
 @discardableResult
 func fleetcast(_ arguments: [String], in directory: String) throws -> Run {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: fleetcastBinary)
-    process.arguments = arguments
-    process.currentDirectoryURL = URL(fileURLWithPath: directory)
-    // Both into files, read once it has exited. Not a pipe read to its end: a
-    // process another test thread spawns meanwhile (an agent restarted by a
-    // device's power loop) inherits the pipe's write end and holds it open, and
-    // the read would wait for that daemon (seen: killNine hung on `agent status`).
-    let base = NSTemporaryDirectory() + "fleetcast-run-" + UUID().uuidString
-    let outPath = base + ".out", errPath = base + ".err"
-    FileManager.default.createFile(atPath: outPath, contents: nil)
-    FileManager.default.createFile(atPath: errPath, contents: nil)
-    defer {
-        try? FileManager.default.removeItem(atPath: outPath)
-        try? FileManager.default.removeItem(atPath: errPath)
-    }
-    let outHandle = FileHandle(forWritingAtPath: outPath)!, errHandle = FileHandle(forWritingAtPath: errPath)!
-    defer { try? outHandle.close(); try? errHandle.close() }
-    process.standardOutput = outHandle
-    process.standardError = errHandle
-    try process.run()
-    process.waitUntilExit()
-    let outData = FileManager.default.contents(atPath: outPath) ?? Data()
-    let errData = FileManager.default.contents(atPath: errPath) ?? Data()
-    return Run(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-               stderr: String(decoding: errData, as: UTF8.self))
+    var options = ChildProcess.Options([fleetcastBinary] + arguments)
+    options.directory = directory
+    let r = try ChildProcess.run(options, seconds: fleetcastSecondsMax, outputByteCountMax: 64 << 20)
+    guard let ended = r.termination else { throw LabError(text: "fleetcast \(arguments.joined(separator: " ")): no end within \(fleetcastSecondsMax) s; killed") }
+    let status: Int32
+    switch ended { case .exited(let s): status = s; case .signalled(let s): status = 128 + s }
+    return Run(status: status, stdout: r.outputText, stderr: r.errorText)
 }
 
 final class Workspace {

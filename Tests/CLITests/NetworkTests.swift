@@ -1,3 +1,4 @@
+import ChildProcess
 import FleetCrypto
 import Foundation
 import Testing
@@ -48,49 +49,50 @@ final class TestLAN {
 struct LabError: Error, CustomStringConvertible { let text: String; var description: String { text } }
 
 func runTool(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
-    let p = BackgroundProcess(path, arguments, log: NSTemporaryDirectory() + "fleetcast-tool-\(UUID().uuidString)", environment: environment)
-    try p.start()
-    let status = p.wait(seconds: 60)
-    defer { try? FileManager.default.removeItem(atPath: p.log) }
-    return (status ?? -1, p.output)
+    var options = ChildProcess.Options([path] + arguments)
+    if !environment.isEmpty { options.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+    options.standardError = .output
+    let r = try ChildProcess.run(options, seconds: 60, outputByteCountMax: 16 << 20)
+    return (r.termination.map(BackgroundProcess.status) ?? -1, r.outputText)
 }
 
 /// A child process with its output in a file, waited for with a time limit.
 final class BackgroundProcess {
-    let process = Process()
+    private var options: ChildProcess.Options
+    private(set) var child: ChildProcess?
     let log: String
-    private let done = DispatchSemaphore(value: 0)
 
     init(_ path: String, _ arguments: [String], log: String, environment: [String: String] = [:], directory: String? = nil) {
         self.log = log
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        options = ChildProcess.Options([path] + arguments)
+        options.directory = directory
+        if !environment.isEmpty { options.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        options.standardOutput = .file(log)
+        options.standardError = .output
     }
 
     func start() throws {
         FileManager.default.createFile(atPath: log, contents: nil)
-        let handle = FileHandle(forWritingAtPath: log)!
-        process.standardOutput = handle
-        process.standardError = handle
-        process.terminationHandler = { [done] _ in done.signal() }
-        try process.run()
+        child = try ChildProcess(options)
+    }
+
+    var pid: pid_t { child!.pid }
+    var isRunning: Bool { child?.isRunning ?? false }
+
+    /// An exit status as a shell gives it: 128 + the signal for one killed by a signal.
+    static func status(_ t: ChildProcess.Termination) -> Int32 {
+        switch t { case .exited(let s): s; case .signalled(let s): 128 + s }
     }
 
     /// The exit status, or nil (and the process killed) after `seconds`.
     func wait(seconds: Double) -> Int32? {
-        if done.wait(timeout: .now() + seconds) == .timedOut {
-            kill(process.processIdentifier, SIGKILL)
-            _ = done.wait(timeout: .now() + 5)
-            return nil
-        }
-        return process.terminationStatus
+        guard let child else { return nil }
+        return child.wait(seconds: seconds, orKill: ()).map(Self.status)
     }
 
     func kill9() {
-        kill(process.processIdentifier, SIGKILL)
-        _ = done.wait(timeout: .now() + 10)
+        child?.signal(SIGKILL)
+        child?.wait(seconds: 10)
     }
 
     var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }

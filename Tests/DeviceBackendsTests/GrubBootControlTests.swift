@@ -1,3 +1,4 @@
+import ChildProcess
 import DeviceAgent
 import DeviceBackends
 import Foundation
@@ -20,28 +21,16 @@ struct GrubBootControlTests {
     /// `grub-editenv FILE ARGS...`: its status and output.
     static func editenv(_ args: [String]) throws -> (status: Int32, output: String) { try run(tool, args) }
 
-    /// A tool's status and output, through a file read after it exited (a pipe read to
-    /// its end would also wait for any process spawned meanwhile that inherited it).
+    /// A tool's status and its output (standard output and error together), bounded in time.
     static func run(_ path: String, _ args: [String], seconds: Double = 120) throws -> (status: Int32, output: String) {
-        let log = NSTemporaryDirectory() + "fleetcast-tool-" + UUID().uuidString
-        FileManager.default.createFile(atPath: log, contents: nil)
-        defer { try? FileManager.default.removeItem(atPath: log) }
-        let handle = FileHandle(forWritingAtPath: log)!
-        defer { try? handle.close() }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = args
-        p.standardOutput = handle
-        p.standardError = handle
-        let done = DispatchSemaphore(value: 0)
-        p.terminationHandler = { _ in done.signal() }
-        try p.run()
-        if done.wait(timeout: .now() + seconds) == .timedOut {
-            kill(p.processIdentifier, SIGKILL)
-            _ = done.wait(timeout: .now() + 10)
-            return (-1, "\(path): no end within \(seconds) s; killed\n" + String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
+        var options = ChildProcess.Options([path] + args)
+        options.standardError = .output
+        let r = try ChildProcess.run(options, seconds: seconds, outputByteCountMax: 16 << 20)
+        switch r.termination {
+        case .exited(let status): return (status, r.outputText)
+        case .signalled(let signal): return (128 + signal, r.outputText)
+        case nil: return (-1, "\(path): no end within \(seconds) s; killed\n" + r.outputText)
         }
-        return (p.terminationStatus, String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
     }
 
     @Test("A fresh block gets the shipped state; every state written reads back the same, under RAUC's variable names, and others' variables are kept")

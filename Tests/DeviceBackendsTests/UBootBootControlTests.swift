@@ -146,7 +146,7 @@ struct UBootBootControlTests {
         try "#!/bin/sh\ncat >/dev/null\nexit 0\n".write(toFile: lying, atomically: true, encoding: .utf8)
         for tool in [failing, lying] { chmod(tool, 0o755) }
         let e1 = #expect(throws: StorageError.self) { try UBootBootControl(config: config, setenv: failing).write(next) }
-        #expect(e1?.reason.contains("exited 3: Error storing the env") == true, "\(String(describing: e1))")
+        #expect(e1?.reason.contains("exited with status 3: Error storing the env") == true, "\(String(describing: e1))")
         let e2 = #expect(throws: StorageError.self) { try UBootBootControl(config: config, setenv: lying).write(next) }
         #expect(e2?.reason.contains("read back") == true, "\(String(describing: e2))")
         #expect(try Data(contentsOf: URL(fileURLWithPath: env)) == intact)

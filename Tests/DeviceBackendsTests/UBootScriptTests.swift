@@ -1,3 +1,4 @@
+import ChildProcess
 import DeviceAgent
 import DeviceBackends
 import Foundation
@@ -21,8 +22,7 @@ struct UBootScriptTests {
 
     /// U-Boot's serial console, driven as a person would: wait for the prompt, type a line.
     final class Console: @unchecked Sendable {  // `output` is behind `lock`
-        let process = Process()
-        private let input = Pipe(), outputPipe = Pipe()
+        let process: ChildProcess
         private let lock = NSLock()
         private var output = ""
         private var consumed = 0
@@ -30,19 +30,21 @@ struct UBootScriptTests {
         static let bootSecondsMax = 120.0, commandSecondsMax = 30.0
 
         init(arguments: [String]) throws {
-            process.executableURL = URL(fileURLWithPath: UBootScriptTests.qemu)
-            process.arguments = arguments
-            process.standardInput = input
-            process.standardOutput = outputPipe
-            process.standardError = outputPipe
-            try process.run()
-            let handle = outputPipe.fileHandleForReading
+            var options = ChildProcess.Options([UBootScriptTests.qemu] + arguments)
+            options.standardInput = .pipe
+            options.standardOutput = .pipe
+            options.standardError = .output
+            process = try ChildProcess(options)
+            // The reader owns the output pipe from here (it ends at QEMU's end).
+            let fd = process.outputFD
             Thread.detachNewThread { [self] in
+                var buffer = [UInt8](repeating: 0, count: 4096)
                 while true {
-                    let data = handle.availableData
-                    if data.isEmpty { return }
+                    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                    if n < 0 && errno == EINTR { continue }
+                    if n <= 0 { return }
                     lock.lock()
-                    output += String(decoding: data, as: UTF8.self).replacingOccurrences(of: "\r", with: "")
+                    output += String(decoding: buffer[0..<n], as: UTF8.self).replacingOccurrences(of: "\r", with: "")
                     lock.unlock()
                 }
             }
@@ -68,14 +70,15 @@ struct UBootScriptTests {
 
         /// Types `line`; its output up to the next prompt.
         func run(_ line: String) -> String? {
-            input.fileHandleForWriting.write(Data((line + "\n").utf8))
+            let bytes = Array((line + "\n").utf8)
+            _ = bytes.withUnsafeBytes { write(process.inputFD, $0.baseAddress, $0.count) }
             return waitForPrompt(seconds: Self.commandSecondsMax)
         }
 
         /// SIGKILL: QEMU with its console on a pipe does not always end on SIGTERM (seen).
         func stop() {
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-            process.waitUntilExit()
+            process.signal(SIGKILL)
+            process.wait()
         }
     }
 

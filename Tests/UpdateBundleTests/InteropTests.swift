@@ -1,3 +1,4 @@
+import ChildProcess
 import CBOR
 import FleetCrypto
 import Foundation
@@ -19,21 +20,11 @@ func runPython(_ arguments: [String]) throws -> (status: Int32, output: String) 
         Issue.record("\(python) is missing: run scripts/setup (it installs cbor2 and pycose)")
         return (-1, "")
     }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: python)
-    process.arguments = [projectRoot + "/Tests/Interop/cose_interop.py"] + arguments
-    // Output into a file read after the exit: a pipe read to its end would also wait
-    // for any process another test spawned meanwhile that inherited the pipe.
-    let log = NSTemporaryDirectory() + "fleetcast-interop-" + UUID().uuidString
-    FileManager.default.createFile(atPath: log, contents: nil)
-    defer { try? FileManager.default.removeItem(atPath: log) }
-    let handle = FileHandle(forWritingAtPath: log)!
-    defer { try? handle.close() }
-    process.standardOutput = handle
-    process.standardError = handle
-    try process.run()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self))
+    var options = ChildProcess.Options([python, projectRoot + "/Tests/Interop/cose_interop.py"] + arguments)
+    options.standardError = .output
+    let r = try ChildProcess.run(options, seconds: 300, outputByteCountMax: 16 << 20)
+    guard case .exited(let status) = r.termination else { return (-1, "python: \(r.termination.map { "\($0)" } ?? "no end within 300 s; killed")\n" + r.outputText) }
+    return (status, r.outputText)
 }
 
 @Suite("Interoperability with pycose and cbor2")
