@@ -17,6 +17,12 @@ public enum BundleLimits {
     /// Symbol indices are one byte: k + R <= 256.
     public static let symbolIndexCountMax = 256
     public static let blocksPerSegmentMax = 1024
+    /// FEC blocks of the payload (Specs/bundle.md B-6b): a receiver keeps a little state
+    /// per block from its join on, so the count a manifest implies is bounded before any
+    /// of it is allocated. 2^20 blocks hold 64 GiB at 64 KiB a block; the compact profile
+    /// (k = 64, T = 1400) needs 767,000 for 64 GiB, the default one fewer. Bounds the
+    /// segment count too (at least one block a segment).
+    public static let blockCountMax = 1 << 20
     /// Encryption chunk sizes allowed (plaintext bytes per AES-GCM chunk).
     public static let encryptionChunkByteCountMin = 1024
     public static let encryptionChunkByteCountMax = 1 << 20

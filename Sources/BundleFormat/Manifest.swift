@@ -203,7 +203,7 @@ extension Manifest {
 
         var a = try m.map(Key.authentication.rawValue)
         authentication = AuthChainInfo(blocksPerSegment: try a.int(1, in: 1...BundleLimits.blocksPerSegmentMax),
-                                       segmentCount: try a.int(2, in: 1...Int(Int32.max)), head: try a.bytes(3, count: 32),
+                                       segmentCount: try a.int(2, in: 1...BundleLimits.blockCountMax), head: try a.bytes(3, count: 32),
                                        tagLength: try a.int(4, in: BundleLimits.symbolTagByteCount...BundleLimits.symbolTagByteCount),
                                        size: try a.uint64(5, max: BundleLimits.payloadByteCountMax))
         try a.finish()
@@ -248,6 +248,10 @@ extension Manifest {
             throw BundleError(.malformed, "manifest: payload size \(payload.size) does not match \(payload.compressedSize) compressed bytes (expected \(expectedPayload))")
         }
         let geometry = BlockGeometry(payloadSize: payload.size, profile: transport)
+        // B-6b: a receiver's per-block state is bounded before it exists.
+        guard geometry.blockCount <= BundleLimits.blockCountMax else {
+            throw BundleError(.malformed, "manifest: \(payload.size) payload bytes in blocks of \(transport.blockByteCount) make \(geometry.blockCount) blocks, over the limit of \(BundleLimits.blockCountMax) (blockCountMax)")
+        }
         let expectedSegments = (geometry.blockCount + authentication.blocksPerSegment - 1) / authentication.blocksPerSegment
         guard expectedSegments == authentication.segmentCount else {
             throw BundleError(.malformed, "manifest: \(authentication.segmentCount) segments for \(geometry.blockCount) blocks (expected \(expectedSegments))")

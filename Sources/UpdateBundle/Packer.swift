@@ -91,6 +91,11 @@ public enum Packer {
             sizes.append(size)
             total += size
         }
+        // B-6b, before any work: stored (or barely compressible) input must fit the block limit.
+        let blockBytes = UInt64(request.transport.blockByteCount)
+        if request.compression == .none, (total + blockBytes - 1) / blockBytes > UInt64(BundleLimits.blockCountMax) {
+            throw BundleError(.invalidInput, "\(total) bytes make more than \(BundleLimits.blockCountMax) blocks of \(blockBytes) bytes (blockCountMax): use a larger symbol size or more symbols per block")
+        }
         var done: UInt64 = 0
         var buffer = [UInt8](repeating: 0, count: readChunkByteCount)
         for (index, source) in request.components.enumerated() {
@@ -123,6 +128,9 @@ public enum Packer {
         // Pass 2 (over the small records): the chain, hashed from the last segment back.
         let geometry = BlockGeometry(payloadSize: transfer.payloadSize, profile: request.transport)
         precondition(geometry.blockCount == transfer.blockCount)
+        guard geometry.blockCount <= BundleLimits.blockCountMax else {
+            throw BundleError(.invalidInput, "the payload makes \(geometry.blockCount) blocks of \(blockBytes) bytes, more than \(BundleLimits.blockCountMax) (blockCountMax): use a larger symbol size or more symbols per block")
+        }
         let layout = AuthChainLayout(geometry: geometry, blocksPerSegment: request.blocksPerSegment)
         var segmentHashes = [[UInt8]](repeating: [], count: layout.segmentCount)
         var next = [UInt8](repeating: 0, count: 32)

@@ -1,4 +1,5 @@
 import CBOR
+import Foundation
 import FleetCrypto
 import Testing
 @testable import UpdateBundle
@@ -85,6 +86,55 @@ struct ManifestTests {
         #expect(verify(cbor: unsafeName.cbor()) == .malformed)
         #expect(verify(cbor: .array([])) == .malformed)
         #expect(failure { _ = try COSE.parseEnvelope([UInt8](repeating: 0x40, count: BundleLimits.envelopeByteCountMax + 1)) } == .malformed)
+    }
+
+    /// Issue 15, item 11: a signed manifest whose sizes were each within range implied
+    /// 2^30 blocks, and a receiver allocated per-block arrays at join.
+    @Test("A manifest whose size and profile imply more than blockCountMax blocks is refused (Specs/bundle.md B-6b)")
+    func derivedBlockCountCapped() throws {
+        let m = try baseManifest()
+        func absurd(payloadBytes: UInt64) throws -> Manifest {
+            var a = m
+            a.encryption = nil
+            a.payload.compression = .none
+            a.payload.size = payloadBytes
+            a.payload.compressedSize = payloadBytes
+            a.payload.uncompressedSize = payloadBytes
+            a.components = [a.components[0]]
+            a.components[0].size = payloadBytes
+            a.transport = try TransportProfile(symbolSize: 64, sourceSymbolsPerBlock: 1, repairSymbolsPerBlock: 1)
+            let layout = AuthChainLayout(geometry: BlockGeometry(payloadSize: payloadBytes, profile: a.transport), blocksPerSegment: 1024)
+            a.authentication.blocksPerSegment = 1024
+            a.authentication.segmentCount = layout.segmentCount
+            a.authentication.size = layout.totalSize
+            return a
+        }
+        // Consistent in every other way: at the limit it is accepted, one block over it is not.
+        #expect(verify(cbor: try absurd(payloadBytes: UInt64(BundleLimits.blockCountMax) * 64).cbor()) == nil)
+        #expect(verify(cbor: try absurd(payloadBytes: UInt64(BundleLimits.blockCountMax) * 64 + 1).cbor()) == .malformed)
+        #expect(verify(cbor: try absurd(payloadBytes: BundleLimits.payloadByteCountMax).cbor()) == .malformed)
+        let e = #expect(throws: BundleError.self) { _ = try Manifest(decoding: try absurd(payloadBytes: UInt64(BundleLimits.blockCountMax) * 64 + 1).encoded()) }
+        #expect(e?.description.contains("blockCountMax") == true, "\(String(describing: e))")
+    }
+
+    @Test("Pack refuses a stored payload over blockCountMax blocks before reading it (Specs/bundle.md B-6b)")
+    func packRefusesTooManyBlocks() throws {
+        // Sparse: the refusal needs only the size.
+        let big = f.dir.file("big.img")
+        _ = FileManager.default.createFile(atPath: big, contents: nil)
+        let handle = try #require(FileHandle(forWritingAtPath: big))
+        try handle.truncate(atOffset: UInt64(BundleLimits.blockCountMax) * 64 + 1)
+        try handle.close()
+        let e = #expect(throws: BundleError.self) {
+            _ = try f.pack {
+                $0.components = [.init(name: "rootfs", path: big, installTarget: "rootfs")]
+                $0.compression = .none
+                $0.recipients = []
+                $0.groupKeys = []
+                $0.transport = try! TransportProfile(symbolSize: 64, sourceSymbolsPerBlock: 1, repairSymbolsPerBlock: 1)
+            }
+        }
+        #expect(e?.code == .invalidInput && e?.description.contains("blockCountMax") == true, "\(String(describing: e))")
     }
 
     @Test("Transport profile limits")
