@@ -211,10 +211,11 @@ extension ReceiverStats: CustomStringConvertible {
 
 /// Why a sender dropped a feedback datagram it parsed (Specs/protocol.md P-13).
 public enum SenderDrop: Int, TallyKey {
-    case otherSession, fromSender, receiverTableFull, nackRateLimited, nackEntryRange
+    case otherSession, fromSender, receiverTableFull, nackRateLimited, nackEntryRange, nackEntryNotSent
 
     public var tallyName: String {
         switch self {
+        case .nackEntryNotSent: "nackEntryNotSent"
         case .otherSession: "otherSession"
         case .fromSender: "fromSender"
         case .receiverTableFull: "receiverTableFull"

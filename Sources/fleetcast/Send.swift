@@ -64,7 +64,7 @@ struct Send: ParsableCommand {
     @Option(help: "Receivers expected: the session waits for this many to register before it may close idle.")
     var minReceivers: Int?
 
-    @Option(help: "Stop serving after this long (90s, 15m, 1h). Default: until the fleet is done or silent.")
+    @Option(help: "Stop serving after this long (90s, 15m, 1h). Default: until the fleet is done or silent, and at most 10 minutes plus 20 times the transfer's time at --rate, so that no feedback, genuine or forged, keeps the sender going for ever.")
     var deadline: String?
 
     @Option(name: .customLong("await"), help: "What every receiver must report before the session closes: verified (step 2 passed; plain receivers), installed or confirmed (device agents).")

@@ -131,8 +131,9 @@ struct CoreUnitTests {
     func nackLimit() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)
         var sender = makeSender(bundle) { $0.nackPerReceiverPerRoundMax = 3 }
+        // An auth-chain block of the first window: sent from the start (P-11b).
         let nack = Datagram.nack(Nack(session: SessionID(0xBEEF), receiver: ReceiverID(9), round: 0, echoedSentAtMicroseconds: 0, holdMicroseconds: 0,
-                                      entries: [.init(object: .payload, block: 0, needed: 2)])).encoded()
+                                      entries: [.init(object: .authChain, block: 0, needed: 2)])).encoded()
         for _ in 0..<10 { sender.handleDatagram(nack, from: .benchmark(9), at: .zero) }
         #expect(sender.stats.nacks == 3)
         #expect(sender.stats.drops[.nackRateLimited] == 7)
@@ -259,8 +260,9 @@ struct CoreUnitTests {
         let unstamped = Self.grttAfterQueueing(bundle, queued: queued, stamped: false)
         // The link's RTT is 1 ms: the estimate never rises above its 10 ms start.
         #expect(stamped <= .milliseconds(10), "GRTT \(stamped.microseconds) µs with arrival times")
-        // Without them the 300 ms wait is taken for path delay: the test can fail.
-        #expect(unstamped >= .milliseconds(250), "GRTT \(unstamped.microseconds) µs without arrival times")
+        // Without them the 300 ms wait is taken for path delay: the test can fail. (The
+        // estimate rises at most 2x a round, P-13b, so it climbs over rounds, not at once.)
+        #expect(unstamped >= .milliseconds(40), "GRTT \(unstamped.microseconds) µs without arrival times")
     }
 
     @Test("STATUS complete is ACKed; the sender closes when every receiver is done")

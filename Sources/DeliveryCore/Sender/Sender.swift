@@ -148,6 +148,12 @@ public struct Sender {
     private var startedAt: Instant?
     private var lastNewReceiverAt: Instant?
     private var grtt: Interval
+    /// P-13b: the GRTT when the current round began (its growth within the round is bounded),
+    /// and the sent-at values of the latest POLLs (only their echoes are samples).
+    private var grttAtRoundStart: Interval
+    private var issuedPollSentAt: [UInt64] = []
+    /// The session's limit: the configured deadline, or the default one (P-12b).
+    public let sessionDeadline: Interval
 
     private var pacer: Pacer
     private var repair = RepairQueue()
@@ -162,6 +168,8 @@ public struct Sender {
     private var control: [Transmit] = []
     private var announceDue: Instant?
     private var lastAnnounceAt: Instant?
+    /// When the latest early announce was scheduled (P-3a: at most one per `earlyAnnounceIntervalMin`).
+    private var lastEarlyAnnounceAt: Instant?
     private var nextAnnounceAtData: UInt64 = 0
 
     public init(config: SenderConfig, envelope: [UInt8], manifest: Manifest, source: any ObjectSource) {
@@ -172,6 +180,10 @@ public struct Sender {
         layouts = [ObjectLayout(object: .authChain, size: manifest.authentication.size, profile: manifest.transport),
                    ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
         grtt = config.grttInitial
+        grttAtRoundStart = config.grttInitial
+        sessionDeadline = config.deadline ?? SenderConfig.defaultDeadline(
+            objectBytes: manifest.authentication.size + manifest.payload.size, symbolBytes: manifest.transport.symbolSize,
+            rateBytesPerSecond: config.rateBytesPerSecond)
         pacer = Pacer(config: config, datagramWireBytes: Double(DataSymbol.headerByteCount + manifest.transport.symbolSize + 28))
         cache = BlockCache(source: source, profile: manifest.transport, config: config)
         nackEpochBlocks = config.nackEpochBlocks ?? SenderConfig.nackEpochBlocks(for: manifest.transport)
@@ -202,10 +214,7 @@ public struct Sender {
             let isNew = receivers[r.receiver] == nil
             guard var rec = record(r.receiver, from: peer, at: now) else { return }
             // Specs/protocol.md P-3a: a receiver that missed the announce gets one soon.
-            if isNew, phase != .closing, phase != .finished {
-                let soon = max(now, (lastAnnounceAt ?? now) + config.announceHoldoff)
-                if announceDue == nil || soon < announceDue! { announceDue = soon }
-            }
+            if isNew { scheduleEarlyAnnounce(at: now) }
             rec.deviceID = r.deviceID
             rec.versionBefore = r.version
             rec.installedSequence = r.installedSequence
@@ -214,6 +223,19 @@ public struct Sender {
         case .status(let s): handleStatus(s, from: peer, at: now)
         case .announce, .data, .poll, .close, .ack: stats.drops.add(.fromSender)
         }
+    }
+
+    /// Specs/protocol.md P-3a: an announce soon, for a receiver that missed it: at least
+    /// `announceHoldoff` after the last announce and `earlyAnnounceIntervalMin` after the
+    /// last early one, so that REGISTERs (genuine or forged) cannot make the group's
+    /// control traffic grow with their number.
+    private mutating func scheduleEarlyAnnounce(at now: Instant) {
+        guard phase != .closing, phase != .finished else { return }
+        var soon = max(now, (lastAnnounceAt ?? now) + config.announceHoldoff)
+        if let last = lastEarlyAnnounceAt { soon = max(soon, last + config.earlyAnnounceIntervalMin) }
+        guard announceDue == nil || soon < announceDue! else { return }
+        announceDue = soon
+        lastEarlyAnnounceAt = soon
     }
 
     private mutating func record(_ id: ReceiverID, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
@@ -240,7 +262,9 @@ public struct Sender {
         // Specs/protocol.md P-17, P-25a: without the receiver's hold (from the POLL's arrival
         // there) and the NACK's wait in this host's queue. The POLL's wait here before it
         // left (behind the pacer, in the driver's batch) still counts.
-        if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= arrivedAt.microseconds {
+        // P-13b: only the echo of a POLL this sender issued (lately) is a sample.
+        if n.echoedSentAtMicroseconds > 0 && n.echoedSentAtMicroseconds <= arrivedAt.microseconds
+            && issuedPollSentAt.contains(n.echoedSentAtMicroseconds) {
             let elapsed = arrivedAt.microseconds - n.echoedSentAtMicroseconds
             updateGRTT(Interval(microseconds: elapsed - min(UInt64(n.holdMicroseconds), elapsed)))
         }
@@ -248,6 +272,8 @@ public struct Sender {
             let layout = layouts[e.object == .authChain ? 0 : 1]
             let b = Int(e.block)
             guard b < layout.blockCount else { stats.drops.add(.nackEntryRange); continue }
+            // P-11b: nothing is repaired that the first pass has not sent yet.
+            guard hasStartedSending(layout, block: b) else { stats.drops.add(.nackEntryNotSent); continue }
             let needed = min(Int(e.needed), layout.sourceSymbols(b))
             let (queued, margin) = repair.enqueue(BlockKey(object: e.object, block: b), needed: needed,
                                                   marginFraction: phase == .repairRounds ? config.roundRepairMarginFraction : nil)
@@ -257,9 +283,21 @@ public struct Sender {
         }
     }
 
+    /// P-11b: whether the first pass has begun sending block `b` of `layout` (its window
+    /// is under way or behind it). After the first pass, every block has been sent.
+    private func hasStartedSending(_ layout: ObjectLayout, block b: Int) -> Bool {
+        guard phase == .firstPass else { return true }
+        let index = layout.object == .authChain ? 0 : 1
+        if index != pass.object { return index < pass.object }
+        return b < min(pass.windowStart + config.interleaveWindow, layout.blockCount)
+    }
+
+    /// Rises at once (up to `grttGrowthPerRoundMax` times its value when the round began,
+    /// P-13b), falls by 1/16 of the difference per sample.
     private mutating func updateGRTT(_ rtt: Interval) {
         let clamped = min(max(rtt, config.grttMin), config.grttMax)
-        grtt = clamped > grtt ? clamped : Interval(microseconds: (grtt.microseconds * 15 + clamped.microseconds) / 16)
+        let ceiling = Interval(microseconds: UInt64(Double(grttAtRoundStart.microseconds) * SenderConfig.grttGrowthPerRoundMax))
+        grtt = clamped > grtt ? max(grtt, min(clamped, ceiling)) : Interval(microseconds: (grtt.microseconds * 15 + clamped.microseconds) / 16)
     }
 
     /// Specs/protocol.md §3.7, P-21: a receiver's progress, or its verdict, which is ACKed.
@@ -358,7 +396,7 @@ public struct Sender {
 
     public mutating func handleTimeout(at now: Instant) {
         if startedAt == nil { startedAt = now }
-        if let d = config.deadline, let start = startedAt, now >= start + d, phase != .closing, phase != .finished {
+        if let start = startedAt, now >= start + sessionDeadline, phase != .closing, phase != .finished {
             startClosing(.deadline)
         }
         if phase == .repairRounds, roundEnds == nil, repair.isEmpty { startRound(at: now) }
@@ -399,10 +437,14 @@ public struct Sender {
         // Specs/protocol.md P-12: a sender that only waits polls at a slower pace.
         roundEnds = now + (idleRounds >= config.idleRoundsMax ? max(roundWindow, config.waitingRoundInterval) : roundWindow)
         checkAllDone(at: now)  // a STATUS may have arrived during the first pass
-        // Receivers known only by their hello have not joined yet: announce again.
-        if receivers.values.contains(where: { $0.state == .registered }) { announceDue = now }
+        // Receivers known only by their hello have not joined yet: announce again (P-3a).
+        if receivers.values.contains(where: { $0.state == .registered }) { scheduleEarlyAnnounce(at: now) }
+        grttAtRoundStart = grtt
+        let sentAt = max(now.microseconds, 1)
+        issuedPollSentAt.append(sentAt)
+        if issuedPollSentAt.count > SenderConfig.pollEchoesRememberedMax { issuedPollSentAt.removeFirst() }
         control.append(Transmit(destination: .group, bytes: Datagram.poll(Poll(
-            session: config.session, round: round, sentAtMicroseconds: max(now.microseconds, 1),
+            session: config.session, round: round, sentAtMicroseconds: sentAt,
             grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)))).encoded()))
     }
 
@@ -411,7 +453,7 @@ public struct Sender {
         if phase == .finished { return nil }
         var candidates: [Instant] = []
         if let a = announceDue { candidates.append(a) }
-        if let d = config.deadline, let s = startedAt { candidates.append(s + d) }
+        if let s = startedAt { candidates.append(s + sessionDeadline) }
         if phase == .repairRounds, let end = roundEnds { candidates.append(end) }
         if !control.isEmpty || hasDataReady { candidates.append(pacer.nextSendTime(after: now)) }
         return candidates.min()

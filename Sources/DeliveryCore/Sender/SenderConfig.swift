@@ -54,6 +54,10 @@ public struct SenderConfig: Sendable {
     public var announceEveryDataDatagrams = 256
     /// Least time between announces sent early for receivers that missed one.
     public var announceHoldoff = Interval.milliseconds(20)
+    /// Least time between two early announces (Specs/protocol.md P-3a): however many
+    /// receivers ask, or claim to (forged REGISTERs), the group hears at most four a second
+    /// beyond the regular ones.
+    public var earlyAnnounceIntervalMin = Interval.milliseconds(250)
     public var receiverTableSizeMax = 4096
     public var nackPerReceiverPerRoundMax = 16
     /// Specs/protocol.md P-19a: in the first pass, NACK budgets and served needs
@@ -78,8 +82,27 @@ public struct SenderConfig: Sendable {
     public var awaitSilenceMax = Interval.seconds(120)
     public var closeRepeatCount = 3
     public var carousel = false
-    /// Ends the session this long after the first transmission.
+    /// Ends the session this long after the first transmission. Nil: the default
+    /// limit, `defaultDeadline(...)` (Specs/protocol.md P-12b).
     public var deadline: Interval?
+    /// P-12b: a session without a deadline of its own ends after this much time plus
+    /// `defaultDeadlineTransferFactor` times its nominal transfer time at the rate, so that
+    /// no feedback (forged or not) keeps a sender sending for ever.
+    public static let defaultDeadlineBase = Interval.seconds(600)
+    public static let defaultDeadlineTransferFactor = 20.0
+    /// The default session limit for objects of `objectBytes` in symbols of `symbolBytes`
+    /// at `rateBytesPerSecond` (wire bytes: DATA header and IPv4/UDP header added).
+    public static func defaultDeadline(objectBytes: UInt64, symbolBytes: Int, rateBytesPerSecond: Double) -> Interval {
+        let wire = Double(objectBytes) * Double(symbolBytes + DataSymbol.headerByteCount + 28) / Double(symbolBytes)
+        let seconds = defaultDeadlineBase.seconds + defaultDeadlineTransferFactor * wire / rateBytesPerSecond
+        return Interval.seconds(min(seconds, 100 * 365 * 86_400))
+    }
+    /// P-13b: how many of its latest POLLs' sent-at values the sender remembers; a NACK's
+    /// echo counts as a round-trip sample only if it is one of them.
+    public static let pollEchoesRememberedMax = 8
+    /// P-13b: within a round the GRTT estimate rises at most to this multiple of its
+    /// value when the round began, whatever a sample says.
+    public static let grttGrowthPerRoundMax = 2.0
     /// If set, "all done" also needs this many registered receivers, and idle rounds
     /// wait up to `expectedReceiverWaitMax` after the last new one for the rest.
     public var expectedReceivers: Int?
