@@ -94,13 +94,19 @@ public struct VerifiedManifest: Sendable {
 public enum ManifestVerifier {
     /// Specs/bundle.md §8 steps 1-2: the signatures over the exact bytes, then the
     /// manifest's decoding and the signature threshold.
-    public static func verifySignatures(envelope: [UInt8], trust: TrustPolicy) throws(BundleError) -> SignedManifest {
+    /// `onVerification` is called before each signature check (the receiver counts them).
+    public static func verifySignatures(envelope: [UInt8], trust: TrustPolicy, onVerification: () -> Void = {}) throws(BundleError) -> SignedManifest {
         let (manifestBytes, signatures) = try COSE.parseEnvelope(envelope)
         // Specs/bundle.md §4.3 B-8: signatures over the exact bytes before any field is trusted.
-        // Count distinct trusted keys with a valid signature over the exact bytes.
+        // Count distinct trusted keys with a valid signature over the exact bytes. B-8a: one
+        // check per trusted key, whatever the envelope claims (16 forged signatures naming a
+        // trusted key had cost 16 checks each).
         var valid: [[UInt8]] = []
+        var tried: [[UInt8]] = []
         for signature in signatures {
-            for key in trust.trustedKeys where key.keyID == signature.keyID && !valid.contains(key.keyID) {
+            for key in trust.trustedKeys where key.keyID == signature.keyID && !tried.contains(key.keyID) {
+                tried.append(key.keyID)
+                onVerification()
                 if signature.verify(with: key, detachedPayload: manifestBytes) { valid.append(key.keyID) }
             }
         }

@@ -11,6 +11,7 @@
 #include <openssl/param_build.h>
 #include <openssl/bn.h>
 #include <openssl/sha.h>
+#include <openssl/hmac.h>
 #include <string.h>
 
 /// SHA-256 of a || b on a stack context: no allocation and no provider
@@ -171,3 +172,9 @@ static inline int fc_cipher_allow_wrap(EVP_CIPHER_CTX *ctx) {
 }
 
 static inline long fc_bio_get_mem(BIO *bio, char **data) { return BIO_get_mem_data(bio, data); }
+
+/// HMAC-SHA256 (RFC 2104) one-shot; 1 on success.
+static inline int fc_hmac_sha256(const unsigned char *key, size_t key_len, const unsigned char *data, size_t data_len, unsigned char out[32]) {
+    unsigned int len = 0;
+    return HMAC(fc_sha256(), key, (int)key_len, data, data_len, out, &len) != NULL && len == 32;
+}

@@ -57,6 +57,9 @@ public struct PeerAddress: Hashable, Sendable, CustomStringConvertible {
                   port: port, scopeID: scopeID)
     }
 
+    /// The host alone (port 0): what per-host limits count by.
+    public var hostOnly: PeerAddress { PeerAddress(family: family, high: high, low: low, port: 0, scopeID: scopeID) }
+
     /// The address bytes in network order.
     public var addressBytes: [UInt8] {
         let words = family == .ipv6 ? [high, low] : [low << 32]

@@ -80,6 +80,10 @@ public enum ReceiverDrop: Int, TallyKey {
     case unauthenticatedBufferFull, badTag, announceRefusedBefore
     /// P-29c: a payload symbol of a block beyond the staging window.
     case beyondWindow
+    /// P-30: a COOKIE for a session this receiver did not ask; an ACK without its cookie.
+    case unsolicitedCookie, forgedAck
+    /// Specs/bundle.md B-8a: an envelope whose signatures failed before, not checked again.
+    case announceFailedBefore
 
     public var tallyName: String {
         switch self {
@@ -95,6 +99,9 @@ public enum ReceiverDrop: Int, TallyKey {
         case .badTag: "data.badTag"
         case .announceRefusedBefore: "announce.refusedBefore"
         case .beyondWindow: "data.beyondWindow"
+        case .unsolicitedCookie: "cookie.unsolicited"
+        case .forgedAck: "ack.forged"
+        case .announceFailedBefore: "announce.failedBefore"
         }
     }
 }
@@ -140,6 +147,12 @@ public struct ReceiverStats: Sendable, Equatable {
     public var preJoinReplayed: UInt64 = 0
     /// REGISTERs sent for a session whose announce was missed (P-3a).
     public var hellos: UInt64 = 0
+    /// COOKIEs taken (P-30).
+    public var cookiesReceived: UInt64 = 0
+    /// Signature checks made on announced envelopes (Specs/bundle.md B-8a).
+    public var signatureChecks: UInt64 = 0
+    /// NACK firings put off because the second's NACKs were spent (P-19b).
+    public var nacksDeferredPerSecond: UInt64 = 0
 
     public var nackEntries: UInt64 = 0
     public var nacksCancelled: UInt64 = 0
@@ -174,7 +187,7 @@ public struct ReceiverStats: Sendable, Equatable {
             ("segments.verified", segmentsVerified), ("segments.failed", segmentFailures), ("segments.evicted", segmentsEvicted),
             ("segments.reloaded", segmentsReloaded), ("segments.reloadFailed", segmentReloadFailures),
             ("offers", offers), ("joined", joins), ("session.switched", sessionSwitches),
-            ("resumed.payloadBlocks", resumedPayloadBlocks), ("preJoin.replayed", preJoinReplayed), ("hello", hellos),
+            ("resumed.payloadBlocks", resumedPayloadBlocks), ("preJoin.replayed", preJoinReplayed), ("hello", hellos), ("cookies", cookiesReceived), ("signatureChecks", signatureChecks), ("nacks.deferredPerSecond", nacksDeferredPerSecond),
             ("nack.entries", nackEntries), ("nack.cancelled", nacksCancelled), ("nack.coveredByPromise", nackEntriesCoveredByPromise),
             ("nack.deferredUntilSegment", nackEntriesDeferredUntilSegment), ("close.heard", closesHeard),
             ("status.closedBeforeAck", finalStatusEndedByClose),
@@ -197,7 +210,7 @@ public struct ReceiverStats: Sendable, Equatable {
         s.segmentsVerified += b.segmentsVerified; s.segmentFailures += b.segmentFailures; s.segmentsEvicted += b.segmentsEvicted
         s.segmentsReloaded += b.segmentsReloaded; s.segmentReloadFailures += b.segmentReloadFailures
         s.offers += b.offers; s.joins += b.joins; s.sessionSwitches += b.sessionSwitches
-        s.resumedPayloadBlocks += b.resumedPayloadBlocks; s.preJoinReplayed += b.preJoinReplayed; s.hellos += b.hellos
+        s.resumedPayloadBlocks += b.resumedPayloadBlocks; s.preJoinReplayed += b.preJoinReplayed; s.hellos += b.hellos; s.cookiesReceived += b.cookiesReceived; s.signatureChecks += b.signatureChecks; s.nacksDeferredPerSecond += b.nacksDeferredPerSecond
         s.nackEntries += b.nackEntries; s.nacksCancelled += b.nacksCancelled
         s.nackEntriesCoveredByPromise += b.nackEntriesCoveredByPromise; s.nackEntriesDeferredUntilSegment += b.nackEntriesDeferredUntilSegment
         s.closesHeard += b.closesHeard; s.finalStatusEndedByClose += b.finalStatusEndedByClose
@@ -212,9 +225,17 @@ extension ReceiverStats: CustomStringConvertible {
 /// Why a sender dropped a feedback datagram it parsed (Specs/protocol.md P-13).
 public enum SenderDrop: Int, TallyKey {
     case otherSession, fromSender, receiverTableFull, nackRateLimited, nackEntryRange, nackEntryNotSent
+    /// P-30: feedback without the cookie and address its receiver registered with; a
+    /// REGISTER for an ID live at another address; over the per-address cap; COOKIE
+    /// replies beyond their rate.
+    case unbound, receiverIDCollision, receiversPerAddress, cookieRateLimited
 
     public var tallyName: String {
         switch self {
+        case .unbound: "unbound"
+        case .receiverIDCollision: "receiverIDCollision"
+        case .receiversPerAddress: "receiversPerAddress"
+        case .cookieRateLimited: "cookieRateLimited"
         case .nackEntryNotSent: "nackEntryNotSent"
         case .otherSession: "otherSession"
         case .fromSender: "fromSender"
@@ -253,6 +274,9 @@ public struct SenderStats: Sendable, Equatable {
     public var roundsBusy: UInt64 = 0
     public var roundsIdle: UInt64 = 0
     public var receiversRegistered: UInt64 = 0
+    /// P-30a: receivers that registered again from a new address after the old went silent.
+    public var receiversRebound: UInt64 = 0
+    public var cookiesSent: UInt64 = 0
     public var receiversReceived: UInt64 = 0
     public var receiversVerified: UInt64 = 0
     public var receiversFailed: UInt64 = 0
@@ -273,6 +297,7 @@ public struct SenderStats: Sendable, Equatable {
             ("announces", announces), ("nacks", nacks), ("nackEntriesAlreadyServed", nackEntriesAlreadyServed), ("nackEpochs", nackEpochs),
             ("repair.queued.firstPass", repairQueuedFirstPass), ("repair.queued.rounds", repairQueuedInRounds), ("repair.margin", repairMargin),
             ("rounds.busy", roundsBusy), ("rounds.idle", roundsIdle), ("receivers.registered", receiversRegistered),
+            ("receivers.rebound", receiversRebound), ("cookies", cookiesSent),
             ("receivers.received", receiversReceived), ("receivers.verified", receiversVerified), ("receivers.failed", receiversFailed),
         ]
         all += fields.filter { $0.1 > 0 }

@@ -145,7 +145,7 @@ public enum ScenarioCatalog {
     /// same key), recorded for the replay attack.
     public static func recordedOldSession(count: Int = 64) throws -> [[UInt8]] {
         let old = try SimulationBundle.make(payloadBytes: 50_000, seed: 99, sequence: 5)
-        var sender = Sender(config: SenderConfig(session: SessionID(0x01D5E55), rateBytesPerSecond: 1e9), envelope: old.envelope, manifest: old.manifest,
+        var sender = Sender(config: SenderConfig(session: SessionID(0x01D5E55), rateBytesPerSecond: 1e9, cookieSecret: [UInt8](repeating: 0x5E, count: 32)), envelope: old.envelope, manifest: old.manifest,
                             source: InMemoryObjects(authChain: old.authChain, payload: old.payload))
         var out: [[UInt8]] = []
         var now = Instant.zero

@@ -267,7 +267,10 @@ public final class Simulation {
         self.oldSession = oldSession
         rng = SeededRandom(seed: scenario.seed)
         session = SessionID(UInt32(truncatingIfNeeded: rng.next()) | 1)
-        var config = SenderConfig(session: session, rateBytesPerSecond: scenario.rateBytesPerSecond)
+        // The cookie key comes from the seed too: a run stays a function of its seed.
+        var cookieSecret: [UInt8] = []
+        for _ in 0..<4 { let word = rng.next(); cookieSecret += (0..<8).map { UInt8(truncatingIfNeeded: word >> (8 * UInt64($0))) } }
+        var config = SenderConfig(session: session, rateBytesPerSecond: scenario.rateBytesPerSecond, cookieSecret: cookieSecret)
         config.proactiveRepairFraction = scenario.proactiveRepairFraction
         config.nackEpochBlocks = scenario.nackEpochBlocks
         config.carousel = scenario.carousel

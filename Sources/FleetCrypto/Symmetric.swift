@@ -108,6 +108,22 @@ public enum HKDF {
     }
 }
 
+/// HMAC with SHA-256 (RFC 2104): the sender's stateless REGISTER cookies
+/// (Specs/protocol.md P-30).
+public enum HMAC {
+    public static func sha256(key: [UInt8], message: [UInt8]) -> [UInt8] {
+        precondition(!key.isEmpty && key.count <= Int(Int32.max), "an HMAC key")
+        var out = [UInt8](repeating: 0, count: 32)
+        let ok = key.withUnsafeBufferPointer { k in
+            message.withUnsafeBufferPointer { m in
+                out.withUnsafeMutableBufferPointer { fc_hmac_sha256(k.baseAddress, k.count, m.baseAddress, m.count, $0.baseAddress) }
+            }
+        }
+        precondition(ok == 1, "HMAC-SHA256 failed in OpenSSL")
+        return out
+    }
+}
+
 /// AES Key Wrap with a 256-bit KEK (RFC 3394, NIST SP 800-38F KW), as COSE's A256KW.
 public enum AESKeyWrap {
     public static let overheadByteCount = 8

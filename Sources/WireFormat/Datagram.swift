@@ -13,6 +13,25 @@ public struct ReceiverID: Hashable, Sendable, Comparable, CustomStringConvertibl
     public var description: String { String(rawValue, radix: 16) }
 }
 
+/// A sender's proof that a receiver can be reached at the address it registered from
+/// (Specs/protocol.md §3.9, P-30): 16 bytes, all zero for "none yet".
+public struct FeedbackCookie: Hashable, Sendable, CustomStringConvertible {
+    public static let byteCount = 16
+    public static let none = FeedbackCookie(unchecked: [UInt8](repeating: 0, count: byteCount))
+    public let bytes: [UInt8]
+    init(unchecked bytes: [UInt8]) { self.bytes = bytes }
+    public init(_ bytes: [UInt8]) {
+        precondition(bytes.count == Self.byteCount, "a cookie is 16 bytes")
+        self.bytes = bytes
+    }
+    public var isNone: Bool { self == .none }
+    public var description: String { bytes.prefix(4).map { String($0, radix: 16) }.joined() + "…" }
+
+    static func read(_ r: inout ByteReader) throws(WireFormatError) -> FeedbackCookie {
+        FeedbackCookie(unchecked: try r.bytes(byteCount, "cookie"))
+    }
+}
+
 /// The two objects of a session (Specs/protocol.md §1).
 public enum ObjectID: UInt8, Sendable, CaseIterable {
     case authChain = 1
@@ -29,12 +48,15 @@ public enum Datagram: Equatable, Sendable {
     case nack(Nack)
     case status(Status)
     case ack(Ack)
+    case cookie(Cookie)
 
-    public static let version: UInt8 = 1
+    /// Version 2: REGISTER, NACK, STATUS and ACK carry the feedback cookie, and COOKIE
+    /// exists (Specs/protocol.md §3.9).
+    public static let version: UInt8 = 2
     public static let headerByteCount = 8
 
     public enum Kind: UInt8, Sendable, CaseIterable {
-        case announce = 1, data, poll, close, register, nack, status, ack
+        case announce = 1, data, poll, close, register, nack, status, ack, cookie
     }
 
     public var kind: Kind {
@@ -47,6 +69,7 @@ public enum Datagram: Equatable, Sendable {
         case .nack: .nack
         case .status: .status
         case .ack: .ack
+        case .cookie: .cookie
         }
     }
 
@@ -60,6 +83,7 @@ public enum Datagram: Equatable, Sendable {
         case .nack(let d): d.session
         case .status(let d): d.session
         case .ack(let d): d.session
+        case .cookie(let d): d.session
         }
     }
 
@@ -81,6 +105,7 @@ public enum Datagram: Equatable, Sendable {
         case .nack: self = .nack(try Nack(session: session, reader: &r))
         case .status: self = .status(try Status(session: session, reader: &r))
         case .ack: self = .ack(try Ack(session: session, reader: &r))
+        case .cookie: self = .cookie(try Cookie(session: session, reader: &r))
         }
         try r.end()
     }
@@ -100,6 +125,7 @@ public enum Datagram: Equatable, Sendable {
         case .nack(let d): d.write(to: &w)
         case .status(let d): d.write(to: &w)
         case .ack(let d): d.write(to: &w)
+        case .cookie(let d): d.write(to: &w)
         }
         return w.bytes
     }
@@ -280,21 +306,36 @@ public struct Register: Equatable, Sendable {
     public static let textByteCountMax = 64
     public var session: SessionID
     public var receiver: ReceiverID
+    /// The cookie the sender gave for this receiver and address; `.none` asks for one.
+    public var cookie: FeedbackCookie
     public var installedSequence: UInt64
     public var deviceID: String
     public var version: String
-    public init(session: SessionID, receiver: ReceiverID, installedSequence: UInt64, deviceID: String, version: String) {
+    public init(session: SessionID, receiver: ReceiverID, cookie: FeedbackCookie = .none, installedSequence: UInt64, deviceID: String, version: String) {
         precondition(deviceID.utf8.count <= Self.textByteCountMax && version.utf8.count <= Self.textByteCountMax)
-        self.session = session; self.receiver = receiver; self.installedSequence = installedSequence
+        self.session = session; self.receiver = receiver; self.cookie = cookie; self.installedSequence = installedSequence
         self.deviceID = deviceID; self.version = version
     }
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
         self.session = session
         receiver = ReceiverID(try r.u64("receiver ID"))
+        cookie = try FeedbackCookie.read(&r)
         installedSequence = try r.u64("installed sequence")
         deviceID = try Self.text(&r, "device ID")
         version = try Self.text(&r, "version")
     }
+    /// At most `textByteCountMax` bytes of UTF-8 of `text`, cut between characters.
+    public static func fitting(_ text: String) -> String {
+        var out = "", bytes = 0
+        for scalar in text.unicodeScalars {
+            let n = String(scalar).utf8.count
+            guard bytes + n <= textByteCountMax else { break }
+            out.unicodeScalars.append(scalar)
+            bytes += n
+        }
+        return out
+    }
+
     static func text(_ r: inout ByteReader, _ what: StaticString) throws(WireFormatError) -> String {
         let n = Int(try r.u8(what))
         guard n <= textByteCountMax else { throw WireFormatError(.invalidField, "\(what) of \(n) bytes exceeds \(textByteCountMax)") }
@@ -303,6 +344,7 @@ public struct Register: Equatable, Sendable {
     }
     func write(to w: inout ByteWriter) {
         w.u64(receiver.rawValue)
+        w.append(cookie.bytes)
         w.u64(installedSequence)
         w.u8(UInt8(deviceID.utf8.count)); w.append(Array(deviceID.utf8))
         w.u8(UInt8(version.utf8.count)); w.append(Array(version.utf8))
@@ -312,7 +354,7 @@ public struct Register: Equatable, Sendable {
 /// NACK (Specs/protocol.md §3.6): per block, how many more symbols are needed.
 public struct Nack: Equatable, Sendable {
     public static let entryCountMax = 128
-    public static let fixedByteCount = 36
+    public static let fixedByteCount = 52
     public static let entryByteCount = 8
 
     public struct Entry: Equatable, Sendable {
@@ -324,20 +366,23 @@ public struct Nack: Equatable, Sendable {
 
     public var session: SessionID
     public var receiver: ReceiverID
+    public var cookie: FeedbackCookie
     public var round: UInt32
     public var echoedSentAtMicroseconds: UInt64
     public var holdMicroseconds: UInt32
     public var entries: [Entry]
 
-    public init(session: SessionID, receiver: ReceiverID, round: UInt32, echoedSentAtMicroseconds: UInt64, holdMicroseconds: UInt32, entries: [Entry]) {
+    public init(session: SessionID, receiver: ReceiverID, cookie: FeedbackCookie = .none, round: UInt32, echoedSentAtMicroseconds: UInt64,
+                holdMicroseconds: UInt32, entries: [Entry]) {
         precondition(!entries.isEmpty && entries.count <= Self.entryCountMax)
-        self.session = session; self.receiver = receiver; self.round = round
+        self.session = session; self.receiver = receiver; self.cookie = cookie; self.round = round
         self.echoedSentAtMicroseconds = echoedSentAtMicroseconds; self.holdMicroseconds = holdMicroseconds; self.entries = entries
     }
 
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
         self.session = session
         receiver = ReceiverID(try r.u64("receiver ID"))
+        cookie = try FeedbackCookie.read(&r)
         round = try r.u32("round")
         echoedSentAtMicroseconds = try r.u64("echoed sent-at")
         holdMicroseconds = try r.u32("hold time")
@@ -358,7 +403,7 @@ public struct Nack: Equatable, Sendable {
     }
 
     func write(to w: inout ByteWriter) {
-        w.u64(receiver.rawValue); w.u32(round); w.u64(echoedSentAtMicroseconds); w.u32(holdMicroseconds)
+        w.u64(receiver.rawValue); w.append(cookie.bytes); w.u32(round); w.u64(echoedSentAtMicroseconds); w.u32(holdMicroseconds)
         w.u16(UInt16(entries.count)); w.u16(0)
         for e in entries { w.u8(e.object.rawValue); w.u8(e.needed); w.u16(0); w.u32(e.block) }
     }
@@ -394,6 +439,7 @@ public struct Status: Equatable, Sendable {
     }
     public var session: SessionID
     public var receiver: ReceiverID
+    public var cookie: FeedbackCookie
     public var state: State
     public var reason: Reason
     public var blocksDone: UInt32
@@ -401,14 +447,16 @@ public struct Status: Equatable, Sendable {
     public var bytesReceived: UInt64
     public var nacksSent: UInt32
 
-    public init(session: SessionID, receiver: ReceiverID, state: State, reason: Reason, blocksDone: UInt32, blocksTotal: UInt32, bytesReceived: UInt64, nacksSent: UInt32) {
-        self.session = session; self.receiver = receiver; self.state = state; self.reason = reason
+    public init(session: SessionID, receiver: ReceiverID, cookie: FeedbackCookie = .none, state: State, reason: Reason, blocksDone: UInt32, blocksTotal: UInt32,
+                bytesReceived: UInt64, nacksSent: UInt32) {
+        self.session = session; self.receiver = receiver; self.cookie = cookie; self.state = state; self.reason = reason
         self.blocksDone = blocksDone; self.blocksTotal = blocksTotal; self.bytesReceived = bytesReceived; self.nacksSent = nacksSent
     }
 
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
         self.session = session
         receiver = ReceiverID(try r.u64("receiver ID"))
+        cookie = try FeedbackCookie.read(&r)
         let s = try r.u8("state")
         guard let state = State(rawValue: s) else { throw WireFormatError(.invalidField, "state \(s)") }
         self.state = state
@@ -425,24 +473,51 @@ public struct Status: Equatable, Sendable {
     }
 
     func write(to w: inout ByteWriter) {
-        w.u64(receiver.rawValue); w.u8(state.rawValue); w.u8(reason.rawValue); w.u16(0)
+        w.u64(receiver.rawValue); w.append(cookie.bytes); w.u8(state.rawValue); w.u8(reason.rawValue); w.u16(0)
         w.u32(blocksDone); w.u32(blocksTotal); w.u64(bytesReceived); w.u32(nacksSent)
     }
 }
 
-/// ACK (Specs/protocol.md §3.8): the sender heard a final STATUS.
+/// ACK (Specs/protocol.md §3.8): the sender heard a final STATUS. It carries the
+/// receiver's cookie, which only the sender and that receiver know: a forged ACK
+/// cannot silence a receiver (P-30c).
 public struct Ack: Equatable, Sendable {
     public var session: SessionID
     public var receiver: ReceiverID
+    public var cookie: FeedbackCookie
     public var state: Status.State
-    public init(session: SessionID, receiver: ReceiverID, state: Status.State) { self.session = session; self.receiver = receiver; self.state = state }
+    public init(session: SessionID, receiver: ReceiverID, cookie: FeedbackCookie = .none, state: Status.State) {
+        self.session = session; self.receiver = receiver; self.cookie = cookie; self.state = state
+    }
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
         self.session = session
         receiver = ReceiverID(try r.u64("receiver ID"))
+        cookie = try FeedbackCookie.read(&r)
         let s = try r.u8("state")
         guard let state = Status.State(rawValue: s) else { throw WireFormatError(.invalidField, "state \(s)") }
         self.state = state
         try r.zero(3, "ack reserved")
     }
-    func write(to w: inout ByteWriter) { w.u64(receiver.rawValue); w.u8(state.rawValue); w.zero(3) }
+    func write(to w: inout ByteWriter) { w.u64(receiver.rawValue); w.append(cookie.bytes); w.u8(state.rawValue); w.zero(3) }
+}
+
+/// COOKIE (Specs/protocol.md §3.9, P-30): the sender's answer to a REGISTER without a
+/// valid cookie, unicast to where it came from. Never larger than the REGISTER it
+/// answers (no amplification), and the sender keeps no state for it.
+public struct Cookie: Equatable, Sendable {
+    public static let byteCount = 32
+    public var session: SessionID
+    public var receiver: ReceiverID
+    public var cookie: FeedbackCookie
+    public init(session: SessionID, receiver: ReceiverID, cookie: FeedbackCookie) {
+        precondition(!cookie.isNone, "a COOKIE carries a cookie")
+        self.session = session; self.receiver = receiver; self.cookie = cookie
+    }
+    init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
+        self.session = session
+        receiver = ReceiverID(try r.u64("receiver ID"))
+        cookie = try FeedbackCookie.read(&r)
+        guard !cookie.isNone else { throw WireFormatError(.invalidField, "COOKIE without a cookie") }
+    }
+    func write(to w: inout ByteWriter) { w.u64(receiver.rawValue); w.append(cookie.bytes) }
 }

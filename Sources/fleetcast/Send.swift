@@ -115,7 +115,8 @@ struct Send: ParsableCommand {
             let bindHost = bind ?? (network.interface == "lo" ? (group.family == .ipv6 ? "::1" : "127.0.0.1") : nil)
             let bindAddress = try bindHost.map { try SocketAddress(host: $0, port: feedbackPort) } ?? .any(group.family, port: feedbackPort)
 
-            var config = SenderConfig(session: SessionID(UInt32(fromBytes: try SecureRandom.bytes(4)) | 1), rateBytesPerSecond: parseBitRate(rate)! / 8)
+            var config = SenderConfig(session: SessionID(UInt32(fromBytes: try SecureRandom.bytes(4)) | 1), rateBytesPerSecond: parseBitRate(rate)! / 8,
+                                      cookieSecret: try SecureRandom.bytes(32))
             config.proactiveRepairFraction = repair
             config.carousel = carousel
             config.expectedReceivers = minReceivers

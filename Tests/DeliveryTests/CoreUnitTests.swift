@@ -7,7 +7,7 @@ import UpdateBundle
 import WireFormat
 
 func makeSender(_ bundle: SimulationBundle, rate: Double = 10_000_000, _ tweak: (inout SenderConfig) -> Void = { _ in }) -> Sender {
-    var c = SenderConfig(session: SessionID(0xBEEF), rateBytesPerSecond: rate)
+    var c = SenderConfig(session: SessionID(0xBEEF), rateBytesPerSecond: rate, cookieSecret: [UInt8](repeating: 0xC0, count: 32))
     tweak(&c)
     return Sender(config: c, envelope: bundle.envelope, manifest: bundle.manifest, source: InMemoryObjects(authChain: bundle.authChain, payload: bundle.payload))
 }
@@ -19,6 +19,43 @@ func receiverConfig(_ bundle: SimulationBundle, trusting key: PublicKey? = nil) 
 
 /// The sender's address in these tests (RFC 2544's benchmarking range).
 let senderPeer = PeerAddress.benchmark(1)
+
+/// A receiver as the sender's unit tests speak for it: registered the way a receiver
+/// does (Specs/protocol.md P-30: REGISTER, the COOKIE that answers it, REGISTER with
+/// it), its feedback then carrying the cookie from its own address.
+struct TestPeer {
+    let id: ReceiverID
+    let address: PeerAddress
+    let cookie: FeedbackCookie
+    var session: SessionID
+
+    init(_ id: UInt64, with sender: inout Sender, at now: Instant, address: PeerAddress? = nil) {
+        self.id = ReceiverID(id)
+        self.address = address ?? .benchmark(UInt16(truncatingIfNeeded: id))
+        session = sender.config.session
+        func register(_ c: FeedbackCookie) -> [UInt8] {
+            Datagram.register(Register(session: sender.config.session, receiver: ReceiverID(id), cookie: c, installedSequence: 1,
+                                       deviceID: "d\(id)", version: "1")).encoded()
+        }
+        sender.handleDatagram(register(.none), from: self.address, at: now)
+        var answer: FeedbackCookie?
+        while answer == nil, let t = sender.pollTransmit(at: now) {
+            if case .cookie(let c)? = try? Datagram(parsing: t.bytes), c.receiver == ReceiverID(id) { answer = c.cookie }
+        }
+        cookie = answer!
+        sender.handleDatagram(register(cookie), from: self.address, at: now)
+    }
+
+    func status(_ state: Status.State, _ reason: Status.Reason = .none, done: UInt32 = 3, total: UInt32 = 3) -> [UInt8] {
+        Datagram.status(Status(session: session, receiver: id, cookie: cookie, state: state, reason: reason,
+                               blocksDone: done, blocksTotal: total, bytesReceived: 1, nacksSent: 0)).encoded()
+    }
+
+    func nack(_ entries: [Nack.Entry], echo: UInt64 = 0, round: UInt32 = 1) -> [UInt8] {
+        Datagram.nack(Nack(session: session, receiver: id, cookie: cookie, round: round, echoedSentAtMicroseconds: echo, holdMicroseconds: 0,
+                           entries: entries)).encoded()
+    }
+}
 
 extension Receiver {
     /// A datagram from the sender, taken as a device would: an offer is judged at once
@@ -131,9 +168,9 @@ struct CoreUnitTests {
     func nackLimit() async throws {
         let bundle = try await BundleCache.shared.bundle(300_000)
         var sender = makeSender(bundle) { $0.nackPerReceiverPerRoundMax = 3 }
+        let peer = TestPeer(9, with: &sender, at: .zero)
         // An auth-chain block of the first window: sent from the start (P-11b).
-        let nack = Datagram.nack(Nack(session: SessionID(0xBEEF), receiver: ReceiverID(9), round: 0, echoedSentAtMicroseconds: 0, holdMicroseconds: 0,
-                                      entries: [.init(object: .authChain, block: 0, needed: 2)])).encoded()
+        let nack = peer.nack([.init(object: .authChain, block: 0, needed: 2)], round: 0)
         for _ in 0..<10 { sender.handleDatagram(nack, from: .benchmark(9), at: .zero) }
         #expect(sender.stats.nacks == 3)
         #expect(sender.stats.drops[.nackRateLimited] == 7)
@@ -274,12 +311,12 @@ struct CoreUnitTests {
             sender.handleTimeout(at: now)
             while let _ = sender.pollTransmit(at: now) {}
             if now.microseconds == 200_000 {
-                sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(4), state: .complete, reason: .none,
-                                                             blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(),
-                                      from: .benchmark(4), at: now)
+                let peer = TestPeer(4, with: &sender, at: now)
+                sender.handleDatagram(peer.status(.complete), from: .benchmark(4), at: now)
                 let ack = sender.pollTransmit(at: now)
-                // Unicast to where that receiver's STATUS came from.
+                // Unicast to where that receiver registered, with its cookie (P-30c).
                 #expect(ack?.destination == .peer(.benchmark(4)))
+                if case .ack(let a)? = ack.flatMap({ try? Datagram(parsing: $0.bytes) }) { #expect(a.cookie == peer.cookie) } else { Issue.record("no ACK") }
             }
             now = now + Interval(microseconds: 100_000)
         }
@@ -297,10 +334,10 @@ struct CoreUnitTests {
         let bundle = try await BundleCache.shared.bundle(300_000)
         var sender = makeSender(bundle) { $0.expectedReceivers = 1 }
         #expect(sender.config.receiverSilenceMax < .seconds(10) && sender.config.stepTwoSilenceMax == .seconds(30))
+        var peer: TestPeer?
         func report(_ state: Status.State, at now: Instant) {
-            sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(4), state: state, reason: .none,
-                                                         blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(),
-                                  from: .benchmark(4), at: now)
+            if peer == nil { peer = TestPeer(4, with: &sender, at: now) }
+            sender.handleDatagram(peer!.status(state), from: .benchmark(4), at: now)
         }
         var now = Instant.zero
         while !sender.isFinished && now.microseconds < 60_000_000 {
@@ -331,10 +368,10 @@ struct CoreUnitTests {
         var sender = makeSender(bundle) { $0.expectedReceivers = 2; $0.await = .confirmed }
         var now = Instant.zero
         var acks: [(UInt64, Status.State)] = []
+        var peers: [UInt64: TestPeer] = [:]
         func report(_ id: UInt64, _ state: Status.State, _ reason: Status.Reason = .none) {
-            sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(id), state: state, reason: reason,
-                                                         blocksDone: 3, blocksTotal: 3, bytesReceived: 1, nacksSent: 0)).encoded(),
-                                  from: .benchmark(UInt16(id)), at: now)
+            if peers[id] == nil { peers[id] = TestPeer(id, with: &sender, at: now) }
+            sender.handleDatagram(peers[id]!.status(state, reason), from: .benchmark(UInt16(id)), at: now)
             while let t = sender.pollTransmit(at: now) {
                 if case .ack(let a) = try? Datagram(parsing: t.bytes) { acks.append((a.receiver.rawValue, a.state)) }
             }
@@ -379,9 +416,9 @@ struct FleetTests {
         let bundle = try await BundleCache.shared.bundle(300_000)
         var sender = makeSender(bundle) { $0.receiverSilenceMax = .seconds(3) }
         func status(_ id: UInt64, _ state: Status.State, done: UInt32, at t: UInt64) {
-            sender.handleDatagram(Datagram.status(Status(session: SessionID(0xBEEF), receiver: ReceiverID(id), state: state,
-                                                         reason: state == .failed ? .rollback : .none, blocksDone: done, blocksTotal: 100,
-                                                         bytesReceived: 0, nacksSent: 0)).encoded(), from: .benchmark(UInt16(id)), at: Instant(microseconds: t))
+            let peer = TestPeer(id, with: &sender, at: Instant(microseconds: t))
+            sender.handleDatagram(peer.status(state, state == .failed ? .rollback : .none, done: done, total: 100),
+                                  from: .benchmark(UInt16(id)), at: Instant(microseconds: t))
         }
         status(1, .complete, done: 100, at: 1_000_000)
         status(2, .failed, done: 0, at: 1_000_000)

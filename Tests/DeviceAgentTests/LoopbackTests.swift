@@ -74,7 +74,7 @@ struct LoopbackTests {
         let groupSocket = try LoopbackSocket(address: group, port: port, group: group)
         let feedbackSocket = try LoopbackSocket()
         let senderSocket = try LoopbackSocket(address: 0x7F00_0001)
-        var config = SenderConfig(session: SessionID(0x10CA1), rateBytesPerSecond: 40_000_000)
+        var config = SenderConfig(session: SessionID(0x10CA1), rateBytesPerSecond: 40_000_000, cookieSecret: [UInt8](repeating: 0xC0, count: 32))
         config.expectedReceivers = 1
         var sender = Sender(config: config, envelope: packed.envelope, manifest: packed.manifest,
                             source: InMemoryObjects(authChain: packed.authChain, payload: packed.payload))

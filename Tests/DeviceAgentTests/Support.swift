@@ -91,7 +91,7 @@ struct Exchange {
     var lost: (([UInt8]) -> Bool)?
 
     init(_ packed: AgentFixture.Packed, receiver: UpdateReceiver, session: UInt32 = 0xA11CE) {
-        var c = SenderConfig(session: SessionID(session), rateBytesPerSecond: 20_000_000)
+        var c = SenderConfig(session: SessionID(session), rateBytesPerSecond: 20_000_000, cookieSecret: [UInt8](repeating: 0xC0, count: 32))
         c.expectedReceivers = 1
         sender = Sender(config: c, envelope: packed.envelope, manifest: packed.manifest,
                         source: InMemoryObjects(authChain: packed.authChain, payload: packed.payload))

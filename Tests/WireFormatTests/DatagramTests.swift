@@ -11,6 +11,8 @@ private func hex(_ s: String) -> [UInt8] {
 
 let session = SessionID(0xA1B2_C3D4)
 let receiver = ReceiverID(0x0102_0304_0506_0708)
+let cookie = FeedbackCookie(Array(0x10...0x1F))
+let cookieHex = "101112131415161718191a1b1c1d1e1f"
 
 /// One of each datagram, with the golden bytes that Specs/protocol.md §3 implies,
 /// and the byte offsets of its reserved fields.
@@ -19,27 +21,33 @@ let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int]
                                     feedbackAddress: [198, 18, 0, 1] + [UInt8](repeating: 0, count: 12), rateKilobytesPerSecond: 125_000,
                                     grttMicroseconds: 10_000, groupSize: 16, interleaveWindow: 8, fragmentIndex: 1, fragmentCount: 2,
                                     envelopeLength: 1027, fragment: [0xAA, 0xBB, 0xCC])),
-     "01010000 a1b2c3d4 04 01 1f90 c6120001 000000000000000000000000 0001e848 00002710 00000010 0008 0001 0002 0000 00000403 aabbcc",
+     "02010000 a1b2c3d4 04 01 1f90 c6120001 000000000000000000000000 0001e848 00002710 00000010 0008 0001 0002 0000 00000403 aabbcc",
      [2, 3, 46, 47]),
     ("data", .data(DataSymbol(session: session, object: .payload, block: 0x0102_0304, symbolIndex: 200, pendingRepair: 0x0105, symbol: [1, 2, 3, 4])),
-     "01020000 a1b2c3d4 02 c8 0105 01020304 01020304", [2, 3]),
+     "02020000 a1b2c3d4 02 c8 0105 01020304 01020304", [2, 3]),
     ("poll", .poll(Poll(session: session, round: 3, sentAtMicroseconds: 0x1122_3344_5566_7788, grttMicroseconds: 2500, groupSize: 1000)),
-     "01030000 a1b2c3d4 00000003 1122334455667788 000009c4 000003e8", [2, 3]),
-    ("close", .close(Close(session: session, reason: .idle)), "01040000 a1b2c3d4 02 000000", [2, 3, 9, 10, 11]),
-    ("register", .register(Register(session: session, receiver: receiver, installedSequence: 41, deviceID: "dev-1", version: "1.0")),
-     "01050000 a1b2c3d4 0102030405060708 0000000000000029 05 6465762d31 03 312e30", [2, 3]),
-    ("nack", .nack(Nack(session: session, receiver: receiver, round: 2, echoedSentAtMicroseconds: 99, holdMicroseconds: 1500,
+     "02030000 a1b2c3d4 00000003 1122334455667788 000009c4 000003e8", [2, 3]),
+    ("close", .close(Close(session: session, reason: .idle)), "02040000 a1b2c3d4 02 000000", [2, 3, 9, 10, 11]),
+    ("register", .register(Register(session: session, receiver: receiver, cookie: cookie, installedSequence: 41, deviceID: "dev-1", version: "1.0")),
+     "02050000 a1b2c3d4 0102030405060708 \(cookieHex) 0000000000000029 05 6465762d31 03 312e30", [2, 3]),
+    // A REGISTER asking for a cookie (Specs/protocol.md P-30): the cookie's bytes are zero.
+    ("register-no-cookie", .register(Register(session: session, receiver: receiver, installedSequence: 41, deviceID: "", version: "")),
+     "02050000 a1b2c3d4 0102030405060708 00000000000000000000000000000000 0000000000000029 00 00", [2, 3]),
+    ("nack", .nack(Nack(session: session, receiver: receiver, cookie: cookie, round: 2, echoedSentAtMicroseconds: 99, holdMicroseconds: 1500,
                         entries: [.init(object: .payload, block: 7, needed: 3), .init(object: .authChain, block: 0, needed: 1)])),
-     "01060000 a1b2c3d4 0102030405060708 00000002 0000000000000063 000005dc 0002 0000 02 03 0000 00000007 01 01 0000 00000000",
-     [2, 3, 34, 35, 38, 39, 46, 47]),
-    ("status", .status(Status(session: session, receiver: receiver, state: .failed, reason: .rollback, blocksDone: 5, blocksTotal: 9,
+     "02060000 a1b2c3d4 0102030405060708 \(cookieHex) 00000002 0000000000000063 000005dc 0002 0000 02 03 0000 00000007 01 01 0000 00000000",
+     [2, 3, 50, 51, 54, 55, 62, 63]),
+    ("status", .status(Status(session: session, receiver: receiver, cookie: cookie, state: .failed, reason: .rollback, blocksDone: 5, blocksTotal: 9,
                               bytesReceived: 123_456, nacksSent: 4)),
-     "01070000 a1b2c3d4 0102030405060708 03 03 0000 00000005 00000009 000000000001e240 00000004", [2, 3, 18, 19]),
-    ("ack", .ack(Ack(session: session, receiver: receiver, state: .complete)), "01080000 a1b2c3d4 0102030405060708 02 000000", [2, 3, 17, 18, 19]),
+     "02070000 a1b2c3d4 0102030405060708 \(cookieHex) 03 03 0000 00000005 00000009 000000000001e240 00000004", [2, 3, 34, 35]),
+    ("ack", .ack(Ack(session: session, receiver: receiver, cookie: cookie, state: .complete)),
+     "02080000 a1b2c3d4 0102030405060708 \(cookieHex) 02 000000", [2, 3, 33, 34, 35]),
     // A device agent's final report after its reboot (Specs/protocol.md P-21b).
-    ("status-rolled-back", .status(Status(session: session, receiver: receiver, state: .rolledBack, reason: .unhealthy, blocksDone: 9, blocksTotal: 9,
-                                          bytesReceived: 0, nacksSent: 0)),
-     "01070000 a1b2c3d4 0102030405060708 08 0b 0000 00000009 00000009 0000000000000000 00000000", [2, 3, 18, 19]),
+    ("status-rolled-back", .status(Status(session: session, receiver: receiver, cookie: cookie, state: .rolledBack, reason: .unhealthy, blocksDone: 9,
+                                          blocksTotal: 9, bytesReceived: 0, nacksSent: 0)),
+     "02070000 a1b2c3d4 0102030405060708 \(cookieHex) 08 0b 0000 00000009 00000009 0000000000000000 00000000", [2, 3, 34, 35]),
+    // Specs/protocol.md §3.9: never larger than the smallest REGISTER it answers (42 bytes).
+    ("cookie", .cookie(Cookie(session: session, receiver: receiver, cookie: cookie)), "02090000 a1b2c3d4 0102030405060708 \(cookieHex)", [2, 3]),
 ]
 
 @Suite("Datagrams (Specs/protocol.md §3)")
@@ -82,10 +90,10 @@ struct DatagramTests {
             #expect(throws: WireFormatError.self) { try Datagram(parsing: bytes + [0]) }
         }
         var v = bytes
-        v[0] = 2
+        v[0] = 1  // version 1 had no cookies
         #expect(throws: WireFormatError(.badVersion, "")) { try Datagram(parsing: v) }
         var t = bytes
-        t[1] = 9
+        t[1] = 10
         #expect(throws: WireFormatError(.unknownType, "")) { try Datagram(parsing: t) }
     }
 
@@ -96,22 +104,23 @@ struct DatagramTests {
             change(&b)
             #expect(throws: WireFormatError.self) { try Datagram(parsing: b) }
         }
-        let announce = samples[0].golden, nack = samples[5].golden, status = samples[6].golden
+        let announce = samples[0].golden, nack = samples[6].golden, status = samples[7].golden
         refuses(announce) { $0[8] = 5 }                    // address family
         refuses(announce) { $0[43] = 2 }                   // fragment index 2 of 2
         refuses(announce) { $0[40] = 0; $0[41] = 0 }       // interleave window 0
         refuses(announce) { $0[51] = 0xFF }                // envelope length vs fragment count
         refuses(samples[1].golden) { $0[8] = 3 }           // object 3
-        refuses(nack) { $0[33] = 0 }                       // zero entries
-        refuses(nack) { $0[32] = 0; $0[33] = 129 }         // too many entries
-        refuses(nack) { $0[37] = 0 }                       // needs 0 symbols
-        refuses(status) { $0[17] = 0 }                     // failed without a reason
-        refuses(status) { $0[16] = 8; $0[17] = 0 }         // rolled back without a reason
-        refuses(status) { $0[16] = 7 }                     // confirmed with a reason
-        refuses(status) { $0[16] = 5 }                     // installed with a reason
-        refuses(status) { $0[16] = 9 }                     // state 9
-        refuses(status) { $0[17] = 16 }                    // reason 16
-        refuses(samples[4].golden) { $0[24] = 65 }         // device ID longer than 64
+        refuses(nack) { $0[49] = 0 }                       // zero entries
+        refuses(nack) { $0[48] = 0; $0[49] = 129 }         // too many entries
+        refuses(nack) { $0[53] = 0 }                       // needs 0 symbols
+        refuses(status) { $0[33] = 0 }                     // failed without a reason
+        refuses(status) { $0[32] = 8; $0[33] = 0 }         // rolled back without a reason
+        refuses(status) { $0[32] = 7 }                     // confirmed with a reason
+        refuses(status) { $0[32] = 5 }                     // installed with a reason
+        refuses(status) { $0[32] = 9 }                     // state 9
+        refuses(status) { $0[33] = 16 }                    // reason 16
+        refuses(samples[4].golden) { $0[40] = 65 }         // device ID longer than 64
+        refuses(samples.last!.golden) { b in for i in 16..<32 { b[i] = 0 } }  // a COOKIE without a cookie
     }
 
     @Test("Random bytes never crash the parser; accepted bytes re-encode identically")

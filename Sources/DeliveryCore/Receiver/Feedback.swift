@@ -29,6 +29,8 @@ struct FeedbackState {
     var nackedThisRound: Set<BlockKey> = []
     var promised: [BlockKey: RepairPromise] = [:]
     var nackDatagramsThisRound = 0
+    /// P-19b: when the NACK datagrams of the last second went, oldest first.
+    var recentNackTimes: [Instant] = []
     var lastNackAt: Instant?
     /// The latest POLL's sent-at and when it arrived at the host (P-25a), echoed
     /// in NACKs for the GRTT.
@@ -52,6 +54,18 @@ struct FeedbackState {
     func isPassed(object: ObjectID, block: Int, window: Int) -> Bool {
         if afterPoll { return true }
         return (object.rawValue, block / window) < (frontier.object, frontier.window)
+    }
+
+    /// P-19b: NACK datagrams still allowed now (at most `max` in any second), and when
+    /// one more will be, if none is.
+    mutating func nackSecondBudget(at now: Instant, max: Int) -> (left: Int, nextAt: Instant?) {
+        while let first = recentNackTimes.first, now >= first + .seconds(1) { recentNackTimes.removeFirst() }
+        let left = Swift.max(0, max - recentNackTimes.count)
+        return (left, left == 0 ? recentNackTimes.first.map { $0 + .seconds(1) } : nil)
+    }
+
+    mutating func countNacks(_ n: Int, at now: Instant) {
+        recentNackTimes += repeatElement(now, count: n)
     }
 
     /// Specs/protocol.md P-18a: the repair symbols the sender still promises for this
@@ -168,12 +182,24 @@ extension Receiver {
         var due = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
         // Specs/protocol.md P-19: no two NACK firings closer than `nackIntervalMin` (one GRTT).
         if let last = s.feedback.lastNackAt, due < last + s.grtt { due = last + s.grtt }
+        // P-19b: with the last second's NACKs spent, the next waits until one more is allowed.
+        let second = s.feedback.nackSecondBudget(at: now, max: config.nackDatagramsPerSecondMax)
+        if second.left == 0, let next = second.nextAt, due < next {
+            due = next
+            stats.nacksDeferredPerSecond += 1
+        }
         s.timers[.nack] = due
     }
 
     /// Specs/protocol.md P-17..P-19: recompute needs at fire time; what repair filled is not asked for.
     mutating func sendNacks(_ s: inout Session, at now: Instant) {
-        let budget = config.nackDatagramsPerRoundMax - s.feedback.nackDatagramsThisRound
+        let second = s.feedback.nackSecondBudget(at: now, max: config.nackDatagramsPerSecondMax)
+        guard second.left > 0 else {
+            stats.nacksDeferredPerSecond += 1
+            scheduleNack(&s, at: now)
+            return
+        }
+        let budget = min(config.nackDatagramsPerRoundMax - s.feedback.nackDatagramsThisRound, second.left)
         var entries: [Nack.Entry] = []
         var datagrams: [Nack] = []
         func flush() {
@@ -199,8 +225,9 @@ extension Receiver {
         }
         flush()
         if datagrams.isEmpty { stats.nacksCancelled += 1 } else { s.feedback.lastNackAt = now }
+        s.feedback.countNacks(datagrams.count, at: now)
         for n in datagrams {
-            send(.nack(n), to: s.sender)
+            send(.nack(n), to: s.sender, at: now)
             s.feedback.nacksSent += 1
             s.feedback.nackDatagramsThisRound += 1
             stats.nackEntries += UInt64(n.entries.count)
@@ -229,8 +256,8 @@ extension Receiver {
     }
 
     /// STATUS (Specs/protocol.md §3.7).
-    mutating func sendStatus(_ state: Status.State, _ reason: Status.Reason, session: SessionID, report r: StatusReport, to peer: PeerAddress) {
+    mutating func sendStatus(_ state: Status.State, _ reason: Status.Reason, session: SessionID, report r: StatusReport, to peer: PeerAddress, at now: Instant) {
         send(.status(Status(session: session, receiver: config.receiverID, state: state, reason: reason,
-                            blocksDone: r.blocksDone, blocksTotal: r.blocksTotal, bytesReceived: r.bytesReceived, nacksSent: r.nacksSent)), to: peer)
+                            blocksDone: r.blocksDone, blocksTotal: r.blocksTotal, bytesReceived: r.bytesReceived, nacksSent: r.nacksSent)), to: peer, at: now)
     }
 }

@@ -41,7 +41,7 @@ struct Finishing {
     /// every block is in (it allows `stepTwoSilenceMax` for it, not `receiverSilenceMax`).
     mutating func reportReceived(at now: Instant, receiver r: inout Receiver) {
         guard !carousel else { return }
-        r.sendStatus(.received, .none, session: id, report: report, to: sender)
+        r.sendStatus(.received, .none, session: id, report: report, to: sender, at: now)
         timers[.status] = now + r.config.statusInterval
     }
 
@@ -76,7 +76,7 @@ struct Finishing {
     mutating func handleTimeout(at now: Instant, receiver r: inout Receiver) {
         if timers.isDue(.status, at: now) {
             let (state, reason) = statusState
-            r.sendStatus(state, reason, session: id, report: report, to: sender)
+            r.sendStatus(state, reason, session: id, report: report, to: sender, at: now)
             if verdict == nil {
                 timers[.status] = now + r.config.statusInterval
             } else {
@@ -117,9 +117,11 @@ extension Receiver {
             // STATUS the sender has not heard.
             if !f.acknowledged, f.timers[.closeConfirm] == nil { f.timers[.closeConfirm] = now + max(config.closeConfirmQuiet, f.grtt * 8) }
         case .ack(let a):
-            guard a.receiver == config.receiverID else { return }
+            // Specs/protocol.md P-30c: only the sender knows this receiver's cookie.
+            guard cookies.accepts(a) else { stats.drops.add(.forgedAck); return }
             if (f.verdict == .verified && a.state == .complete) || (f.isFailedVerdict && a.state == .failed) { f.acknowledge() }
         case .register, .nack, .status: stats.drops.add(.feedbackFromPeer)
+        case .cookie: return
         }
     }
 }

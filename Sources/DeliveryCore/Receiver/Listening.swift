@@ -19,6 +19,18 @@ struct AnnounceIntake {
     /// announce is not verified and answered forever.
     private var refused: [[UInt8]: Int] = [:]
     static let refusedEnvelopeCountMax = 8
+    /// Hashes of envelopes whose signatures failed, oldest first (Specs/bundle.md B-8a):
+    /// a forged envelope repeated costs one hash, not a signature check each time.
+    private var failed: [[UInt8]] = []
+    static let failedEnvelopeCountMax = 64
+
+    func hasFailed(_ hash: [UInt8]) -> Bool { failed.contains(hash) }
+
+    mutating func noteFailed(_ hash: [UInt8]) {
+        guard !failed.contains(hash) else { return }
+        if failed.count >= Self.failedEnvelopeCountMax { failed.removeFirst() }
+        failed.append(hash)
+    }
 
     /// Never offers `envelope` again (the device already has it), and tells nobody.
     mutating func ignore(_ envelope: [UInt8], repeatMax: Int) {
@@ -109,7 +121,7 @@ extension Receiver {
             // One offer at a time: announces wait until the device has answered.
             guard !offerPending else { return }
             handleAnnounce(a, &l, from: peer)
-        case .close, .ack:
+        case .close, .ack, .cookie:
             return
         case .register, .nack, .status:
             stats.drops.add(.feedbackFromPeer)
@@ -123,26 +135,19 @@ extension Receiver {
         if let last = l.lastHello, now < last + config.statusInterval { return }
         l.lastHello = now
         stats.hellos += 1
-        send(registration(for: id), to: peer)
+        send(registration(for: id), to: peer, at: now)
     }
 
     /// REGISTER for a session: who this device is and what it runs (Specs/protocol.md §3.5).
-    func registration(for id: SessionID) -> Datagram {
-        .register(Register(session: id, receiver: config.receiverID, installedSequence: config.installedSequence,
-                           deviceID: Self.truncated(config.deviceID), version: Self.truncated(config.installedVersion)))
+    func registration(for id: SessionID) -> Datagram { .register(register(for: id)) }
+
+    func register(for id: SessionID) -> Register {
+        Register(session: id, receiver: config.receiverID, installedSequence: config.installedSequence,
+                 deviceID: Self.truncated(config.deviceID), version: Self.truncated(config.installedVersion))
     }
 
     /// At most `Register.textByteCountMax` bytes of UTF-8, cut between characters.
-    static func truncated(_ text: String) -> String {
-        var out = "", bytes = 0
-        for scalar in text.unicodeScalars {
-            let n = String(scalar).utf8.count
-            guard bytes + n <= Register.textByteCountMax else { break }
-            out.unicodeScalars.append(scalar)
-            bytes += n
-        }
-        return out
-    }
+    static func truncated(_ text: String) -> String { Register.fitting(text) }
 
     /// Specs/protocol.md P-3, P-3c: a complete envelope whose signatures verify
     /// becomes an offer; a forged or corrupt one is counted and dropped, and the
@@ -150,11 +155,17 @@ extension Receiver {
     private mutating func handleAnnounce(_ a: Announce, _ l: inout Listening, from peer: PeerAddress) {
         guard let envelope = intake.collector.add(a) else { return }
         if intake.wasRefusedEnough(envelope, repeatMax: config.statusRepeatMax) { stats.drops.add(.announceRefusedBefore); return }
+        let hash = SHA256.hash(envelope)
+        if intake.hasFailed(hash) { stats.drops.add(.announceFailedBefore); return }
         let signed: SignedManifest
-        do { signed = try ManifestVerifier.verifySignatures(envelope: envelope, trust: config.trust) } catch {
+        var checks = 0
+        do { signed = try ManifestVerifier.verifySignatures(envelope: envelope, trust: config.trust) { checks += 1 } } catch {
+            stats.signatureChecks += UInt64(checks)
             stats.announcesRejected.add(error.code)
+            if error.code == .signatureInvalid { intake.noteFailed(hash) }
             return
         }
+        stats.signatureChecks += UInt64(checks)
         let offer = Offer(session: a.session, manifest: signed, envelope: envelope, carousel: a.carousel,
                           sender: a.feedbackDestination(source: peer), resumes: resume?.progress.envelope == envelope, announce: a)
         stats.offers += 1
@@ -194,7 +205,7 @@ extension Receiver {
         // Its DATA, kept for the join (P-3b), would only take the room of another session's.
         l.preJoin.removeAll { $0.session == offer.session }
         put(l)
-        recordDecline(reason, text, offer: offer)
+        recordDecline(reason, text, offer: offer, at: now)
     }
 
     private mutating func join(_ offer: Offer, verified: VerifiedManifest, early: [DataSymbol], payloadWindowEnd: Int?, at now: Instant) {
@@ -211,7 +222,7 @@ extension Receiver {
         for d in early { handleData(d, &s, at: now) }
         stats.preJoinReplayed += UInt64(early.count)
         if !s.carousel {
-            send(registration(for: offer.session), to: s.sender)
+            send(registration(for: offer.session), to: s.sender, at: now)
         }
         settle(s, at: now)
     }

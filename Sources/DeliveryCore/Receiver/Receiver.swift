@@ -34,6 +34,9 @@ public struct ReceiverConfig: Sendable {
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8
+    /// Specs/protocol.md P-19b: NACK datagrams in any one second, however many rounds
+    /// begin in it (577 forged POLLs had drawn 2,791 NACKs from one receiver).
+    public var nackDatagramsPerSecondMax = 100
     /// Specs/protocol.md P-18a: a repair promise lapses after this many GRTTs without
     /// DATA of its block.
     public var repairPromiseLifetimeGRTTs = 2.0
@@ -147,6 +150,8 @@ public struct Receiver {
     var resume: ResumeState?
     var outgoing: [Transmit] = []
     var actions: [ReceiverAction] = []
+    /// Feedback cookies per session, and feedback waiting for one (P-30).
+    var cookies: CookieJar
     /// Where the symbols of incomplete blocks go once the session's `blocksInMemoryMax` blocks are held.
     let spill: SymbolSpill
     /// Reads staged auth-chain bytes back, so that segments may leave memory (P-5c); nil keeps them all.
@@ -169,6 +174,7 @@ public struct Receiver {
         self.spill = spill
         self.authReader = authReader
         rng = SeededRandom(seed: config.seed)
+        cookies = CookieJar(receiver: config.receiverID)
         state = .listening(Listening())
         self.resume = resume
     }
@@ -243,6 +249,7 @@ public struct Receiver {
             stats.malformed.add(error.code)
             return
         }
+        if case .cookie(let c) = datagram { handleCookie(c, at: now); return }
         switch state {
         case .listening, .offered: handleUnjoined(datagram, from: peer, at: now)
         case .receiving: handleInSession(datagram, from: peer, at: now, arrivedAt: min(arrivedAt ?? now, now))
@@ -380,10 +387,28 @@ public struct Receiver {
         state = offer.map { .offered(l, $0) } ?? .listening(l)
     }
 
-    /// Queues a datagram for the sender.
-    mutating func send(_ d: Datagram, to peer: PeerAddress) {
+    /// Queues feedback for the sender: NACK and STATUS with the session's cookie, or
+    /// held while a REGISTER asks for one (P-30, `CookieJar`).
+    mutating func send(_ d: Datagram, to peer: PeerAddress, at now: Instant) {
+        let registration = register(for: d.sessionID)
+        for out in cookies.outgoing(d, to: peer, at: now, registration: { _ in registration }) { transmit(out, to: peer) }
+    }
+
+    private mutating func transmit(_ d: Datagram, to peer: PeerAddress) {
         outgoing.append(Transmit(destination: .peer(peer), bytes: d.encoded()))
         stats.sent.add(d.kind)
+    }
+
+    /// Specs/protocol.md P-30: the sender's COOKIE for a session this receiver asked; the
+    /// feedback held for it goes now. Any other COOKIE is dropped.
+    private mutating func handleCookie(_ c: Cookie, at now: Instant) {
+        let registration = register(for: c.session)
+        guard let out = cookies.handle(c, at: now, registration: { _ in registration }), let peer = cookies.peer(for: c.session) else {
+            stats.drops.add(.unsolicitedCookie)
+            return
+        }
+        stats.cookiesReceived += 1
+        for d in out { transmit(d, to: peer) }
     }
 
     /// Timing from unauthenticated datagrams is clamped: a corrupted GRTT must not park
@@ -398,11 +423,11 @@ public struct Receiver {
     /// Specs/protocol.md P-4: the device refused a validly signed announce. It may be a
     /// replay of an old session, so the receiver keeps listening; it tells that
     /// session's sender why, a bounded number of times.
-    mutating func recordDecline(_ reason: Status.Reason, _ text: String, offer: Offer) {
+    mutating func recordDecline(_ reason: Status.Reason, _ text: String, offer: Offer, at now: Instant) {
         stats.offersDeclined.add(reason)
         lastDecline = (reason, text)
         guard intake.noteRefusal(of: offer.envelope, repeatMax: config.statusRepeatMax), !offer.carousel else { return }
         send(.status(Status(session: offer.session, receiver: config.receiverID, state: .failed, reason: reason,
-                            blocksDone: 0, blocksTotal: 0, bytesReceived: 0, nacksSent: 0)), to: offer.sender)
+                            blocksDone: 0, blocksTotal: 0, bytesReceived: 0, nacksSent: 0)), to: offer.sender, at: now)
     }
 }

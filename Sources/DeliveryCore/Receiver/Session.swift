@@ -122,7 +122,7 @@ extension Receiver {
                 // session then stays quiet (genuine data or a POLL cancels it).
                 r.stats.closesHeard += 1
                 if s.timers[.closeConfirm] == nil { s.timers[.closeConfirm] = now + max(r.config.closeConfirmQuiet, s.grtt * 8) }
-            case .ack: return
+            case .ack, .cookie: return
             case .register, .nack, .status: r.stats.drops.add(.feedbackFromPeer)
             }
         }
@@ -302,7 +302,7 @@ extension Receiver {
             sendNacks(&s, at: now)
         }
         if s.timers.isDue(.status, at: now) {
-            sendStatus(.receiving, .none, session: s.id, report: s.report, to: s.sender)
+            sendStatus(.receiving, .none, session: s.id, report: s.report, to: s.sender, at: now)
             s.timers[.status] = now + config.statusInterval
         }
         if s.timers.isDue(.closeConfirm, at: now) {

@@ -5,6 +5,7 @@ import Darwin
 #endif
 import BundleFormat
 import ErasureCoding
+import FleetCrypto
 import WireFormat
 
 /// What the sender knows of one receiver (the fleet report's rows).
@@ -29,8 +30,11 @@ public struct ReceiverRecord: Sendable {
         var isTerminal: Bool { rank == 6 }
     }
     public let id: ReceiverID
-    /// Where its feedback last came from: ACKs go there (P-22).
+    /// The address it registered from (P-30): its feedback counts only from there, and
+    /// ACKs go there (P-22).
     public var address: PeerAddress
+    /// The cookie it registered with: its NACK and STATUS carry it, ACKs to it too.
+    public var cookie: FeedbackCookie
     public var deviceID: String?
     public var versionBefore: String?
     public var installedSequence: UInt64?
@@ -168,6 +172,11 @@ public struct Sender {
     private var control: [Transmit] = []
     private var announceDue: Instant?
     private var lastAnnounceAt: Instant?
+    /// Registered receivers per host address (P-30a: `receiversPerAddressMax`).
+    private var addressCounts: [PeerAddress: Int] = [:]
+    /// COOKIE replies in the current second (`cookieRepliesPerSecondMax`).
+    private var cookieSecond: UInt64 = .max
+    private var cookiesThisSecond = 0
     /// When the latest early announce was scheduled (P-3a: at most one per `earlyAnnounceIntervalMin`).
     private var lastEarlyAnnounceAt: Instant?
     private var nextAnnounceAtData: UInt64 = 0
@@ -211,8 +220,13 @@ public struct Sender {
         guard datagram.sessionID == config.session else { stats.drops.add(.otherSession); return }
         switch datagram {
         case .register(let r):
+            // Specs/protocol.md P-30: state only for a receiver that proved it can be reached.
+            guard isValid(r.cookie, for: r.receiver, from: peer, at: now) else {
+                replyCookie(to: r.receiver, peer, at: now)
+                return
+            }
             let isNew = receivers[r.receiver] == nil
-            guard var rec = record(r.receiver, from: peer, at: now) else { return }
+            guard var rec = bind(r.receiver, cookie: r.cookie, from: peer, at: now) else { return }
             // Specs/protocol.md P-3a: a receiver that missed the announce gets one soon.
             if isNew { scheduleEarlyAnnounce(at: now) }
             rec.deviceID = r.deviceID
@@ -221,7 +235,7 @@ public struct Sender {
             receivers[r.receiver] = rec
         case .nack(let n): handleNack(n, from: peer, at: now, arrivedAt: min(arrivedAt ?? now, now))
         case .status(let s): handleStatus(s, from: peer, at: now)
-        case .announce, .data, .poll, .close, .ack: stats.drops.add(.fromSender)
+        case .announce, .data, .poll, .close, .ack, .cookie: stats.drops.add(.fromSender)
         }
     }
 
@@ -238,20 +252,85 @@ public struct Sender {
         lastEarlyAnnounceAt = soon
     }
 
-    private mutating func record(_ id: ReceiverID, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
+    // MARK: Cookies (Specs/protocol.md §3.9, P-30)
+
+    /// HMAC(secret, session, receiver, address, port, epoch), its first 16 bytes.
+    private func cookie(for id: ReceiverID, _ peer: PeerAddress, epoch: UInt64) -> FeedbackCookie {
+        var m = Array("fleetcast cookie".utf8)
+        m.append(peer.family == .ipv6 ? 6 : 4)
+        for v in [UInt64(config.session.rawValue), id.rawValue, peer.high, peer.low, UInt64(peer.port), UInt64(peer.scopeID), epoch] {
+            for shift in stride(from: 56, through: 0, by: -8) { m.append(UInt8(truncatingIfNeeded: v >> UInt64(shift))) }
+        }
+        var c = Array(HMAC.sha256(key: config.cookieSecret, message: m).prefix(FeedbackCookie.byteCount))
+        if c.allSatisfy({ $0 == 0 }) { c[0] = 1 }  // never the "none" cookie
+        return FeedbackCookie(c)
+    }
+
+    private func epoch(at now: Instant) -> UInt64 { now.microseconds / max(config.cookieLifetime.microseconds, 1) }
+
+    /// A cookie this sender made for this receiver at this address, in this epoch or the last.
+    private func isValid(_ c: FeedbackCookie, for id: ReceiverID, from peer: PeerAddress, at now: Instant) -> Bool {
+        guard !c.isNone else { return false }
+        let e = epoch(at: now)
+        return c == cookie(for: id, peer, epoch: e) || (e > 0 && c == cookie(for: id, peer, epoch: e - 1))
+    }
+
+    /// COOKIE to `peer`, within `cookieRepliesPerSecondMax`; nothing is remembered of it.
+    private mutating func replyCookie(to id: ReceiverID, _ peer: PeerAddress, at now: Instant) {
+        let second = now.microseconds / 1_000_000
+        if second != cookieSecond { cookieSecond = second; cookiesThisSecond = 0 }
+        guard cookiesThisSecond < config.cookieRepliesPerSecondMax else { stats.drops.add(.cookieRateLimited); return }
+        cookiesThisSecond += 1
+        stats.cookiesSent += 1
+        control.append(Transmit(destination: .peer(peer), bytes: Datagram.cookie(Cookie(
+            session: config.session, receiver: id, cookie: cookie(for: id, peer, epoch: epoch(at: now)))).encoded()))
+    }
+
+    /// The record of a receiver that registered with a valid cookie (P-30a): new, the
+    /// same one again (from another port of the same host: restarted), or moved to
+    /// another host after its old one went silent. A live record on another host keeps
+    /// its binding (a collision, counted).
+    private mutating func bind(_ id: ReceiverID, cookie c: FeedbackCookie, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
         if var r = receivers[id] {
+            if r.address != peer {
+                // The same host from another port is the receiver restarted (a new socket);
+                // another host takes the ID over only once the old binding went silent.
+                guard r.address.hostOnly == peer.hostOnly || now >= r.lastHeard + config.receiverSilenceMax else {
+                    stats.drops.add(.receiverIDCollision)
+                    return nil
+                }
+                stats.receiversRebound += 1
+                addressCounts[r.address.hostOnly, default: 1] -= 1
+                addressCounts[peer.hostOnly, default: 0] += 1
+                r.address = peer
+            }
+            r.cookie = c
             r.lastHeard = now
-            r.address = peer
             return r
         }
         guard receivers.count < config.receiverTableSizeMax else { stats.drops.add(.receiverTableFull); return nil }
+        guard addressCounts[peer.hostOnly, default: 0] < config.receiversPerAddressMax else { stats.drops.add(.receiversPerAddress); return nil }
+        addressCounts[peer.hostOnly, default: 0] += 1
         stats.receiversRegistered += 1
         lastNewReceiverAt = now
-        return ReceiverRecord(id: id, address: peer, firstHeard: now, lastHeard: now)
+        return ReceiverRecord(id: id, address: peer, cookie: c, firstHeard: now, lastHeard: now)
+    }
+
+    /// The record NACK or STATUS feedback speaks for, if it comes from where that
+    /// receiver registered and carries its cookie (P-30b); otherwise dropped, and the
+    /// sender says how to register (a receiver that moved, or lost its cookie).
+    private mutating func boundRecord(_ id: ReceiverID, _ c: FeedbackCookie, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
+        guard var r = receivers[id], r.address == peer, r.cookie == c else {
+            stats.drops.add(.unbound)
+            replyCookie(to: id, peer, at: now)
+            return nil
+        }
+        r.lastHeard = now
+        return r
     }
 
     private mutating func handleNack(_ n: Nack, from peer: PeerAddress, at now: Instant, arrivedAt: Instant) {
-        guard phase != .closing && phase != .finished, var rec = record(n.receiver, from: peer, at: now) else { return }
+        guard phase != .closing && phase != .finished, var rec = boundRecord(n.receiver, n.cookie, from: peer, at: now) else { return }
         rec.nacksReceived += 1
         rec.nacksThisRound += 1
         if rec.state == .registered { rec.state = .receiving }
@@ -302,7 +381,7 @@ public struct Sender {
 
     /// Specs/protocol.md §3.7, P-21: a receiver's progress, or its verdict, which is ACKed.
     private mutating func handleStatus(_ s: Status, from peer: PeerAddress, at now: Instant) {
-        guard var rec = record(s.receiver, from: peer, at: now) else { return }
+        guard var rec = boundRecord(s.receiver, s.cookie, from: peer, at: now) else { return }
         // An agent's reports after step 2 carry no counts (P-21b): the transfer's stay.
         if s.blocksTotal > 0 || s.state.rawValue <= Status.State.received.rawValue {
             rec.blocksDone = s.blocksDone
@@ -373,7 +452,7 @@ public struct Sender {
 
     /// ACK of a receiver's final STATUS (unicast, Specs/protocol.md P-13, P-21).
     private func ack(_ r: ReceiverRecord, _ state: Status.State) -> Transmit {
-        Transmit(destination: .peer(r.address), bytes: Datagram.ack(Ack(session: config.session, receiver: r.id, state: state)).encoded())
+        Transmit(destination: .peer(r.address), bytes: Datagram.ack(Ack(session: config.session, receiver: r.id, cookie: r.cookie, state: state)).encoded())
     }
 
     private mutating func startClosing(_ reason: Close.Reason) {
@@ -475,13 +554,19 @@ public struct Sender {
         pacer.refill(at: now)
         queueAnnounceIfDue(at: now)
         if !control.isEmpty {
-            let t = control[0]
-            if t.destination == .group {
-                let cost = Double(t.bytes.count + 28)
-                guard pacer.canSendControl(cost: cost) else { return nil }
-                pacer.debit(cost)
+            var index = 0
+            if control[0].destination == .group {
+                let cost = Double(control[0].bytes.count + 28)
+                if pacer.canSendControl(cost: cost) {
+                    pacer.debit(cost)
+                } else if let unicast = control.firstIndex(where: { $0.destination != .group }) {
+                    // An ACK or COOKIE to one receiver does not wait behind the group's pacing.
+                    index = unicast
+                } else {
+                    return nil
+                }
             }
-            control.removeFirst()
+            let t = control.remove(at: index)
             stats.controlDatagrams += 1
             stats.controlBytes += UInt64(t.bytes.count + 28)
             return t

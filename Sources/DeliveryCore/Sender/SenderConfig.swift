@@ -117,9 +117,23 @@ public struct SenderConfig: Sendable {
     /// 64 + 32 symbols of 1400 bytes.
     public var blockCacheBytesMax = 64 * 96 * 1400
 
-    public init(session: SessionID, rateBytesPerSecond: Double) {
+    /// Specs/protocol.md P-30: the key of this session's feedback cookies, random per
+    /// session and never sent (the driver draws it; the simulator seeds it).
+    public var cookieSecret: [UInt8]
+    public static let cookieSecretByteCountMin = 16
+    /// A cookie in a REGISTER is accepted for its epoch of this length and the one after.
+    public var cookieLifetime = Interval.seconds(60)
+    /// COOKIE replies a second, at most: one per REGISTER (or unbound feedback), so a
+    /// spoofed flood makes the sender a reflector of bounded rate and no amplification.
+    public var cookieRepliesPerSecondMax = 1000
+    /// Receivers registered from one address (one host; many on loopback in tests).
+    public var receiversPerAddressMax = 64
+
+    public init(session: SessionID, rateBytesPerSecond: Double, cookieSecret: [UInt8]) {
+        precondition(cookieSecret.count >= Self.cookieSecretByteCountMin, "a cookie secret of at least 16 random bytes")
         self.session = session
         self.rateBytesPerSecond = rateBytesPerSecond
+        self.cookieSecret = cookieSecret
     }
 }
 

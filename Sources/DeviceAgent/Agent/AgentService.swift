@@ -176,6 +176,13 @@ public final class AgentService: DatagramEndpoint {
             }, unixTime: unixTime, seed: seed, payloadSlot: payloadSlot)
         } catch { throw AgentError("staging: \(error.text)") }
         bridge.service = self
+        // The reports' REGISTER (P-30): this device as its receiver says it, what it runs now.
+        let deviceID = Register.fitting(config.identity.deviceID)
+        reporter.registration = { [unowned driver] session, id in
+            let r = driver.machine.record
+            return Register(session: session, receiver: id, installedSequence: r.sequence, deviceID: deviceID,
+                            version: Register.fitting(r.installed.version))
+        }
         receiver.decideOffer = { [unowned self] offer in decide(offer) }
         receiver.ignoresBundle = { [unowned self] manifest, session in knows(manifest.bundleID, session: session) }
         if settings.installPath == .stream {
@@ -254,6 +261,10 @@ public final class AgentService: DatagramEndpoint {
         if bytes.count > 1, bytes[1] == Datagram.Kind.ack.rawValue, case .ack(let ack)? = try? Datagram(parsing: bytes), reporter.acknowledge(ack) {
             guarded { () throws(StorageError) in try driver.outcomeDelivered() }
             if let o = lastReported { events.append(.reported(o)) }
+        }
+        // Specs/protocol.md P-30: the reports' cookie (the receiver may be waiting for one too).
+        if bytes.count > 1, bytes[1] == Datagram.Kind.cookie.rawValue, case .cookie(let c)? = try? Datagram(parsing: bytes) {
+            _ = reporter.handle(c, at: now)
         }
         receiver.handleDatagram(bytes, from: peer, at: now, arrivedAt: arrivedAt)
         drainReceiver()
