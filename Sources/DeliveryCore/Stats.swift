@@ -84,6 +84,10 @@ public enum ReceiverDrop: Int, TallyKey {
     case unsolicitedCookie, forgedAck
     /// Specs/bundle.md B-8a: an envelope whose signatures failed before, not checked again.
     case announceFailedBefore
+    /// P-31: SESSION records older than the newest, that failed, or beyond the checks a
+    /// second; an announce of a session no record vouches for (required); a POLL or CLOSE
+    /// of an authenticated session without its chain value.
+    case sessionRecordStale, sessionRecordInvalid, sessionRecordOverBudget, unauthenticatedSession, unauthenticatedControl
 
     public var tallyName: String {
         switch self {
@@ -102,6 +106,11 @@ public enum ReceiverDrop: Int, TallyKey {
         case .unsolicitedCookie: "cookie.unsolicited"
         case .forgedAck: "ack.forged"
         case .announceFailedBefore: "announce.failedBefore"
+        case .sessionRecordStale: "session.stale"
+        case .sessionRecordInvalid: "session.invalid"
+        case .sessionRecordOverBudget: "session.overBudget"
+        case .unauthenticatedSession: "announce.unauthenticatedSession"
+        case .unauthenticatedControl: "control.unauthenticated"
         }
     }
 }
@@ -153,6 +162,8 @@ public struct ReceiverStats: Sendable, Equatable {
     public var signatureChecks: UInt64 = 0
     /// NACK firings put off because the second's NACKs were spent (P-19b).
     public var nacksDeferredPerSecond: UInt64 = 0
+    /// Signed SESSION records taken (P-31).
+    public var sessionRecords: UInt64 = 0
 
     public var nackEntries: UInt64 = 0
     public var nacksCancelled: UInt64 = 0
@@ -187,7 +198,7 @@ public struct ReceiverStats: Sendable, Equatable {
             ("segments.verified", segmentsVerified), ("segments.failed", segmentFailures), ("segments.evicted", segmentsEvicted),
             ("segments.reloaded", segmentsReloaded), ("segments.reloadFailed", segmentReloadFailures),
             ("offers", offers), ("joined", joins), ("session.switched", sessionSwitches),
-            ("resumed.payloadBlocks", resumedPayloadBlocks), ("preJoin.replayed", preJoinReplayed), ("hello", hellos), ("cookies", cookiesReceived), ("signatureChecks", signatureChecks), ("nacks.deferredPerSecond", nacksDeferredPerSecond),
+            ("resumed.payloadBlocks", resumedPayloadBlocks), ("preJoin.replayed", preJoinReplayed), ("hello", hellos), ("cookies", cookiesReceived), ("signatureChecks", signatureChecks), ("nacks.deferredPerSecond", nacksDeferredPerSecond), ("sessionRecords", sessionRecords),
             ("nack.entries", nackEntries), ("nack.cancelled", nacksCancelled), ("nack.coveredByPromise", nackEntriesCoveredByPromise),
             ("nack.deferredUntilSegment", nackEntriesDeferredUntilSegment), ("close.heard", closesHeard),
             ("status.closedBeforeAck", finalStatusEndedByClose),
@@ -210,7 +221,7 @@ public struct ReceiverStats: Sendable, Equatable {
         s.segmentsVerified += b.segmentsVerified; s.segmentFailures += b.segmentFailures; s.segmentsEvicted += b.segmentsEvicted
         s.segmentsReloaded += b.segmentsReloaded; s.segmentReloadFailures += b.segmentReloadFailures
         s.offers += b.offers; s.joins += b.joins; s.sessionSwitches += b.sessionSwitches
-        s.resumedPayloadBlocks += b.resumedPayloadBlocks; s.preJoinReplayed += b.preJoinReplayed; s.hellos += b.hellos; s.cookiesReceived += b.cookiesReceived; s.signatureChecks += b.signatureChecks; s.nacksDeferredPerSecond += b.nacksDeferredPerSecond
+        s.resumedPayloadBlocks += b.resumedPayloadBlocks; s.preJoinReplayed += b.preJoinReplayed; s.hellos += b.hellos; s.cookiesReceived += b.cookiesReceived; s.signatureChecks += b.signatureChecks; s.nacksDeferredPerSecond += b.nacksDeferredPerSecond; s.sessionRecords += b.sessionRecords
         s.nackEntries += b.nackEntries; s.nacksCancelled += b.nacksCancelled
         s.nackEntriesCoveredByPromise += b.nackEntriesCoveredByPromise; s.nackEntriesDeferredUntilSegment += b.nackEntriesDeferredUntilSegment
         s.closesHeard += b.closesHeard; s.finalStatusEndedByClose += b.finalStatusEndedByClose
@@ -277,6 +288,8 @@ public struct SenderStats: Sendable, Equatable {
     /// P-30a: receivers that registered again from a new address after the old went silent.
     public var receiversRebound: UInt64 = 0
     public var cookiesSent: UInt64 = 0
+    /// SESSION records signed and sent (P-31).
+    public var sessionRecords: UInt64 = 0
     public var receiversReceived: UInt64 = 0
     public var receiversVerified: UInt64 = 0
     public var receiversFailed: UInt64 = 0
@@ -297,7 +310,7 @@ public struct SenderStats: Sendable, Equatable {
             ("announces", announces), ("nacks", nacks), ("nackEntriesAlreadyServed", nackEntriesAlreadyServed), ("nackEpochs", nackEpochs),
             ("repair.queued.firstPass", repairQueuedFirstPass), ("repair.queued.rounds", repairQueuedInRounds), ("repair.margin", repairMargin),
             ("rounds.busy", roundsBusy), ("rounds.idle", roundsIdle), ("receivers.registered", receiversRegistered),
-            ("receivers.rebound", receiversRebound), ("cookies", cookiesSent),
+            ("receivers.rebound", receiversRebound), ("cookies", cookiesSent), ("sessionRecords", sessionRecords),
             ("receivers.received", receiversReceived), ("receivers.verified", receiversVerified), ("receivers.failed", receiversFailed),
         ]
         all += fields.filter { $0.1 > 0 }

@@ -55,6 +55,9 @@ public struct UpdateOffer: Sendable {
     public let resumes: Bool
     /// Where the session's feedback goes: the sender, to which a device agent reports later too.
     public let sender: PeerAddress
+    /// Whether a signed SESSION record vouches for the session (Specs/protocol.md P-31):
+    /// the delegation of its sender key, nil for an unauthenticated session.
+    public let senderDelegation: SenderDelegation?
 }
 
 /// Why a session ended without a verified update, typed: each has its own
@@ -73,6 +76,8 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
         case sessionClosed, timedOut
         /// The embedder declined the offer.
         case declined
+        /// The session's sender is not authorized for this update (Specs/protocol.md P-31b).
+        case unauthorized
     }
     /// The kind of failure.
     public let reason: Reason
@@ -96,6 +101,7 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
         case .sessionClosed: .sessionClosed
         case .timedOut: .timedOut
         case .declined: .declined
+        case .unauthorized: .unauthorized
         }
     }
 
@@ -111,6 +117,7 @@ public struct ReceiveFailure: Error, Sendable, CustomStringConvertible {
         case .sessionClosed: .sessionClosed
         case .timedOut: .timedOut
         case .declined: .declined
+        case .unauthorized: .unauthorized
         }
         self.init(r, text)
     }

@@ -113,6 +113,9 @@ public final class UpdateReceiver: DatagramEndpoint {
     public let configuration: Configuration
     /// This device's receiver ID on the wire: the identity's, or the one kept in staging.
     public let receiverID: ReceiverID
+    /// The delegation of the key that signed the joined session's records (P-31); nil:
+    /// an unauthenticated session, or none joined.
+    public private(set) var joinedSenderDelegation: SenderDelegation?
     /// Why a journal found at start was not used, if it was not.
     public private(set) var resumeNote: String?
     /// Payload blocks the journal found at start had verified.
@@ -366,6 +369,7 @@ public final class UpdateReceiver: DatagramEndpoint {
         }
         transfer = t
         stagingAllocatedBytesMax = 0
+        joinedSenderDelegation = offer.senderDelegation
         events.append(.joined(session: offer.session, manifest: t.verified.manifest))
         core.accept(pending.verified, resuming: resuming, payloadWindowEnd: t.windowBlocks, at: now)
         carryOut(at: now)
@@ -475,6 +479,12 @@ public final class UpdateReceiver: DatagramEndpoint {
         let window: Int?
         do {
             verified = try o.manifest.admit(under: currentPolicy())
+            // Specs/protocol.md P-31b: the sender key's delegation, judged like the manifest, now.
+            if let d = o.senderDelegation, let why = d.permits(product: verified.manifest.productID, at: unixTime()) {
+                core.decline(.unauthorized, why, at: now)
+                events.append(.refused(session: o.session, ReceiveFailure(.unauthorized, why)))
+                return
+            }
             try verified.checkRecipient(keys: configuration.identity.keys)
             window = windowBlocks(verified.manifest, envelopeBytes: o.envelope.count)
             if !o.resumes || window != nil {
@@ -493,7 +503,7 @@ public final class UpdateReceiver: DatagramEndpoint {
     private func makeOffer(_ o: Offer, _ verified: VerifiedManifest, window: Int?) -> UpdateOffer {
         let n = needs(o, verified.manifest, window: window)
         return UpdateOffer(session: o.session, manifest: verified, stagingBytes: n.staging, outputBytes: n.output, resumes: o.resumes,
-                           sender: o.sender)
+                           sender: o.sender, senderDelegation: o.senderDelegation)
     }
 
     /// Bytes the bundle needs in staging and in the output directory: the payload

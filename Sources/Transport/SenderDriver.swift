@@ -71,6 +71,17 @@ public final class SenderDriver {
         try socket.setMulticastOutput(interface: endpoint.interface, ttl: endpoint.ttl, loopback: endpoint.multicastLoopback)
         socket.segmentation = endpoint.segmentation
         try socket.bind(endpoint.bindAddress)
+        // Specs/protocol.md P-31: a signed record names where feedback goes: the bound
+        // address, or the interface's when bound to every address.
+        if sender.isAuthenticated && sender.feedbackAddress == nil {
+            let local = try socket.localAddress().peer
+            var named: PeerAddress? = (local.high != 0 || local.low != 0) ? local : nil
+            if named == nil, let interface = endpoint.interface { named = interface.address(endpoint.group.family, port: local.port) }
+            guard let named else {
+                throw TransportError(.invalidAddress, "an authenticated session names its feedback address: bind to one (--bind HOST) or name an interface that has one")
+            }
+            self.sender.nameFeedbackAddress(named)
+        }
         // Specs/protocol.md P-25a: a NACK's round-trip sample leaves out its wait in the queue.
         _ = socket.enableArrivalTimestamps()
         startedAt = MonotonicClock.now()

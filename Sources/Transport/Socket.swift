@@ -98,6 +98,28 @@ public struct NetworkInterface: Sendable, CustomStringConvertible {
         index = i
     }
     public var description: String { name }
+
+    /// The interface's first address of `family` (getifaddrs), as the cores see it with
+    /// `port`; an IPv6 one carries the interface's index as its scope.
+    public func address(_ family: SocketAddress.Family, port: UInt16) -> PeerAddress? {
+        var list: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&list) == 0, let first = list else { return nil }
+        defer { freeifaddrs(list) }
+        var cursor: UnsafeMutablePointer<ifaddrs>? = first
+        while let entry = cursor {
+            defer { cursor = entry.pointee.ifa_next }
+            guard let sa = entry.pointee.ifa_addr, String(cString: entry.pointee.ifa_name) == name else { continue }
+            if family == .ipv4, sa.pointee.sa_family == sa_family_t(AF_INET) {
+                let a = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt32(bigEndian: $0.pointee.sin_addr.s_addr) }
+                return PeerAddress(family: .ipv4, low: UInt64(a), port: port)
+            }
+            if family == .ipv6, sa.pointee.sa_family == sa_family_t(AF_INET6) {
+                let bytes = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { p in withUnsafeBytes(of: p.pointee.sin6_addr) { Array($0) } }
+                return PeerAddress(family: .ipv6, address: bytes, port: port, scopeID: index)
+            }
+        }
+        return nil
+    }
 }
 
 /// Limits of the socket layer, each named (Specs/protocol.md §6).

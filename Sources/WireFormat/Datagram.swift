@@ -49,6 +49,7 @@ public enum Datagram: Equatable, Sendable {
     case status(Status)
     case ack(Ack)
     case cookie(Cookie)
+    case session(SessionRecord)
 
     /// Version 2: REGISTER, NACK, STATUS and ACK carry the feedback cookie, and COOKIE
     /// exists (Specs/protocol.md §3.9).
@@ -56,7 +57,7 @@ public enum Datagram: Equatable, Sendable {
     public static let headerByteCount = 8
 
     public enum Kind: UInt8, Sendable, CaseIterable {
-        case announce = 1, data, poll, close, register, nack, status, ack, cookie
+        case announce = 1, data, poll, close, register, nack, status, ack, cookie, session
     }
 
     public var kind: Kind {
@@ -70,6 +71,7 @@ public enum Datagram: Equatable, Sendable {
         case .status: .status
         case .ack: .ack
         case .cookie: .cookie
+        case .session: .session
         }
     }
 
@@ -84,6 +86,7 @@ public enum Datagram: Equatable, Sendable {
         case .status(let d): d.session
         case .ack(let d): d.session
         case .cookie(let d): d.session
+        case .session(let d): d.session
         }
     }
 
@@ -106,6 +109,7 @@ public enum Datagram: Equatable, Sendable {
         case .status: self = .status(try Status(session: session, reader: &r))
         case .ack: self = .ack(try Ack(session: session, reader: &r))
         case .cookie: self = .cookie(try Cookie(session: session, reader: &r))
+        case .session: self = .session(try SessionRecord(session: session, reader: &r))
         }
         try r.end()
     }
@@ -126,6 +130,7 @@ public enum Datagram: Equatable, Sendable {
         case .status(let d): d.write(to: &w)
         case .ack(let d): d.write(to: &w)
         case .cookie(let d): d.write(to: &w)
+        case .session(let d): d.write(to: &w)
         }
         return w.bytes
     }
@@ -271,9 +276,14 @@ public struct Poll: Equatable, Sendable {
     public var sentAtMicroseconds: UInt64
     public var grttMicroseconds: UInt32
     public var groupSize: UInt32
-    public init(session: SessionID, round: UInt32, sentAtMicroseconds: UInt64, grttMicroseconds: UInt32, groupSize: UInt32) {
+    /// The session's POLL chain value of this round (Specs/protocol.md P-31); all zero
+    /// in an unauthenticated session.
+    public var chainValue: [UInt8]
+    public init(session: SessionID, round: UInt32, sentAtMicroseconds: UInt64, grttMicroseconds: UInt32, groupSize: UInt32,
+                chainValue: [UInt8] = SessionRecord.noChainValue) {
+        precondition(chainValue.count == SessionRecord.chainValueByteCount)
         self.session = session; self.round = round; self.sentAtMicroseconds = sentAtMicroseconds
-        self.grttMicroseconds = grttMicroseconds; self.groupSize = groupSize
+        self.grttMicroseconds = grttMicroseconds; self.groupSize = groupSize; self.chainValue = chainValue
     }
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
         self.session = session
@@ -281,8 +291,9 @@ public struct Poll: Equatable, Sendable {
         sentAtMicroseconds = try r.u64("sent-at")
         grttMicroseconds = try r.u32("GRTT")
         groupSize = try r.u32("group size")
+        chainValue = try r.bytes(SessionRecord.chainValueByteCount, "chain value")
     }
-    func write(to w: inout ByteWriter) { w.u32(round); w.u64(sentAtMicroseconds); w.u32(grttMicroseconds); w.u32(groupSize) }
+    func write(to w: inout ByteWriter) { w.u32(round); w.u64(sentAtMicroseconds); w.u32(grttMicroseconds); w.u32(groupSize); w.append(chainValue) }
 }
 
 /// CLOSE (Specs/protocol.md §3.4).
@@ -290,15 +301,24 @@ public struct Close: Equatable, Sendable {
     public enum Reason: UInt8, Sendable, CaseIterable { case allDone = 0, deadline, idle, aborted }
     public var session: SessionID
     public var reason: Reason
-    public init(session: SessionID, reason: Reason) { self.session = session; self.reason = reason }
+    /// The POLL chain's value of round `round` (P-31): one past the last POLL's, so
+    /// that only the sender can close; zero in an unauthenticated session.
+    public var round: UInt32
+    public var chainValue: [UInt8]
+    public init(session: SessionID, reason: Reason, round: UInt32 = 0, chainValue: [UInt8] = SessionRecord.noChainValue) {
+        precondition(chainValue.count == SessionRecord.chainValueByteCount)
+        self.session = session; self.reason = reason; self.round = round; self.chainValue = chainValue
+    }
     init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
         self.session = session
         let raw = try r.u8("reason")
         guard let reason = Reason(rawValue: raw) else { throw WireFormatError(.invalidField, "close reason \(raw)") }
         self.reason = reason
         try r.zero(3, "close reserved")
+        round = try r.u32("round")
+        chainValue = try r.bytes(SessionRecord.chainValueByteCount, "chain value")
     }
-    func write(to w: inout ByteWriter) { w.u8(reason.rawValue); w.zero(3) }
+    func write(to w: inout ByteWriter) { w.u8(reason.rawValue); w.zero(3); w.u32(round); w.append(chainValue) }
 }
 
 /// REGISTER (Specs/protocol.md §3.5).
@@ -436,6 +456,9 @@ public struct Status: Equatable, Sendable {
         case slot
         /// Failed: the reboot into the update could not be started; the activation was undone.
         case rebootFailed
+        /// Failed: the session's sender is not authorized for this update (its delegation
+        /// expired, or covers other products), Specs/protocol.md P-31b.
+        case unauthorized
     }
     public var session: SessionID
     public var receiver: ReceiverID
@@ -520,4 +543,116 @@ public struct Cookie: Equatable, Sendable {
         guard !cookie.isNone else { throw WireFormatError(.invalidField, "COOKIE without a cookie") }
     }
     func write(to w: inout ByteWriter) { w.u64(receiver.rawValue); w.append(cookie.bytes) }
+}
+
+/// SESSION (Specs/protocol.md §3.10): what the sender says about its session,
+/// signed by a sender key that a vendor delegated (Specs/bundle.md §11). It binds
+/// the session ID to its feedback address, its interleave window, the envelope it
+/// announces (by hash) and the anchor of the POLL chain, so that a forged or
+/// replayed ANNOUNCE, POLL or CLOSE changes nothing at a receiver that requires
+/// authenticated sessions. Numbered: a receiver takes only newer ones.
+///
+/// ```
+/// | common header (type 10) | number u32 | flags u8 | addr family u8 | feedback port u16 |
+/// | feedback address (16) | interleave window u16 | reserved u16 | envelope length u32 |
+/// | envelope SHA-256 (32) | chain round u32 | chain value (32) | chain last round u32 |
+/// | delegation length u16 | delegation | signature length u8 | signature |
+/// ```
+/// The signature covers "fleetcast session" followed by every byte from the common
+/// header up to the signature length.
+public struct SessionRecord: Equatable, Sendable {
+    public static let chainValueByteCount = 32
+    public static let noChainValue = [UInt8](repeating: 0, count: chainValueByteCount)
+    public static let signatureContext = Array("fleetcast session".utf8)
+    /// Named limits: the delegation's size (Specs/bundle.md §11) and a signature's.
+    public static let delegationByteCountMax = 768
+    public static let signatureByteCountMax = 64
+
+    public var session: SessionID
+    public var number: UInt32
+    public var carousel: Bool
+    public var feedbackFamily: Announce.AddressFamily
+    public var feedbackPort: UInt16
+    public var feedbackAddress: [UInt8]
+    public var interleaveWindow: UInt16
+    public var envelopeLength: UInt32
+    public var envelopeHash: [UInt8]
+    /// The latest POLL chain value disclosed, and its round (0: the anchor).
+    public var chainRound: UInt32
+    public var chainValue: [UInt8]
+    /// The chain's last round: no POLL or CLOSE beyond it.
+    public var chainLastRound: UInt32
+    public var delegation: [UInt8]
+    public var signature: [UInt8]
+
+    public init(session: SessionID, number: UInt32, carousel: Bool, feedbackFamily: Announce.AddressFamily, feedbackPort: UInt16, feedbackAddress: [UInt8],
+                interleaveWindow: UInt16, envelopeLength: UInt32, envelopeHash: [UInt8], chainRound: UInt32, chainValue: [UInt8], chainLastRound: UInt32,
+                delegation: [UInt8], signature: [UInt8] = []) {
+        precondition(feedbackAddress.count == 16 && envelopeHash.count == 32 && chainValue.count == Self.chainValueByteCount)
+        precondition(delegation.count <= Self.delegationByteCountMax && signature.count <= Self.signatureByteCountMax)
+        self.session = session; self.number = number; self.carousel = carousel; self.feedbackFamily = feedbackFamily
+        self.feedbackPort = feedbackPort; self.feedbackAddress = feedbackAddress; self.interleaveWindow = interleaveWindow
+        self.envelopeLength = envelopeLength; self.envelopeHash = envelopeHash; self.chainRound = chainRound; self.chainValue = chainValue
+        self.chainLastRound = chainLastRound; self.delegation = delegation; self.signature = signature
+    }
+
+    init(session: SessionID, reader r: inout ByteReader) throws(WireFormatError) {
+        self.session = session
+        number = try r.u32("record number")
+        let flags = try r.u8("flags")
+        guard flags & ~1 == 0 else { throw WireFormatError(.reservedNotZero, "session flags \(flags)") }
+        carousel = flags & 1 == 1
+        let family = try r.u8("address family")
+        guard let f = Announce.AddressFamily(rawValue: family) else { throw WireFormatError(.invalidField, "address family \(family)") }
+        feedbackFamily = f
+        feedbackPort = try r.u16("feedback port")
+        feedbackAddress = try r.bytes(16, "feedback address")
+        interleaveWindow = try r.u16("interleave window")
+        guard interleaveWindow >= 1 else { throw WireFormatError(.invalidField, "interleave window 0") }
+        try r.zero(2, "session reserved")
+        envelopeLength = try r.u32("envelope length")
+        envelopeHash = try r.bytes(32, "envelope hash")
+        chainRound = try r.u32("chain round")
+        chainValue = try r.bytes(Self.chainValueByteCount, "chain value")
+        chainLastRound = try r.u32("chain last round")
+        guard chainRound <= chainLastRound else { throw WireFormatError(.invalidField, "chain round \(chainRound) beyond its last \(chainLastRound)") }
+        let d = Int(try r.u16("delegation length"))
+        guard d <= Self.delegationByteCountMax else { throw WireFormatError(.invalidField, "delegation of \(d) bytes exceeds \(Self.delegationByteCountMax)") }
+        delegation = try r.bytes(d, "delegation")
+        let n = Int(try r.u8("signature length"))
+        guard n <= Self.signatureByteCountMax else { throw WireFormatError(.invalidField, "signature of \(n) bytes exceeds \(Self.signatureByteCountMax)") }
+        signature = try r.bytes(n, "signature")
+    }
+
+    func write(to w: inout ByteWriter) {
+        writeSigned(to: &w)
+        w.u8(UInt8(signature.count))
+        w.append(signature)
+    }
+
+    private func writeSigned(to w: inout ByteWriter) {
+        w.u32(number)
+        w.u8(carousel ? 1 : 0)
+        w.u8(feedbackFamily.rawValue)
+        w.u16(feedbackPort)
+        w.append(feedbackAddress)
+        w.u16(interleaveWindow)
+        w.u16(0)
+        w.u32(envelopeLength)
+        w.append(envelopeHash)
+        w.u32(chainRound)
+        w.append(chainValue)
+        w.u32(chainLastRound)
+        w.u16(UInt16(delegation.count))
+        w.append(delegation)
+    }
+
+    /// What the sender key signs: the context, the common header and every field before the signature.
+    public var signedBytes: [UInt8] {
+        var w = ByteWriter(capacity: 512)
+        w.append(Self.signatureContext)
+        w.u8(Datagram.version); w.u8(Datagram.Kind.session.rawValue); w.u16(0); w.u32(session.rawValue)
+        writeSigned(to: &w)
+        return w.bytes
+    }
 }

@@ -49,7 +49,11 @@ struct Agent: ParsableCommand {
         staging has room for it ("auto", the default), else at most as far ahead of the \
         slot writes as the room allows and freed as it is written, so a device without \
         room for the bundle still installs it; a size ("64M") fixes the window, "whole" \
-        always stages it whole. A \
+        always stages it whole. "session-auth": "required" takes only sessions whose \
+        sender signed a SESSION record with a key the vendor delegated (`fleetcast \
+        delegate`; Specs/protocol.md P-31), so that nobody on the LAN can steer the agent \
+        with a forged or replayed ANNOUNCE, POLL or CLOSE; "optional" (the default, for \
+        keyless lab senders) takes unsigned ones too. A \
         file slot must exist at its full size (truncate -s 512M rootfs.b). Hooks get \
         FLEETCAST_HOOK, FLEETCAST_VERSION, FLEETCAST_SEQUENCE, FLEETCAST_SIDE and \
         FLEETCAST_SLOT_<TARGET>. "simulated-reboot": true makes the agent exit with status \
@@ -187,6 +191,7 @@ struct AgentRun: ParsableCommand {
         receiving.stepTwoThread = true
         receiving.stagingWindow = config.stagingWindow
         receiving.tuning.inactivityTimeout = .seconds(10)
+        receiving.tuning.sessionAuthentication = config.sessionAuth
         var settings = AgentSettings(slots: config.slots, booted: booted, shipped: config.shipped)
         settings.trialAttempts = config.trialAttempts
         settings.trigger = config.trigger

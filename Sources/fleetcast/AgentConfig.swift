@@ -50,6 +50,8 @@ struct AgentConfig {
     var installPath: AgentSettings.InstallPath
     /// Specs/protocol.md P-29c: how a compressed or encrypted payload is staged.
     var stagingWindow: UpdateReceiver.StagingWindow
+    /// Specs/protocol.md P-31a: whether unauthenticated sessions are taken.
+    var sessionAuth: SessionAuthentication
     var rebootCommand: [String]
     /// The tests' and the demo's reboot: the agent exits with `AgentExit.simulatedReboot`.
     var simulatedReboot: Bool
@@ -72,6 +74,7 @@ struct AgentConfig {
       "trigger": "automatic",
       "install": "stream",
       "staging-window": "auto",
+      "session-auth": "required",
       "activation": "reboot",
       "reboot-command": ["systemctl", "reboot"],
       "hooks": { "pre-install": [], "post-install": [], "activation": [] }
@@ -173,6 +176,7 @@ struct AgentConfig {
             throw ConfigError(root.file, "staging-window: '\(window)' is not 'auto', 'whole' or a size of at least 1M (such as 64M)")
         }
         stagingWindow = w
+        sessionAuth = try root.choice("session-auth", SessionAuthentication.self) ?? .optional
         switch try root.string("activation", required: false) ?? "reboot" {
         case "reboot":
             live = nil

@@ -69,6 +69,9 @@ struct Receive: ParsableCommand {
     @Option(help: "With --output-dir and step 2 during the transfer, how a payload staged in the staging directory (compressed, encrypted or of several components) is staged (Specs/protocol.md P-29c): 'auto' stages it whole where staging has room, else through a window of that room (at most that many bytes of blocks ahead of step 2, freed as step 2 consumes them), so the update still arrives; a size (decimal k, M, G, at least 1M) fixes the window; 'whole' always stages it whole.")
     var stagingWindow: String = "auto"
 
+    @Option(help: "'required': take only sessions whose sender signed a SESSION record with a key the vendor delegated (`fleetcast delegate`), so nobody on the LAN can steer this receiver with a forged or replayed ANNOUNCE, POLL or CLOSE (Specs/protocol.md P-31). 'optional': take unsigned sessions too (a keyless lab sender), said to be unauthenticated.")
+    var sessionAuth: SessionAuthentication = .optional
+
     @Option(help: "Directory to write the verified, decrypted components into.")
     var outputDir: String?
 
@@ -138,6 +141,7 @@ struct Receive: ParsableCommand {
         config.componentMode = mode_t(componentMode, radix: 8)!  // checked in validate()
         config.stagingWindow = parseStagingWindow(stagingWindow)!  // checked in validate()
         config.tuning.inactivityTimeout = .seconds(10)
+        config.tuning.sessionAuthentication = sessionAuth
         config.tuning.blockBytesInMemoryMax = parseByteCount(blockMemory)!  // checked in validate()
         let installed = InstalledSoftware(version: installedVersion, sequence: deviceOptions.installedSequence)
         let receiver = try UpdateReceiver(configuration: config, installed: { installed })
@@ -178,7 +182,11 @@ struct Receive: ParsableCommand {
                     outcome = .completed(update, receiving: (end - started).seconds, verifying: (now - end).seconds,
                                          cpuReceiving: cpuAtReceived ?? MonotonicClock.processCPUSeconds())
                 case .failed(_, let failure): outcome = .failed(failure)
-                case .offer, .joined: break
+                case .joined(let session, _):
+                    let how = receiver.joinedSenderDelegation.map { "authenticated by sender key \($0.senderKey.keyID.hexString)" }
+                        ?? "UNAUTHENTICATED (its sender signs no SESSION record; --session-auth required would ignore it)"
+                    FileHandle.standardError.write(Data("joined session \(session): \(how)\n".utf8))
+                case .offer: break
                 }
             }
             status.show(progressLine(receiver, pump, elapsed: now - started))
@@ -248,7 +256,7 @@ struct Receive: ParsableCommand {
         case .notARecipient: BundleError(.notARecipient, "").exitCode
         case .decryption: BundleError(.decryptionFailed, "").exitCode
         case .storage: BundleError(.io, "").exitCode
-        case .sessionClosed, .timedOut, .declined: NetworkExit.sessionEnded
+        case .sessionClosed, .timedOut, .declined, .unauthorized: NetworkExit.sessionEnded
         }
     }
 }
@@ -256,3 +264,5 @@ struct Receive: ParsableCommand {
 extension UInt64 {
     init(fromBytes b: [UInt8]) { self = b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
 }
+
+extension SessionAuthentication: ExpressibleByArgument {}

@@ -52,6 +52,12 @@ struct Send: ParsableCommand {
     @Option(help: "Local UDP port for feedback (default: any free port).")
     var feedbackPort: UInt16 = 0
 
+    @Option(help: "The sender key that signs this session's SESSION records (with --delegation): receivers then act on no forged or replayed ANNOUNCE, POLL or CLOSE (Specs/protocol.md P-31). Without it the session is UNAUTHENTICATED: fine in a closed lab, but anyone on the LAN can then steer its receivers.")
+    var senderKey: String?
+
+    @Option(help: "The vendor's delegation of --sender-key (`fleetcast delegate`).")
+    var delegation: String?
+
     @Option(help: "Multicast TTL / hop limit (1 keeps packets on the LAN).")
     var ttl: Int = 1
 
@@ -97,6 +103,7 @@ struct Send: ParsableCommand {
         if let deadline, parseDuration(deadline) == nil { throw ValidationError("--deadline wants a duration such as 90s, 15m or 1h, at most 100y") }
         if carousel && deadline == nil { throw ValidationError("--carousel needs --deadline: without feedback the sender cannot know when the fleet is done") }
         guard (0...255).contains(ttl) else { throw ValidationError("--ttl must be 0...255") }
+        guard (senderKey == nil) == (delegation == nil) else { throw ValidationError("--sender-key and --delegation go together") }
     }
 
     func run() throws {
@@ -122,6 +129,15 @@ struct Send: ParsableCommand {
             config.expectedReceivers = minReceivers
             config.await = awaitState
             config.deadline = deadline.flatMap(parseDuration).map { Interval.seconds(Double($0)) }
+            if let senderKey, let delegation {
+                let key = try loadPrivateKey(senderKey)
+                let d = try SenderDelegation.load(delegation)
+                guard d.senderKey.raw == key.publicKey.raw else {
+                    throw BundleError(.invalidInput, "\(delegation) delegates key \(d.senderKey.keyID.hexString), not \(senderKey) (\(key.publicKey.keyID.hexString))")
+                }
+                if let why = d.permits(product: manifest.productID, at: currentUnixTime()) { throw BundleError(.invalidInput, "\(delegation): \(why)") }
+                config.authentication = SenderAuthentication(key: key, delegation: d.encoded, chainLast: try SecureRandom.bytes(32))
+            }
             let objects = try FileObjects(bundlePath: bundle, header: opened.header)
             let sender = Sender(config: config, envelope: opened.envelope, manifest: manifest, source: objects)
             var endpoint = SenderEndpoint(group: group, interface: interface, bindAddress: bindAddress)
@@ -133,6 +149,11 @@ struct Send: ParsableCommand {
             }
             let from = driver.localAddress.map { "\($0)" } ?? "?"
             say("sending \(terminalSafe(manifest.productID)) \(terminalSafe(manifest.version)) (\(formatBytes(manifest.payload.size))) to \(group)\(interface.map { " on \($0)" } ?? "") from \(from), session \(config.session), \(rate)bit/s")
+            if let a = config.authentication {
+                say("session authenticated: SESSION records signed by sender key \(a.key.publicKey.keyID.hexString), feedback to \(driver.sender.feedbackAddress.map { "\($0)" } ?? "?")")
+            } else {
+                say("session UNAUTHENTICATED (no --sender-key): anyone on the LAN can forge its ANNOUNCE, POLL and CLOSE; receivers with --session-auth required ignore it")
+            }
 
             let payload = manifest.payload.size
             let status = StatusLine(enabled: !quiet)
@@ -213,6 +234,8 @@ struct FleetReport: Encodable {
     var senderCPUSeconds: Double
     /// Whether data left as segmentation-offload trains (UDP GSO) to the end (P-24a).
     var segmentationOffload: Bool
+    /// Whether the session's SESSION records were signed by a delegated sender key (P-31).
+    var authenticated: Bool
     var receivers: [Device]
 
     init(sender driver: SenderDriver, manifest: Manifest, bundle: String, progress p: SenderProgress,
@@ -226,6 +249,7 @@ struct FleetReport: Encodable {
         seconds = p.elapsed.seconds
         dataBytesSent = p.dataBytesSent
         segmentationOffload = driver.socket.segmentation
+        authenticated = driver.sender.isAuthenticated
         controlBytesSent = p.controlBytesSent
         feedbackBytesReceived = p.feedbackBytesReceived
         wireRatio = Double(p.dataBytesSent) / Double(max(manifest.payload.size, 1))

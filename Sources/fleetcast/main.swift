@@ -21,7 +21,7 @@ struct Fleetcast: ParsableCommand {
         mismatch; 18 not a recipient; 19 decryption failed; 20 I/O; 21 invalid input; \
         64 usage.
         """,
-        subcommands: [Keygen.self, Pack.self, Inspect.self, Verify.self, Send.self, Receive.self, Agent.self, Demo.self, Simulate.self, Inject.self]
+        subcommands: [Keygen.self, Delegate.self, Pack.self, Inspect.self, Verify.self, Send.self, Receive.self, Agent.self, Demo.self, Simulate.self, Inject.self]
     )
 }
 

@@ -301,6 +301,42 @@ struct NetworkTests {
         _ = intruder2.wait(seconds: 30)
     }
 
+    /// Specs/protocol.md P-31: `fleetcast delegate`, `send --sender-key --delegation`,
+    /// `receive --session-auth required`, on the real network.
+    @Test("A receiver requiring authenticated sessions ignores a keyless sender and receives from a delegated one")
+    func authenticatedSession() throws {
+        let f = try NetworkFixture()
+        let lan = try TestLAN(receivers: 1, loss: [0])
+        #expect(try fleetcast(["keygen", "--type", "ed25519", "--out", "sender"], in: f.w.path).status == 0)
+        let delegate = try fleetcast(["delegate", "--sign", "vendor.key", "--sender-key", "sender.pub", "--expires-in", "1d", "-o", "sender.delegation"], in: f.w.path)
+        #expect(delegate.status == 0 && delegate.stdout.contains("delegated until"), "\(delegate.stderr)")
+        // send refuses a delegation of another key than the one it is given.
+        let mismatched = try fleetcast(["send", "update.fcb", "--sender-key", "intruder.key", "--delegation", "sender.delegation", "--deadline", "1s"], in: f.w.path)
+        #expect(mismatched.status != 0 && mismatched.stderr.contains("delegates key"), "\(mismatched.stderr)")
+
+        let strict = f.receiveArguments(1, timeout: 6) + ["--session-auth", "required"]
+        // A keyless sender: never joined.
+        let alone = try start(lan, on: "r1", strict, log: f.w.file("r1-alone.log"))
+        let keyless = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--deadline", "8s"], log: f.w.file("keyless.log"))
+        #expect(alone.wait(seconds: 60) == 30, "expected exit 30 (no acceptable session): \(alone.output)")
+        #expect(alone.output.contains("announce.unauthenticatedSession="), "\(alone.output)")
+        _ = keyless.wait(seconds: 30)
+        #expect(keyless.output.contains("session UNAUTHENTICATED"), "\(keyless.output)")
+
+        // A delegated sender: received, and both ends say the session was authenticated.
+        let r = try start(lan, on: "r1", f.receiveArguments(1, timeout: 30) + ["--session-auth", "required"], log: f.w.file("r1.log"))
+        let sender = try start(lan, on: "s", ["send", f.w.file("update.fcb"), "--rate", "40M", "--min-receivers", "1", "--deadline", "60s",
+                                              "--sender-key", f.w.file("sender.key"), "--delegation", f.w.file("sender.delegation"),
+                                              "--report", f.w.file("fleet.json")], log: f.w.file("s.log"))
+        #expect(r.wait(seconds: 90) == 0, "receiver: \(r.output)")
+        #expect(f.deliveredIntact(1))
+        #expect(r.output.contains("authenticated by sender key"), "\(r.output)")
+        #expect(sender.wait(seconds: 60) == 0, "sender: \(sender.output)")
+        #expect(sender.output.contains("session authenticated"), "\(sender.output)")
+        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as? [String: Any]
+        #expect(report?["authenticated"] as? Bool == true)
+    }
+
     /// Reads the sender's JSON fleet report.
     func fleetReport(_ f: NetworkFixture) throws -> [[String: Any]] {
         let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: f.w.file("fleet.json")))) as! [String: Any]

@@ -13,6 +13,7 @@ let session = SessionID(0xA1B2_C3D4)
 let receiver = ReceiverID(0x0102_0304_0506_0708)
 let cookie = FeedbackCookie(Array(0x10...0x1F))
 let cookieHex = "101112131415161718191a1b1c1d1e1f"
+let chainHex = "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
 
 /// One of each datagram, with the golden bytes that Specs/protocol.md §3 implies,
 /// and the byte offsets of its reserved fields.
@@ -25,9 +26,11 @@ let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int]
      [2, 3, 46, 47]),
     ("data", .data(DataSymbol(session: session, object: .payload, block: 0x0102_0304, symbolIndex: 200, pendingRepair: 0x0105, symbol: [1, 2, 3, 4])),
      "02020000 a1b2c3d4 02 c8 0105 01020304 01020304", [2, 3]),
-    ("poll", .poll(Poll(session: session, round: 3, sentAtMicroseconds: 0x1122_3344_5566_7788, grttMicroseconds: 2500, groupSize: 1000)),
-     "02030000 a1b2c3d4 00000003 1122334455667788 000009c4 000003e8", [2, 3]),
-    ("close", .close(Close(session: session, reason: .idle)), "02040000 a1b2c3d4 02 000000", [2, 3, 9, 10, 11]),
+    ("poll", .poll(Poll(session: session, round: 3, sentAtMicroseconds: 0x1122_3344_5566_7788, grttMicroseconds: 2500, groupSize: 1000,
+                        chainValue: Array(0x20...0x3F))),
+     "02030000 a1b2c3d4 00000003 1122334455667788 000009c4 000003e8 \(chainHex)", [2, 3]),
+    ("close", .close(Close(session: session, reason: .idle, round: 4, chainValue: Array(0x20...0x3F))),
+     "02040000 a1b2c3d4 02 000000 00000004 \(chainHex)", [2, 3, 9, 10, 11]),
     ("register", .register(Register(session: session, receiver: receiver, cookie: cookie, installedSequence: 41, deviceID: "dev-1", version: "1.0")),
      "02050000 a1b2c3d4 0102030405060708 \(cookieHex) 0000000000000029 05 6465762d31 03 312e30", [2, 3]),
     // A REGISTER asking for a cookie (Specs/protocol.md P-30): the cookie's bytes are zero.
@@ -48,6 +51,13 @@ let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int]
      "02070000 a1b2c3d4 0102030405060708 \(cookieHex) 08 0b 0000 00000009 00000009 0000000000000000 00000000", [2, 3, 34, 35]),
     // Specs/protocol.md §3.9: never larger than the smallest REGISTER it answers (42 bytes).
     ("cookie", .cookie(Cookie(session: session, receiver: receiver, cookie: cookie)), "02090000 a1b2c3d4 0102030405060708 \(cookieHex)", [2, 3]),
+    // Specs/protocol.md §3.10 (a 3-byte delegation and a 2-byte signature, for brevity).
+    ("session", .session(SessionRecord(session: session, number: 7, carousel: false, feedbackFamily: .ipv4, feedbackPort: 0x1F90,
+                                       feedbackAddress: [198, 18, 0, 1] + [UInt8](repeating: 0, count: 12), interleaveWindow: 8, envelopeLength: 1027,
+                                       envelopeHash: [UInt8](repeating: 0xEE, count: 32), chainRound: 2, chainValue: Array(0x20...0x3F), chainLastRound: 65536,
+                                       delegation: [1, 2, 3], signature: [9, 9])),
+     "020a0000 a1b2c3d4 00000007 00 04 1f90 c6120001000000000000000000000000 0008 0000 00000403 "
+     + String(repeating: "ee", count: 32) + " 00000002 \(chainHex) 00010000 0003 010203 02 0909", [2, 3, 34, 35]),
 ]
 
 @Suite("Datagrams (Specs/protocol.md §3)")
@@ -93,7 +103,7 @@ struct DatagramTests {
         v[0] = 1  // version 1 had no cookies
         #expect(throws: WireFormatError(.badVersion, "")) { try Datagram(parsing: v) }
         var t = bytes
-        t[1] = 10
+        t[1] = 11
         #expect(throws: WireFormatError(.unknownType, "")) { try Datagram(parsing: t) }
     }
 
@@ -118,9 +128,14 @@ struct DatagramTests {
         refuses(status) { $0[32] = 7 }                     // confirmed with a reason
         refuses(status) { $0[32] = 5 }                     // installed with a reason
         refuses(status) { $0[32] = 9 }                     // state 9
-        refuses(status) { $0[33] = 16 }                    // reason 16
+        refuses(status) { $0[33] = 17 }                    // reason 17
         refuses(samples[4].golden) { $0[40] = 65 }         // device ID longer than 64
-        refuses(samples.last!.golden) { b in for i in 16..<32 { b[i] = 0 } }  // a COOKIE without a cookie
+        refuses(samples[samples.count - 2].golden) { b in for i in 16..<32 { b[i] = 0 } }  // a COOKIE without a cookie
+        let record = samples.last!.golden
+        refuses(record) { $0[32] = 0; $0[33] = 0 }         // interleave window 0
+        refuses(record) { $0[13] = 5 }                     // address family
+        refuses(record) { $0[72] = 0xFF }                  // chain round beyond its last
+        refuses(record) { $0[12] = 2 }                     // a flag not defined
     }
 
     @Test("Random bytes never crash the parser; accepted bytes re-encode identically")

@@ -65,7 +65,7 @@ public struct CookieJar: Sendable {
                 e.lastRequestAt = now
                 return [.register(registration(session))]
             }
-        case .announce, .data, .poll, .close, .ack, .cookie:
+        case .announce, .data, .poll, .close, .ack, .cookie, .session:
             return [d]
         }
     }
@@ -114,7 +114,7 @@ public struct CookieJar: Sendable {
         case .nack(var n): n.cookie = c; return .nack(n)
         case .status(var s): s.cookie = c; return .status(s)
         case .register(var r): r.cookie = c; return .register(r)
-        case .announce, .data, .poll, .close, .ack, .cookie: return d
+        case .announce, .data, .poll, .close, .ack, .cookie, .session: return d
         }
     }
 }

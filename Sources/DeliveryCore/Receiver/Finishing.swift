@@ -10,6 +10,8 @@ struct Finishing {
     enum Timer: Int, CaseIterable { case status, closeConfirm }
 
     let id: SessionID
+    /// P-31: only verified POLL and CLOSE (and signed records) speak for the sender.
+    let authenticated: Bool
     let carousel: Bool
     let sender: PeerAddress
     var grtt: Interval
@@ -28,7 +30,7 @@ struct Finishing {
     /// Every block verified: step 2's verdict is awaited. STATUS keeps its period
     /// (reporting `received`), so that the sender does not take the device for gone.
     init(completed s: Session) {
-        id = s.id; carousel = s.carousel; sender = s.sender; grtt = s.grtt
+        id = s.id; authenticated = s.authenticated; carousel = s.carousel; sender = s.sender; grtt = s.grtt
         report = s.report
         segmentsHeldAtEnd = s.chain.segmentsHeld
         timers[.status] = s.carousel ? nil : s.timers[.status]
@@ -47,7 +49,7 @@ struct Finishing {
 
     /// The session failed before its transfer completed.
     init(failed s: Session, reason: Status.Reason, text: String, at now: Instant, config: ReceiverConfig) {
-        id = s.id; carousel = s.carousel; sender = s.sender; grtt = s.grtt
+        id = s.id; authenticated = s.authenticated; carousel = s.carousel; sender = s.sender; grtt = s.grtt
         report = s.report
         segmentsHeldAtEnd = s.chain.segmentsHeld
         // A CLOSE heard and not yet cancelled still counts: once confirmed (as it is
@@ -103,6 +105,11 @@ extension Receiver {
         var f = takeFinishing()
         defer { put(f) }
         guard datagram.sessionID == f.id else { stats.drops.add(.otherSession); return }
+        if f.authenticated {
+            // P-31: an unsigned ANNOUNCE proves nothing; POLL and CLOSE count only verified.
+            if datagram.kind == .announce { return }
+            guard verifiesChain(datagram, f.id, at: now) else { stats.drops.add(.unauthenticatedControl); return }
+        }
         // An ANNOUNCE or POLL says the sender is alive, so a CLOSE heard after the final
         // STATUS was forged: keep repeating the STATUS until ACKed. (DATA does not count
         // here: a finished receiver no longer checks its tags.)
@@ -121,7 +128,7 @@ extension Receiver {
             guard cookies.accepts(a) else { stats.drops.add(.forgedAck); return }
             if (f.verdict == .verified && a.state == .complete) || (f.isFailedVerdict && a.state == .failed) { f.acknowledge() }
         case .register, .nack, .status: stats.drops.add(.feedbackFromPeer)
-        case .cookie: return
+        case .cookie, .session: return
         }
     }
 }

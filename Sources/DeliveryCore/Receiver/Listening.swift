@@ -79,11 +79,15 @@ extension Announce {
     /// Specs/protocol.md §3.1: where this session's feedback goes. Address family 0
     /// means "reply to the announce's source".
     func feedbackDestination(source: PeerAddress) -> PeerAddress {
-        switch feedbackFamily {
+        Self.feedbackDestination(feedbackFamily, feedbackAddress, feedbackPort, source: source)
+    }
+
+    /// A feedback address as ANNOUNCE and SESSION name it: family 0 is the datagram's source.
+    static func feedbackDestination(_ family: AddressFamily, _ address: [UInt8], _ port: UInt16, source: PeerAddress) -> PeerAddress {
+        switch family {
         case .sourceAddress: source
-        case .ipv4: PeerAddress(family: .ipv4, address: feedbackAddress.prefix(4), port: feedbackPort)
-        case .ipv6: PeerAddress(family: .ipv6, address: feedbackAddress, port: feedbackPort,
-                                scopeID: source.family == .ipv6 ? source.scopeID : 0)
+        case .ipv4: PeerAddress(family: .ipv4, address: address.prefix(4), port: port)
+        case .ipv6: PeerAddress(family: .ipv6, address: address, port: port, scopeID: source.family == .ipv6 ? source.scopeID : 0)
         }
     }
 }
@@ -121,7 +125,7 @@ extension Receiver {
             // One offer at a time: announces wait until the device has answered.
             guard !offerPending else { return }
             handleAnnounce(a, &l, from: peer)
-        case .close, .ack, .cookie:
+        case .close, .ack, .cookie, .session:
             return
         case .register, .nack, .status:
             stats.drops.add(.feedbackFromPeer)
@@ -131,7 +135,14 @@ extension Receiver {
     /// Specs/protocol.md P-3a: traffic of a session whose announce this receiver
     /// missed. It says hello (REGISTER) so that the sender announces again and
     /// waits for it; at most once per `statusInterval`.
-    private mutating func requestAnnounce(_ id: SessionID, _ l: inout Listening, to peer: PeerAddress, at now: Instant) {
+    private mutating func requestAnnounce(_ id: SessionID, _ l: inout Listening, to source: PeerAddress, at now: Instant) {
+        // P-31a: a receiver that requires authenticated sessions says hello only to the
+        // address a signed record names (a forged POLL must not aim it at anyone).
+        var peer = source
+        if config.sessionAuthentication == .required {
+            guard let k = records.record(for: id) else { return }
+            peer = k.record.feedbackDestination(source: source)
+        }
         if let last = l.lastHello, now < last + config.statusInterval { return }
         l.lastHello = now
         stats.hellos += 1
@@ -157,6 +168,13 @@ extension Receiver {
         if intake.wasRefusedEnough(envelope, repeatMax: config.statusRepeatMax) { stats.drops.add(.announceRefusedBefore); return }
         let hash = SHA256.hash(envelope)
         if intake.hasFailed(hash) { stats.drops.add(.announceFailedBefore); return }
+        // Specs/protocol.md P-31a: the signed SESSION record of this session, if one names
+        // this envelope: the session is authenticated, and its feedback goes where it says.
+        let known = records.record(for: a.session).flatMap { k in
+            k.record.envelopeHash == hash && Int(k.record.envelopeLength) == envelope.count
+                && Int(k.record.interleaveWindow) == Int(a.interleaveWindow) && k.record.carousel == a.carousel ? k : nil
+        }
+        if known == nil && config.sessionAuthentication == .required { stats.drops.add(.unauthenticatedSession); return }
         let signed: SignedManifest
         var checks = 0
         do { signed = try ManifestVerifier.verifySignatures(envelope: envelope, trust: config.trust) { checks += 1 } } catch {
@@ -166,8 +184,9 @@ extension Receiver {
             return
         }
         stats.signatureChecks += UInt64(checks)
+        let sender = known.map { $0.record.feedbackDestination(source: peer) } ?? a.feedbackDestination(source: peer)
         let offer = Offer(session: a.session, manifest: signed, envelope: envelope, carousel: a.carousel,
-                          sender: a.feedbackDestination(source: peer), resumes: resume?.progress.envelope == envelope, announce: a)
+                          sender: sender, resumes: resume?.progress.envelope == envelope, announce: a, senderDelegation: known?.delegation)
         stats.offers += 1
         actions.append(.offer(offer))
         put(l, offer: offer)

@@ -11,8 +11,11 @@ public struct ReceiverConfig: Sendable {
     public var installedVersion: String
     /// Reported in REGISTER (Specs/protocol.md §3.5); the offer's judge checks it.
     public var installedSequence: UInt64
-    /// Whose signatures an announce must carry before it becomes an offer.
+    /// Whose signatures an announce must carry before it becomes an offer, and whose
+    /// delegation a sender key must carry to sign SESSION records (P-31).
     public var trust: TrustPolicy
+    /// Whether sessions without a signed SESSION record are taken (Specs/protocol.md P-31a).
+    public var sessionAuthentication = SessionAuthentication.optional
     /// Seeds the NACK backoff.
     public var seed: UInt64
     /// Incomplete blocks tracked (bitmaps: about 200 bytes each); beyond it, symbols of new blocks are dropped.
@@ -98,6 +101,9 @@ public struct Offer: Sendable {
     public let resumes: Bool
     /// The announce that completed the envelope: the session's timing and window.
     let announce: Announce
+    /// The delegation of the key that signed the session's SESSION record (P-31): the
+    /// session is authenticated. Nil: an unauthenticated session (a keyless sender).
+    public let senderDelegation: SenderDelegation?
 }
 
 /// Step 2's outcome, which the device reports once the transfer is complete
@@ -152,6 +158,8 @@ public struct Receiver {
     var actions: [ReceiverAction] = []
     /// Feedback cookies per session, and feedback waiting for one (P-30).
     var cookies: CookieJar
+    /// Signed SESSION records heard, and how far each POLL chain is verified (P-31).
+    var records = SessionRecords()
     /// Where the symbols of incomplete blocks go once the session's `blocksInMemoryMax` blocks are held.
     let spill: SymbolSpill
     /// Reads staged auth-chain bytes back, so that segments may leave memory (P-5c); nil keeps them all.
@@ -250,6 +258,7 @@ public struct Receiver {
             return
         }
         if case .cookie(let c) = datagram { handleCookie(c, at: now); return }
+        if case .session(let r) = datagram { handleRecord(r, at: now); return }
         switch state {
         case .listening, .offered: handleUnjoined(datagram, from: peer, at: now)
         case .receiving: handleInSession(datagram, from: peer, at: now, arrivedAt: min(arrivedAt ?? now, now))
@@ -397,6 +406,30 @@ public struct Receiver {
     private mutating func transmit(_ d: Datagram, to peer: PeerAddress) {
         outgoing.append(Transmit(destination: .peer(peer), bytes: d.encoded()))
         stats.sent.add(d.kind)
+    }
+
+    /// Specs/protocol.md P-31: a SESSION record. Verified and newer, it is what the
+    /// receiver knows of its session (feedback address, envelope, POLL chain), and says
+    /// the joined session's sender is alive.
+    private mutating func handleRecord(_ r: SessionRecord, at now: Instant) {
+        switch records.take(r, trust: config.trust, at: now, stats: &stats) {
+        case .taken: stats.sessionRecords += 1
+        case .stale: stats.drops.add(.sessionRecordStale); return
+        case .failed: stats.drops.add(.sessionRecordInvalid); return
+        case .overBudget: stats.drops.add(.sessionRecordOverBudget); return
+        }
+        switch state {
+        case .receiving(let s) where s.id == r.session && s.authenticated:
+            withSession(at: now) { s, c in
+                s.timers[.inactivity] = now + c.config.inactivityTimeout
+                s.lastHeard = now
+            }
+        case .finishing(let f) where f.id == r.session && f.authenticated:
+            var f = takeFinishing()
+            f.timers[.closeConfirm] = nil
+            put(f)
+        default: break
+        }
     }
 
     /// Specs/protocol.md P-30: the sender's COOKIE for a session this receiver asked; the

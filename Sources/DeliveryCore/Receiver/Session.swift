@@ -1,3 +1,4 @@
+import FleetCrypto
 import BundleFormat
 import ErasureCoding
 import WireFormat
@@ -11,8 +12,12 @@ struct Session {
     var id: SessionID
     let envelope: [UInt8]
     let carousel: Bool
-    /// Feedback goes here (P-23): the announce's feedback address or source.
+    /// Feedback goes here (P-23): the signed record's feedback address, or the
+    /// announce's feedback address or source.
     var sender: PeerAddress
+    /// A signed SESSION record vouches for the session (P-31): only verified POLL and
+    /// CLOSE count, and only authenticated progress keeps it alive.
+    let authenticated: Bool
     var grtt: Interval
     var groupSize: Int
     let interleaveWindow: Int
@@ -44,6 +49,7 @@ struct Session {
     init(offer: Offer, verified: VerifiedManifest, now: Instant, config: ReceiverConfig) {
         let a = offer.announce, m = verified.manifest
         id = offer.session
+        authenticated = offer.senderDelegation != nil
         envelope = offer.envelope
         carousel = offer.carousel
         sender = offer.sender
@@ -109,8 +115,11 @@ extension Receiver {
                 if case .announce(let a) = datagram { r.handleOtherAnnounce(a, &s, from: peer, at: now) }
                 return
             }
-            s.timers[.inactivity] = now + r.config.inactivityTimeout
-            s.lastHeard = now
+            // Specs/protocol.md P-31: in an authenticated session a POLL or CLOSE counts only
+            // with its chain value; it and DATA that passed its tag are the progress that
+            // keeps the session alive. Elsewhere any datagram of the session does (P-13a, P-17a).
+            if s.authenticated, !r.verifiesChain(datagram, s.id, at: now) { r.stats.drops.add(.unauthenticatedControl); return }
+            let acceptedBefore = r.stats.acceptedPayloadSymbols + r.stats.acceptedAuthSymbols
             switch datagram {
             case .announce(let a):
                 s.grtt = Self.clampGRTT(a.grttMicroseconds)
@@ -118,12 +127,22 @@ extension Receiver {
             case .data(let d): r.handleData(d, &s, at: now)
             case .poll(let p): r.handlePoll(p, &s, at: now, arrivedAt: arrivedAt)
             case .close:
-                // Specs/protocol.md P-13a: a CLOSE may be forged; it takes effect only if the
-                // session then stays quiet (genuine data or a POLL cancels it).
                 r.stats.closesHeard += 1
-                if s.timers[.closeConfirm] == nil { s.timers[.closeConfirm] = now + max(r.config.closeConfirmQuiet, s.grtt * 8) }
-            case .ack, .cookie: return
+                if s.authenticated {
+                    // Verified: only the sender can close it.
+                    s.timers[.closeConfirm] = now
+                } else if s.timers[.closeConfirm] == nil {
+                    // Specs/protocol.md P-13a: a CLOSE may be forged; it takes effect only if the
+                    // session then stays quiet (genuine data or a POLL cancels it).
+                    s.timers[.closeConfirm] = now + max(r.config.closeConfirmQuiet, s.grtt * 8)
+                }
+            case .ack, .cookie, .session: return
             case .register, .nack, .status: r.stats.drops.add(.feedbackFromPeer)
+            }
+            let progressed = r.stats.acceptedPayloadSymbols + r.stats.acceptedAuthSymbols > acceptedBefore
+            if !s.authenticated || datagram.kind == .poll || datagram.kind == .close || progressed {
+                s.timers[.inactivity] = now + r.config.inactivityTimeout
+                s.lastHeard = now
             }
         }
     }
@@ -136,10 +155,23 @@ extension Receiver {
         guard let envelope = intake.collector.add(a) else { return }
         if intake.wasRefusedEnough(envelope, repeatMax: config.statusRepeatMax) { stats.drops.add(.announceRefusedBefore); return }
         guard envelope == s.envelope, now >= s.lastHeard + config.sessionSwitchQuiet else { return }
+        // P-31: an authenticated session moves only to a session a signed record vouches for.
+        let known = records.record(for: a.session).flatMap { $0.record.envelopeHash == SHA256.hash(envelope) ? $0 : nil }
+        if s.authenticated && known == nil { return }
         s.id = a.session
-        s.sender = a.feedbackDestination(source: peer)
+        s.sender = known.map { $0.record.feedbackDestination(source: peer) } ?? a.feedbackDestination(source: peer)
         s.timers[.inactivity] = now + config.inactivityTimeout
         stats.sessionSwitches += 1
+    }
+
+    /// P-31: a POLL or CLOSE of an authenticated session carries its round's chain value
+    /// (checked, and in order); anything else passes here.
+    mutating func verifiesChain(_ datagram: Datagram, _ session: SessionID, at now: Instant) -> Bool {
+        switch datagram {
+        case .poll(let p): records.verifyChain(session, round: p.round, value: p.chainValue, at: now)
+        case .close(let c): records.verifyChain(session, round: c.round, value: c.chainValue, at: now)
+        default: true
+        }
     }
 
     /// Specs/protocol.md P-5, P-6, P-14: one DATA symbol into its block.

@@ -137,6 +137,7 @@ public struct Sender {
     public let config: SenderConfig
     public let manifest: Manifest
     private let envelope: [UInt8]
+    private let envelopeHash: [UInt8]
     private let layouts: [ObjectLayout]  // [auth chain, payload]
     public private(set) var stats = SenderStats()
     public private(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
@@ -172,6 +173,11 @@ public struct Sender {
     private var control: [Transmit] = []
     private var announceDue: Instant?
     private var lastAnnounceAt: Instant?
+    /// P-31: the POLL chain (value(r) for r in 0...pollChainLength) of an authenticated
+    /// session, empty otherwise; SESSION records sent so far; where feedback goes.
+    private let pollChain: [[UInt8]]
+    private var recordsSent: UInt32 = 0
+    public private(set) var feedbackAddress: PeerAddress?
     /// Registered receivers per host address (P-30a: `receiversPerAddressMax`).
     private var addressCounts: [PeerAddress: Int] = [:]
     /// COOKIE replies in the current second (`cookieRepliesPerSecondMax`).
@@ -185,11 +191,14 @@ public struct Sender {
         precondition(config.rateBytesPerSecond > 0 && config.interleaveWindow >= 1)
         self.config = config
         self.envelope = envelope
+        envelopeHash = SHA256.hash(envelope)
         self.manifest = manifest
         layouts = [ObjectLayout(object: .authChain, size: manifest.authentication.size, profile: manifest.transport),
                    ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
         grtt = config.grttInitial
         grttAtRoundStart = config.grttInitial
+        pollChain = config.authentication.map { PollChain.values(length: SenderConfig.pollChainLength, last: $0.chainLast) } ?? []
+        feedbackAddress = config.feedbackAddress
         sessionDeadline = config.deadline ?? SenderConfig.defaultDeadline(
             objectBytes: manifest.authentication.size + manifest.payload.size, symbolBytes: manifest.transport.symbolSize,
             rateBytesPerSecond: config.rateBytesPerSecond)
@@ -199,6 +208,11 @@ public struct Sender {
     }
 
     public var isFinished: Bool { phase == .finished }
+    /// Whether receivers can authenticate this session (a signed SESSION record, P-31).
+    public var isAuthenticated: Bool { config.authentication != nil }
+
+    /// Names where receivers send feedback (the driver, once its socket is bound).
+    public mutating func nameFeedbackAddress(_ address: PeerAddress) { feedbackAddress = address }
     /// Specs/protocol.md P-17b: the receivers' backoff (scaled by the group size) plus the NACK window.
     public var roundWindow: Interval { grtt * (config.backoffGRTTs * backoffShare(groupSize: max(receivers.count, 1)) + config.nackWindowGRTTs) }
     public var currentGRTT: Interval { grtt }
@@ -235,7 +249,7 @@ public struct Sender {
             receivers[r.receiver] = rec
         case .nack(let n): handleNack(n, from: peer, at: now, arrivedAt: min(arrivedAt ?? now, now))
         case .status(let s): handleStatus(s, from: peer, at: now)
-        case .announce, .data, .poll, .close, .ack, .cookie: stats.drops.add(.fromSender)
+        case .announce, .data, .poll, .close, .ack, .cookie, .session: stats.drops.add(.fromSender)
         }
     }
 
@@ -519,12 +533,15 @@ public struct Sender {
         // Receivers known only by their hello have not joined yet: announce again (P-3a).
         if receivers.values.contains(where: { $0.state == .registered }) { scheduleEarlyAnnounce(at: now) }
         grttAtRoundStart = grtt
+        // P-31: an authenticated session has as many rounds as its chain has values.
+        if isAuthenticated && Int(round) >= SenderConfig.pollChainLength { startClosing(.idle); return }
         let sentAt = max(now.microseconds, 1)
         issuedPollSentAt.append(sentAt)
         if issuedPollSentAt.count > SenderConfig.pollEchoesRememberedMax { issuedPollSentAt.removeFirst() }
         control.append(Transmit(destination: .group, bytes: Datagram.poll(Poll(
             session: config.session, round: round, sentAtMicroseconds: sentAt,
-            grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)))).encoded()))
+            grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)),
+            chainValue: isAuthenticated ? pollChain[Int(round)] : SessionRecord.noChainValue)).encoded()))
     }
 
     /// When `handleTimeout` or `pollTransmit` next has work.
@@ -578,7 +595,11 @@ public struct Sender {
             guard closesLeft > 0 else { phase = .finished; return nil }
             closesLeft -= 1
             if closesLeft == 0 { phase = .finished }
-            return spend(Transmit(destination: .group, bytes: Datagram.close(Close(session: config.session, reason: closeReason)).encoded()), \.controlDatagrams, \.controlBytes)
+            // P-31: CLOSE discloses the chain's next value, which only the sender knows.
+            let closeRound = min(Int(round) + 1, SenderConfig.pollChainLength)
+            let close = isAuthenticated ? Close(session: config.session, reason: closeReason, round: UInt32(closeRound), chainValue: pollChain[closeRound])
+                : Close(session: config.session, reason: closeReason)
+            return spend(Transmit(destination: .group, bytes: Datagram.close(close).encoded()), \.controlDatagrams, \.controlBytes)
         case .firstPass:
             // Specs/protocol.md P-9: while source remains, repair takes at most its share.
             if !repair.isEmpty && pacer.repairShareAvailable, let t = nextRepair() {
@@ -616,10 +637,12 @@ public struct Sender {
         // would otherwise fetch everything late.
         let copies = lastAnnounceAt == nil ? config.announceStartCopies : 1
         nextAnnounceAtData = dataSent + UInt64(config.announceEveryDataDatagrams)
+        let (family, address, port) = feedbackFields
         for _ in 0..<copies {
+            if let record = signedRecord() { control.append(Transmit(destination: .group, bytes: Datagram.session(record).encoded())) }
             for f in Announce.fragments(of: envelope) {
                 control.append(Transmit(destination: .group, bytes: Datagram.announce(Announce(
-                    session: config.session, carousel: config.carousel, rateKilobytesPerSecond: UInt32(min(config.rateBytesPerSecond / 1000, Double(UInt32.max))),
+                    session: config.session, feedbackFamily: family, carousel: config.carousel, feedbackPort: port, feedbackAddress: address, rateKilobytesPerSecond: UInt32(min(config.rateBytesPerSecond / 1000, Double(UInt32.max))),
                     grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)),
                     interleaveWindow: UInt16(config.interleaveWindow), fragmentIndex: f.index, fragmentCount: f.count,
                     envelopeLength: UInt32(envelope.count), fragment: f.bytes)).encoded()))
@@ -628,6 +651,29 @@ public struct Sender {
         announceDue = now + config.announceInterval
         lastAnnounceAt = now
         stats.announces += 1
+    }
+
+    /// The feedback address as ANNOUNCE and SESSION name it (§3.1): explicit, or "this datagram's source".
+    private var feedbackFields: (Announce.AddressFamily, [UInt8], UInt16) {
+        guard let a = feedbackAddress else { return (.sourceAddress, [UInt8](repeating: 0, count: 16), 0) }
+        let bytes = a.addressBytes
+        return (a.family == .ipv6 ? .ipv6 : .ipv4, bytes + [UInt8](repeating: 0, count: 16 - bytes.count), a.port)
+    }
+
+    /// Specs/protocol.md §3.10: this session's SESSION record, numbered, with the latest
+    /// POLL chain value disclosed, signed by the delegated key; nil unauthenticated.
+    private mutating func signedRecord() -> SessionRecord? {
+        guard let auth = config.authentication else { return nil }
+        precondition(feedbackAddress != nil, "an authenticated session names its feedback address (P-31)")
+        recordsSent += 1
+        let (family, address, port) = feedbackFields
+        var record = SessionRecord(session: config.session, number: recordsSent, carousel: config.carousel, feedbackFamily: family,
+                                   feedbackPort: port, feedbackAddress: address, interleaveWindow: UInt16(config.interleaveWindow),
+                                   envelopeLength: UInt32(envelope.count), envelopeHash: envelopeHash, chainRound: round,
+                                   chainValue: pollChain[Int(round)], chainLastRound: UInt32(SenderConfig.pollChainLength), delegation: auth.delegation)
+        do { record.signature = try auth.key.sign(record.signedBytes) } catch { preconditionFailure("the sender key cannot sign: \(error)") }
+        stats.sessionRecords += 1
+        return record
     }
 
     /// A multicast datagram goes: both buckets pay its wire size (P-9), and it is counted.

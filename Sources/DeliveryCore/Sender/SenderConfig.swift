@@ -1,4 +1,5 @@
 import BundleFormat
+import FleetCrypto
 import WireFormat
 
 /// How a sender behaves; every limit has a name and a default (Specs/protocol.md §6).
@@ -129,6 +130,17 @@ public struct SenderConfig: Sendable {
     /// Receivers registered from one address (one host; many on loopback in tests).
     public var receiversPerAddressMax = 64
 
+    /// Specs/protocol.md §3.10, P-31: the sender key a vendor delegated and its
+    /// delegation, and the POLL chain's last value (random); nil: an unauthenticated
+    /// session (a lab's keyless sender).
+    public var authentication: SenderAuthentication?
+    /// Where receivers send feedback, named in ANNOUNCE and SESSION; nil: "the source
+    /// of the announce" (unauthenticated sessions only: a signed record must name it,
+    /// or a replay from a spoofed source could aim feedback elsewhere).
+    public var feedbackAddress: PeerAddress?
+    /// The POLL chain's length: no session has more rounds (P-31).
+    public static let pollChainLength = 65_536
+
     public init(session: SessionID, rateBytesPerSecond: Double, cookieSecret: [UInt8]) {
         precondition(cookieSecret.count >= Self.cookieSecretByteCountMin, "a cookie secret of at least 16 random bytes")
         self.session = session
@@ -137,3 +149,15 @@ public struct SenderConfig: Sendable {
     }
 }
 
+
+/// What an authenticated sender holds (Specs/protocol.md P-31): its delegated key and
+/// the vendor's delegation of it, and the random last value of its POLL chain.
+public struct SenderAuthentication: Sendable {
+    public let key: PrivateKey
+    public let delegation: [UInt8]
+    public let chainLast: [UInt8]
+    public init(key: PrivateKey, delegation: [UInt8], chainLast: [UInt8]) {
+        precondition(chainLast.count == SessionRecord.chainValueByteCount, "a chain value is 32 bytes")
+        self.key = key; self.delegation = delegation; self.chainLast = chainLast
+    }
+}
