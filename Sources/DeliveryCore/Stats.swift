@@ -88,6 +88,9 @@ public enum ReceiverDrop: Int, TallyKey {
     /// second; an announce of a session no record vouches for (required); a POLL or CLOSE
     /// of an authenticated session without its chain value.
     case sessionRecordStale, sessionRecordInvalid, sessionRecordOverBudget, unauthenticatedSession, unauthenticatedControl
+    /// P-3d: an ANNOUNCE fragment that does not hash to its root; one of another root than
+    /// a signed record names.
+    case announceBadFragment, announceForeignRoot
 
     public var tallyName: String {
         switch self {
@@ -111,6 +114,8 @@ public enum ReceiverDrop: Int, TallyKey {
         case .sessionRecordOverBudget: "session.overBudget"
         case .unauthenticatedSession: "announce.unauthenticatedSession"
         case .unauthenticatedControl: "control.unauthenticated"
+        case .announceBadFragment: "announce.badFragment"
+        case .announceForeignRoot: "announce.foreignRoot"
         }
     }
 }

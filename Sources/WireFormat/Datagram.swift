@@ -138,8 +138,12 @@ public enum Datagram: Equatable, Sendable {
 
 /// ANNOUNCE (Specs/protocol.md §3.1): who is sending what, and a fragment of the signed manifest.
 public struct Announce: Equatable, Sendable {
-    public static let fixedByteCount = 44
+    public static let fixedByteCount = 77
     public static let fragmentByteCountMax = 1024
+    /// Named limit: the Merkle path of a fragment (Specs/protocol.md P-3d): 8 levels
+    /// hold 256 fragments, the envelope's limit.
+    public static let pathLengthMax = 8
+    public static let hashByteCount = 32
 
     public enum AddressFamily: UInt8, Sendable { case sourceAddress = 0, ipv4 = 4, ipv6 = 6 }
 
@@ -156,12 +160,19 @@ public struct Announce: Equatable, Sendable {
     public var fragmentIndex: UInt16
     public var fragmentCount: UInt16
     public var envelopeLength: UInt32
+    /// The Merkle root over the envelope's fragments, and this fragment's path to it
+    /// (Specs/protocol.md P-3d): each fragment is checked on arrival.
+    public var root: [UInt8]
+    public var path: [[UInt8]]
     public var fragment: [UInt8]
 
     public init(session: SessionID, feedbackFamily: AddressFamily = .sourceAddress, carousel: Bool = false, feedbackPort: UInt16 = 0,
                 feedbackAddress: [UInt8] = [UInt8](repeating: 0, count: 16), rateKilobytesPerSecond: UInt32, grttMicroseconds: UInt32,
-                groupSize: UInt32, interleaveWindow: UInt16, fragmentIndex: UInt16, fragmentCount: UInt16, envelopeLength: UInt32, fragment: [UInt8]) {
-        precondition(feedbackAddress.count == 16)
+                groupSize: UInt32, interleaveWindow: UInt16, fragmentIndex: UInt16, fragmentCount: UInt16, envelopeLength: UInt32,
+                root: [UInt8] = [UInt8](repeating: 0, count: hashByteCount), path: [[UInt8]] = [], fragment: [UInt8]) {
+        precondition(feedbackAddress.count == 16 && root.count == Self.hashByteCount && path.count <= Self.pathLengthMax)
+        precondition(path.allSatisfy { $0.count == Self.hashByteCount })
+        self.root = root; self.path = path
         self.session = session; self.feedbackFamily = feedbackFamily; self.carousel = carousel; self.feedbackPort = feedbackPort
         self.feedbackAddress = feedbackAddress; self.rateKilobytesPerSecond = rateKilobytesPerSecond; self.grttMicroseconds = grttMicroseconds
         self.groupSize = groupSize; self.interleaveWindow = interleaveWindow; self.fragmentIndex = fragmentIndex
@@ -186,6 +197,13 @@ public struct Announce: Equatable, Sendable {
         fragmentCount = try r.u16("fragment count")
         try r.zero(2, "announce reserved")
         envelopeLength = try r.u32("envelope length")
+        root = try r.bytes(Self.hashByteCount, "envelope root")
+        let depth = Int(try r.u8("path length"))
+        guard depth <= Self.pathLengthMax else { throw WireFormatError(.invalidField, "a path of \(depth) levels exceeds \(Self.pathLengthMax)") }
+        try r.need(depth * Self.hashByteCount, "path")
+        var path: [[UInt8]] = []
+        for _ in 0..<depth { path.append(try r.bytes(Self.hashByteCount, "path")) }
+        self.path = path
         guard interleaveWindow >= 1 else { throw WireFormatError(.invalidField, "interleave window 0") }
         guard fragmentCount >= 1, fragmentIndex < fragmentCount else {
             throw WireFormatError(.invalidField, "fragment \(fragmentIndex) of \(fragmentCount)")
@@ -214,6 +232,9 @@ public struct Announce: Equatable, Sendable {
         w.u16(fragmentCount)
         w.u16(0)
         w.u32(envelopeLength)
+        w.append(root)
+        w.u8(UInt8(path.count))
+        for p in path { w.append(p) }
         w.append(fragment)
     }
 
@@ -555,7 +576,7 @@ public struct Cookie: Equatable, Sendable {
 /// ```
 /// | common header (type 10) | number u32 | flags u8 | addr family u8 | feedback port u16 |
 /// | feedback address (16) | interleave window u16 | reserved u16 | envelope length u32 |
-/// | envelope SHA-256 (32) | chain round u32 | chain value (32) | chain last round u32 |
+/// | envelope root (32) | chain round u32 | chain value (32) | chain last round u32 |
 /// | delegation length u16 | delegation | signature length u8 | signature |
 /// ```
 /// The signature covers "fleetcast session" followed by every byte from the common
@@ -576,7 +597,8 @@ public struct SessionRecord: Equatable, Sendable {
     public var feedbackAddress: [UInt8]
     public var interleaveWindow: UInt16
     public var envelopeLength: UInt32
-    public var envelopeHash: [UInt8]
+    /// The Merkle root over the envelope's fragments (P-3d): it binds the envelope.
+    public var envelopeRoot: [UInt8]
     /// The latest POLL chain value disclosed, and its round (0: the anchor).
     public var chainRound: UInt32
     public var chainValue: [UInt8]
@@ -586,13 +608,13 @@ public struct SessionRecord: Equatable, Sendable {
     public var signature: [UInt8]
 
     public init(session: SessionID, number: UInt32, carousel: Bool, feedbackFamily: Announce.AddressFamily, feedbackPort: UInt16, feedbackAddress: [UInt8],
-                interleaveWindow: UInt16, envelopeLength: UInt32, envelopeHash: [UInt8], chainRound: UInt32, chainValue: [UInt8], chainLastRound: UInt32,
+                interleaveWindow: UInt16, envelopeLength: UInt32, envelopeRoot: [UInt8], chainRound: UInt32, chainValue: [UInt8], chainLastRound: UInt32,
                 delegation: [UInt8], signature: [UInt8] = []) {
-        precondition(feedbackAddress.count == 16 && envelopeHash.count == 32 && chainValue.count == Self.chainValueByteCount)
+        precondition(feedbackAddress.count == 16 && envelopeRoot.count == 32 && chainValue.count == Self.chainValueByteCount)
         precondition(delegation.count <= Self.delegationByteCountMax && signature.count <= Self.signatureByteCountMax)
         self.session = session; self.number = number; self.carousel = carousel; self.feedbackFamily = feedbackFamily
         self.feedbackPort = feedbackPort; self.feedbackAddress = feedbackAddress; self.interleaveWindow = interleaveWindow
-        self.envelopeLength = envelopeLength; self.envelopeHash = envelopeHash; self.chainRound = chainRound; self.chainValue = chainValue
+        self.envelopeLength = envelopeLength; self.envelopeRoot = envelopeRoot; self.chainRound = chainRound; self.chainValue = chainValue
         self.chainLastRound = chainLastRound; self.delegation = delegation; self.signature = signature
     }
 
@@ -611,7 +633,7 @@ public struct SessionRecord: Equatable, Sendable {
         guard interleaveWindow >= 1 else { throw WireFormatError(.invalidField, "interleave window 0") }
         try r.zero(2, "session reserved")
         envelopeLength = try r.u32("envelope length")
-        envelopeHash = try r.bytes(32, "envelope hash")
+        envelopeRoot = try r.bytes(32, "envelope root")
         chainRound = try r.u32("chain round")
         chainValue = try r.bytes(Self.chainValueByteCount, "chain value")
         chainLastRound = try r.u32("chain last round")
@@ -639,7 +661,7 @@ public struct SessionRecord: Equatable, Sendable {
         w.u16(interleaveWindow)
         w.u16(0)
         w.u32(envelopeLength)
-        w.append(envelopeHash)
+        w.append(envelopeRoot)
         w.u32(chainRound)
         w.append(chainValue)
         w.u32(chainLastRound)

@@ -86,10 +86,12 @@ struct AuthenticatedSessionTests {
         let bundle = try await BundleCache.shared.bundle(300_000)
         let fake = SessionID(0xFA4E)
         let reflector = PeerAddress.benchmark(200)
-        let announces = Announce.fragments(of: bundle.envelope).map { f in
+        let tree = EnvelopeTree.fragments(of: bundle.envelope)
+        let announces = tree.fragments.map { f in
             Datagram.announce(Announce(session: fake, feedbackFamily: .ipv4, feedbackPort: reflector.port, feedbackAddress: reflector.addressBytes + [UInt8](repeating: 0, count: 12),
                                        rateKilobytesPerSecond: 1000, grttMicroseconds: 10_000, groupSize: 1, interleaveWindow: 8,
-                                       fragmentIndex: f.index, fragmentCount: f.count, envelopeLength: UInt32(bundle.envelope.count), fragment: f.bytes)).encoded()
+                                       fragmentIndex: f.index, fragmentCount: f.count, envelopeLength: UInt32(bundle.envelope.count),
+                                       root: tree.root, path: f.path, fragment: f.bytes)).encoded()
         }
         let poll = Datagram.poll(Poll(session: fake, round: 1, sentAtMicroseconds: 1, grttMicroseconds: 100, groupSize: 1)).encoded()
         func attack(_ receiver: inout Receiver) -> [Transmit] {

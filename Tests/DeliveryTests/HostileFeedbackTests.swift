@@ -223,9 +223,11 @@ struct HostileAnnounceTests {
         // One bit of the payload hash flipped: every signature now fails.
         let at = try #require(envelope.firstRange(of: bundle.manifest.payload.sha256)).lowerBound + 3
         envelope[at] ^= 1
-        let announces = Announce.fragments(of: envelope).map { f in
+        let tree = EnvelopeTree.fragments(of: envelope)
+        let announces = tree.fragments.map { f in
             Datagram.announce(Announce(session: SessionID(0xBAD), rateKilobytesPerSecond: 1000, grttMicroseconds: 10_000, groupSize: 1, interleaveWindow: 8,
-                                       fragmentIndex: f.index, fragmentCount: f.count, envelopeLength: UInt32(envelope.count), fragment: f.bytes)).encoded()
+                                       fragmentIndex: f.index, fragmentCount: f.count, envelopeLength: UInt32(envelope.count),
+                                       root: tree.root, path: f.path, fragment: f.bytes)).encoded()
         }
         var receiver = Receiver(config: receiverConfig(bundle))
         for _ in 0..<5 { for a in announces { receiver.handleDatagram(a, from: .benchmark(66), at: .zero) } }
@@ -275,6 +277,62 @@ struct HostileAnnounceTests {
         let nacks = receiver.nacksSent - before
         #expect(nacks > 0 && nacks <= receiver.config.nackDatagramsPerSecondMax, "\(nacks) NACKs in under a second")
         #expect(receiver.stats.nacksDeferredPerSecond > 0, "the cap held NACKs back")
+    }
+
+    /// Issue 15, attack 4: forged ANNOUNCE fragments (66 KB/s) kept a late joiner from
+    /// ever assembling a multi-fragment envelope.
+    @Test("P-3d: forged fragments, under the genuine root or their own, do not keep a receiver from assembling the genuine envelope")
+    func forgedFragments() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        let key = try PrivateKey(raw: [UInt8](repeating: 7, count: 32), algorithm: .ed25519)  // the simulator's vendor key
+        let (manifest, _) = try COSE.parseEnvelope(bundle.envelope)
+        // Twelve signatures by the trusted key: an envelope of several fragments that verifies.
+        let envelope = try COSE.envelope(manifest: manifest, keys: Array(repeating: key, count: 12))
+        let genuine = EnvelopeTree.fragments(of: envelope)
+        #expect(genuine.fragments.count >= 2)
+        func announce(_ f: (index: UInt16, count: UInt16, bytes: [UInt8], path: [[UInt8]]), root: [UInt8], length: Int) -> [UInt8] {
+            Datagram.announce(Announce(session: SessionID(0xBEEF), rateKilobytesPerSecond: 1000, grttMicroseconds: 10_000, groupSize: 1, interleaveWindow: 8,
+                                       fragmentIndex: f.index, fragmentCount: f.count, envelopeLength: UInt32(length), root: root, path: f.path, fragment: f.bytes)).encoded()
+        }
+        // A forger's own envelope of the same size (its own root, valid paths) and garbage under the genuine root.
+        let junk = [UInt8](repeating: 0x5A, count: envelope.count)
+        let forgedTree = EnvelopeTree.fragments(of: junk)
+        var receiver = Receiver(config: receiverConfig(bundle))
+        for (i, g) in genuine.fragments.enumerated() {
+            var spoiled = g
+            spoiled.bytes = [UInt8](repeating: 0xEE, count: g.bytes.count)
+            // The genuine fragment, then a forger's copy of it that would replace it, then the forger's own.
+            receiver.handleDatagram(announce(g, root: genuine.root, length: envelope.count), from: senderPeer, at: .zero)
+            receiver.handleDatagram(announce(spoiled, root: genuine.root, length: envelope.count), from: .benchmark(66), at: .zero)
+            receiver.handleDatagram(announce(forgedTree.fragments[i], root: forgedTree.root, length: junk.count), from: .benchmark(66), at: .zero)
+        }
+        // Every spoiled copy but the last was checked and dropped (the last came after the
+        // genuine envelope was complete and offered: announces wait for the device's answer).
+        #expect(receiver.stats.drops[.announceBadFragment] == UInt64(genuine.fragments.count - 1))
+        #expect(receiver.pendingOffer != nil, "the genuine envelope was assembled and offered")
+    }
+
+    @Test("P-3d: every fragment of envelopes of 1 to 5 fragments verifies at its index; another index, a flipped bit or another root does not")
+    func envelopeTree() {
+        for length in [1, 1024, 1025, 3000, 4097] {
+            let envelope = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+            let tree = EnvelopeTree.fragments(of: envelope)
+            for f in tree.fragments {
+                var a = Announce(session: SessionID(1), rateKilobytesPerSecond: 1, grttMicroseconds: 1, groupSize: 1, interleaveWindow: 1, fragmentIndex: f.index,
+                                 fragmentCount: f.count, envelopeLength: UInt32(length), root: tree.root, path: f.path, fragment: f.bytes)
+                #expect(EnvelopeTree.verify(a), "length \(length) fragment \(f.index)")
+                var flipped = a
+                flipped.fragment[0] ^= 1
+                #expect(!EnvelopeTree.verify(flipped))
+                if f.count > 1 {
+                    var moved = a
+                    moved.fragmentIndex = (f.index + 1) % f.count
+                    #expect(!EnvelopeTree.verify(moved))
+                    a.path[0][5] ^= 0x80
+                    #expect(!EnvelopeTree.verify(a))
+                }
+            }
+        }
     }
 }
 

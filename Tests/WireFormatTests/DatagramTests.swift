@@ -21,8 +21,10 @@ let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int]
     ("announce", .announce(Announce(session: session, feedbackFamily: .ipv4, carousel: true, feedbackPort: 0x1F90,
                                     feedbackAddress: [198, 18, 0, 1] + [UInt8](repeating: 0, count: 12), rateKilobytesPerSecond: 125_000,
                                     grttMicroseconds: 10_000, groupSize: 16, interleaveWindow: 8, fragmentIndex: 1, fragmentCount: 2,
-                                    envelopeLength: 1027, fragment: [0xAA, 0xBB, 0xCC])),
-     "02010000 a1b2c3d4 04 01 1f90 c6120001 000000000000000000000000 0001e848 00002710 00000010 0008 0001 0002 0000 00000403 aabbcc",
+                                    envelopeLength: 1027, root: [UInt8](repeating: 0xAB, count: 32), path: [[UInt8](repeating: 0xCD, count: 32)],
+                                    fragment: [0xAA, 0xBB, 0xCC])),
+     "02010000 a1b2c3d4 04 01 1f90 c6120001 000000000000000000000000 0001e848 00002710 00000010 0008 0001 0002 0000 00000403 "
+     + String(repeating: "ab", count: 32) + " 01 " + String(repeating: "cd", count: 32) + " aabbcc",
      [2, 3, 46, 47]),
     ("data", .data(DataSymbol(session: session, object: .payload, block: 0x0102_0304, symbolIndex: 200, pendingRepair: 0x0105, symbol: [1, 2, 3, 4])),
      "02020000 a1b2c3d4 02 c8 0105 01020304 01020304", [2, 3]),
@@ -54,7 +56,7 @@ let samples: [(name: String, datagram: Datagram, golden: String, reserved: [Int]
     // Specs/protocol.md §3.10 (a 3-byte delegation and a 2-byte signature, for brevity).
     ("session", .session(SessionRecord(session: session, number: 7, carousel: false, feedbackFamily: .ipv4, feedbackPort: 0x1F90,
                                        feedbackAddress: [198, 18, 0, 1] + [UInt8](repeating: 0, count: 12), interleaveWindow: 8, envelopeLength: 1027,
-                                       envelopeHash: [UInt8](repeating: 0xEE, count: 32), chainRound: 2, chainValue: Array(0x20...0x3F), chainLastRound: 65536,
+                                       envelopeRoot: [UInt8](repeating: 0xEE, count: 32), chainRound: 2, chainValue: Array(0x20...0x3F), chainLastRound: 65536,
                                        delegation: [1, 2, 3], signature: [9, 9])),
      "020a0000 a1b2c3d4 00000007 00 04 1f90 c6120001000000000000000000000000 0008 0000 00000403 "
      + String(repeating: "ee", count: 32) + " 00000002 \(chainHex) 00010000 0003 010203 02 0909", [2, 3, 34, 35]),
@@ -119,6 +121,7 @@ struct DatagramTests {
         refuses(announce) { $0[43] = 2 }                   // fragment index 2 of 2
         refuses(announce) { $0[40] = 0; $0[41] = 0 }       // interleave window 0
         refuses(announce) { $0[51] = 0xFF }                // envelope length vs fragment count
+        refuses(announce) { $0[84] = 9 }                   // a path longer than 256 fragments need
         refuses(samples[1].golden) { $0[8] = 3 }           // object 3
         refuses(nack) { $0[49] = 0 }                       // zero entries
         refuses(nack) { $0[48] = 0; $0[49] = 129 }         // too many entries

@@ -54,24 +54,50 @@ struct AnnounceIntake {
     }
 }
 
-/// Collects ANNOUNCE fragments into an envelope (Specs/protocol.md P-3).
+/// Collects ANNOUNCE fragments into envelopes (Specs/protocol.md P-3, P-3d). Each
+/// fragment is checked against the Merkle root its ANNOUNCE names before it is kept,
+/// and fragments are kept together only with others of the same session, root, length
+/// and count: a forged fragment cannot spoil a genuine envelope, and a forged root
+/// collects apart (at most `collectorsMax` collections at once, the least recently
+/// fed one going first).
 struct EnvelopeCollector {
-    private var length: UInt32 = 0
-    private var count: UInt16 = 0
-    private var fragments: [UInt16: [UInt8]] = [:]
+    private struct Key: Hashable {
+        let session: SessionID
+        let root: [UInt8]
+        let length: UInt32
+        let count: UInt16
+    }
+    private var partials: [Key: (fragments: [UInt16: [UInt8]], fedAt: UInt64)] = [:]
+    private var feeds: UInt64 = 0
+    static let collectorsMax = 4
 
-    mutating func add(_ a: Announce) -> [UInt8]? {
-        guard Int(a.envelopeLength) <= BundleLimits.envelopeByteCountMax else { return nil }
-        if a.envelopeLength != length || a.fragmentCount != count {
-            length = a.envelopeLength
-            count = a.fragmentCount
-            fragments = [:]
+    enum Outcome {
+        case incomplete
+        case envelope([UInt8])
+        /// The fragment does not hash to its root (forged or corrupt).
+        case badFragment
+        /// Another root than the one a signed record names for the session.
+        case foreignRoot
+    }
+
+    /// `root`: the root a verified SESSION record names for the announce's session, if any.
+    mutating func add(_ a: Announce, root: [UInt8]?) -> Outcome {
+        guard Int(a.envelopeLength) <= BundleLimits.envelopeByteCountMax else { return .badFragment }
+        if let root, root != a.root { return .foreignRoot }
+        guard EnvelopeTree.verify(a) else { return .badFragment }
+        let key = Key(session: a.session, root: a.root, length: a.envelopeLength, count: a.fragmentCount)
+        feeds += 1
+        if partials[key] == nil, partials.count >= Self.collectorsMax,
+           let oldest = partials.min(by: { $0.value.fedAt < $1.value.fedAt })?.key {
+            partials[oldest] = nil
         }
-        fragments[a.fragmentIndex] = a.fragment
-        guard fragments.count == Int(count) else { return nil }
-        let envelope = (0..<count).flatMap { fragments[$0]! }
-        fragments = [:]
-        return envelope.count == Int(length) ? envelope : nil
+        var p = partials[key] ?? ([:], feeds)
+        p.fragments[a.fragmentIndex] = a.fragment
+        p.fedAt = feeds
+        guard p.fragments.count == Int(a.fragmentCount) else { partials[key] = p; return .incomplete }
+        partials[key] = nil
+        let envelope = (0..<a.fragmentCount).flatMap { p.fragments[$0]! }
+        return envelope.count == Int(a.envelopeLength) ? .envelope(envelope) : .badFragment
     }
 }
 
@@ -160,18 +186,30 @@ extension Receiver {
     /// At most `Register.textByteCountMax` bytes of UTF-8, cut between characters.
     static func truncated(_ text: String) -> String { Register.fitting(text) }
 
+    /// Specs/protocol.md P-3d: the announce's fragment into its collection (checked
+    /// against its root, and against the root a signed record names); the envelope once
+    /// every fragment is in.
+    mutating func collect(_ a: Announce) -> [UInt8]? {
+        switch intake.collector.add(a, root: records.record(for: a.session)?.record.envelopeRoot) {
+        case .incomplete: return nil
+        case .envelope(let e): return e
+        case .badFragment: stats.drops.add(.announceBadFragment); return nil
+        case .foreignRoot: stats.drops.add(.announceForeignRoot); return nil
+        }
+    }
+
     /// Specs/protocol.md P-3, P-3c: a complete envelope whose signatures verify
     /// becomes an offer; a forged or corrupt one is counted and dropped, and the
     /// receiver keeps listening for a genuine announce (P-4).
     private mutating func handleAnnounce(_ a: Announce, _ l: inout Listening, from peer: PeerAddress) {
-        guard let envelope = intake.collector.add(a) else { return }
+        guard let envelope = collect(a) else { return }
         if intake.wasRefusedEnough(envelope, repeatMax: config.statusRepeatMax) { stats.drops.add(.announceRefusedBefore); return }
         let hash = SHA256.hash(envelope)
         if intake.hasFailed(hash) { stats.drops.add(.announceFailedBefore); return }
         // Specs/protocol.md P-31a: the signed SESSION record of this session, if one names
         // this envelope: the session is authenticated, and its feedback goes where it says.
         let known = records.record(for: a.session).flatMap { k in
-            k.record.envelopeHash == hash && Int(k.record.envelopeLength) == envelope.count
+            k.record.envelopeRoot == a.root && Int(k.record.envelopeLength) == envelope.count
                 && Int(k.record.interleaveWindow) == Int(a.interleaveWindow) && k.record.carousel == a.carousel ? k : nil
         }
         if known == nil && config.sessionAuthentication == .required { stats.drops.add(.unauthenticatedSession); return }

@@ -152,11 +152,11 @@ extension Receiver {
     /// session has been silent for `sessionSwitchQuiet`: a replayed announce of an
     /// older session of the same bundle must not pull a live receiver away.
     private mutating func handleOtherAnnounce(_ a: Announce, _ s: inout Session, from peer: PeerAddress, at now: Instant) {
-        guard let envelope = intake.collector.add(a) else { return }
+        guard let envelope = collect(a) else { return }
         if intake.wasRefusedEnough(envelope, repeatMax: config.statusRepeatMax) { stats.drops.add(.announceRefusedBefore); return }
         guard envelope == s.envelope, now >= s.lastHeard + config.sessionSwitchQuiet else { return }
         // P-31: an authenticated session moves only to a session a signed record vouches for.
-        let known = records.record(for: a.session).flatMap { $0.record.envelopeHash == SHA256.hash(envelope) ? $0 : nil }
+        let known = records.record(for: a.session).flatMap { $0.record.envelopeRoot == a.root ? $0 : nil }
         if s.authenticated && known == nil { return }
         s.id = a.session
         s.sender = known.map { $0.record.feedbackDestination(source: peer) } ?? a.feedbackDestination(source: peer)

@@ -137,7 +137,8 @@ public struct Sender {
     public let config: SenderConfig
     public let manifest: Manifest
     private let envelope: [UInt8]
-    private let envelopeHash: [UInt8]
+    /// The envelope's Merkle root and fragments with their paths (P-3d), made once.
+    private let envelopeTree: (root: [UInt8], fragments: [(index: UInt16, count: UInt16, bytes: [UInt8], path: [[UInt8]])])
     private let layouts: [ObjectLayout]  // [auth chain, payload]
     public private(set) var stats = SenderStats()
     public private(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
@@ -191,7 +192,7 @@ public struct Sender {
         precondition(config.rateBytesPerSecond > 0 && config.interleaveWindow >= 1)
         self.config = config
         self.envelope = envelope
-        envelopeHash = SHA256.hash(envelope)
+        envelopeTree = EnvelopeTree.fragments(of: envelope)
         self.manifest = manifest
         layouts = [ObjectLayout(object: .authChain, size: manifest.authentication.size, profile: manifest.transport),
                    ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
@@ -640,12 +641,12 @@ public struct Sender {
         let (family, address, port) = feedbackFields
         for _ in 0..<copies {
             if let record = signedRecord() { control.append(Transmit(destination: .group, bytes: Datagram.session(record).encoded())) }
-            for f in Announce.fragments(of: envelope) {
+            for f in envelopeTree.fragments {
                 control.append(Transmit(destination: .group, bytes: Datagram.announce(Announce(
                     session: config.session, feedbackFamily: family, carousel: config.carousel, feedbackPort: port, feedbackAddress: address, rateKilobytesPerSecond: UInt32(min(config.rateBytesPerSecond / 1000, Double(UInt32.max))),
                     grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)),
                     interleaveWindow: UInt16(config.interleaveWindow), fragmentIndex: f.index, fragmentCount: f.count,
-                    envelopeLength: UInt32(envelope.count), fragment: f.bytes)).encoded()))
+                    envelopeLength: UInt32(envelope.count), root: envelopeTree.root, path: f.path, fragment: f.bytes)).encoded()))
             }
         }
         announceDue = now + config.announceInterval
@@ -669,7 +670,7 @@ public struct Sender {
         let (family, address, port) = feedbackFields
         var record = SessionRecord(session: config.session, number: recordsSent, carousel: config.carousel, feedbackFamily: family,
                                    feedbackPort: port, feedbackAddress: address, interleaveWindow: UInt16(config.interleaveWindow),
-                                   envelopeLength: UInt32(envelope.count), envelopeHash: envelopeHash, chainRound: round,
+                                   envelopeLength: UInt32(envelope.count), envelopeRoot: envelopeTree.root, chainRound: round,
                                    chainValue: pollChain[Int(round)], chainLastRound: UInt32(SenderConfig.pollChainLength), delegation: auth.delegation)
         do { record.signature = try auth.key.sign(record.signedBytes) } catch { preconditionFailure("the sender key cannot sign: \(error)") }
         stats.sessionRecords += 1
