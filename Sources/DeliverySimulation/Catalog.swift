@@ -8,10 +8,12 @@ import WireFormat
 ///
 /// Names: `loss-P-N` (N receivers, independent P% loss), `burst-N`,
 /// `one-bad-N` (one receiver at 50% among N-1 healthy), `healthy-N` (the same
-/// fleet without it), `late-join`, `restart`, `attack`, `replay`, `carousel`,
+/// fleet without it), `late-join`, `restart`, `attack`, `signed-attack` (the same against a
+/// signed session every receiver requires), `replay`, `carousel`,
 /// `spill` (two blocks in memory, the rest spilled), `sweep` (a random fault mix drawn from the seed).
 public enum ScenarioCatalog {
-    public static let names = ["loss-P-N", "burst-N", "one-bad-N", "healthy-N", "late-join", "restart", "attack", "replay", "carousel", "spill", "sweep"]
+    public static let names = ["loss-P-N", "burst-N", "one-bad-N", "healthy-N", "late-join", "restart", "attack", "signed-attack", "replay", "carousel",
+                               "spill", "sweep"]
 
     public static func scenario(named name: String, seed: UInt64) -> Scenario? {
         let parts = name.split(separator: "-").map(String.init)
@@ -62,6 +64,14 @@ public enum ScenarioCatalog {
         case "replay":
             var s = Scenario(name: name, seed: seed, receivers: receivers(8, LinkModel(loss: .bernoulli(0.02))))
             s.replayOldSession = true
+            return s
+        case "signed" where parts == ["signed", "attack"]:
+            // The "attack" mix against a signed session: forged DATA, POLL and CLOSE (P-31b).
+            let link = LinkModel(loss: .bernoulli(0.03), jitter: .milliseconds(1), duplicateProbability: 0.05, corruptProbability: 0.01)
+            var s = Scenario(name: name, seed: seed, receivers: receivers(8, link))
+            s.forgedDataPerSecond = 3000
+            s.forgedAuthFraction = 0.1
+            s.authenticated = true
             return s
         case "carousel":
             var s = Scenario(name: name, seed: seed, receivers: receivers(8, LinkModel(loss: .bernoulli(0.1))))
@@ -138,6 +148,9 @@ public enum ScenarioCatalog {
             s.blocksPerSegment = 1 + Int(rng.next() % 3)
             s.segmentBytesInMemoryMax = Int(rng.next() % 8192)
         }
+        // A third of the runs are authenticated sessions every receiver requires (P-31),
+        // where the attacker, when there is one, also forges POLLs and CLOSEs.
+        if rng.next() % 3 == 0 { s.authenticated = true }
         return s
     }
 

@@ -97,6 +97,9 @@ public struct Scenario: Sendable {
     public var forgedAuthFraction = 0.0
     /// Replays a recorded older session (an older bundle, validly signed) at the receivers.
     public var replayOldSession = false
+    /// The sender signs SESSION records with a delegated key and every receiver requires
+    /// it (Specs/protocol.md P-31); the attacker then also forges POLLs and CLOSEs.
+    public var authenticated = false
     public var timeLimit = Interval.seconds(120)
     /// Stated bound: data wire bytes <= factor x minimum, the minimum being object bytes / (1 - worst loss).
     public var wireFactorMax = 1.6
@@ -279,6 +282,18 @@ public final class Simulation {
         if let wait = scenario.expectedReceiverWaitMax { config.expectedReceiverWaitMax = wait }
         config.grttInitial = Interval.milliseconds(2)
         config.announceInterval = Interval.milliseconds(200)
+        if scenario.authenticated {
+            // The vendor's key is the bundle's (SimulationBundle.make); the sender key and the
+            // chain's last value come from the seed.
+            let vendor = try! PrivateKey(raw: [UInt8](repeating: 7, count: 32), algorithm: .ed25519)
+            var raw: [UInt8] = [], chainLast: [UInt8] = []
+            for _ in 0..<4 { let w = rng.next(); raw += (0..<8).map { UInt8(truncatingIfNeeded: w >> (8 * UInt64($0))) } }
+            for _ in 0..<4 { let w = rng.next(); chainLast += (0..<8).map { UInt8(truncatingIfNeeded: w >> (8 * UInt64($0))) } }
+            let key = try! PrivateKey(raw: raw, algorithm: .ed25519)
+            let delegation = try! SenderDelegation.make(senderKey: key.publicKey, signer: vendor, notBefore: 0, expires: 300 * 86_400)
+            config.authentication = SenderAuthentication(key: key, delegation: delegation.encoded, chainLast: chainLast)
+            config.feedbackAddress = Self.senderAddress
+        }
         sender = Sender(config: config, envelope: bundle.envelope, manifest: bundle.manifest,
                         source: InMemoryObjects(authChain: bundle.authChain, payload: bundle.payload))
         nodeIndex = Dictionary(uniqueKeysWithValues: scenario.receivers.indices.map { (Self.address(ofReceiver: $0), $0) })
@@ -316,6 +331,7 @@ public final class Simulation {
         if let lifetime = scenario.repairPromiseLifetimeGRTTs { c.repairPromiseLifetimeGRTTs = lifetime }
         c.inactivityTimeout = Interval.seconds(3)
         c.statusInterval = Interval.milliseconds(500)
+        if scenario.authenticated { c.sessionAuthentication = .required }
         return c
     }
 
@@ -382,8 +398,17 @@ public final class Simulation {
             let blocks = object == .payload ? BlockGeometry(payloadSize: UInt64(bundle.payload.count), profile: scenario.profile).blockCount
                 : BlockGeometry(payloadSize: UInt64(bundle.authChain.count), profile: scenario.profile).blockCount
             let symbol = (0..<scenario.profile.symbolSize).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-            // One forgery in ten is a CLOSE, which must not end a live session (Specs/protocol.md P-13a).
-            let forged = rng.next() % 10 == 0 ? Datagram.close(Close(session: session, reason: .aborted)).encoded()
+            // One forgery in ten is a CLOSE, which must not end a live session (Specs/protocol.md P-13a);
+            // in an authenticated session one more in ten is a POLL, with a made-up chain value (P-31b).
+            // (Keyless runs draw exactly what they drew before authenticated ones existed.)
+            let kind = rng.next() % 10
+            func chainValue() -> [UInt8] { (0..<SessionRecord.chainValueByteCount).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
+            let forged = kind == 0 ? Datagram.close(scenario.authenticated
+                ? Close(session: session, reason: .aborted, round: UInt32(1 + rng.next() % 8), chainValue: chainValue())
+                : Close(session: session, reason: .aborted)).encoded()
+                : kind == 1 && scenario.authenticated
+                ? Datagram.poll(Poll(session: session, round: UInt32(1 + rng.next() % 8), sentAtMicroseconds: rng.next() % 1_000_000,
+                                     grttMicroseconds: UInt32(100 + rng.next() % 2_000_000), groupSize: 1, chainValue: chainValue())).encoded()
                 : Datagram.data(DataSymbol(session: session, object: object, block: UInt32(rng.next() % UInt64(max(blocks, 1))),
                                            symbolIndex: UInt8(rng.next() % UInt64(scenario.profile.sourceSymbolsPerBlock)), symbol: symbol)).encoded()
             for i in nodes.indices { deliver(forged, to: i, from: Self.attackerAddress) }

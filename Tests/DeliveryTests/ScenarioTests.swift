@@ -196,6 +196,15 @@ struct ScenarioTests {
         #expect(r.completed.allSatisfy { $0 })
     }
 
+    @Test("Specs/protocol.md P-31b: forged DATA, POLL and CLOSE against a signed session every receiver requires: all dropped, every receiver completes within the bounds")
+    func attackAuthenticated() async throws {
+        let r = try await run("signed-attack", seed: 17)
+        #expect(r.receiverStats.drops[.badTag] > 0, "forged payload symbols are dropped on arrival")
+        #expect(r.receiverStats.drops[.unauthenticatedControl] > 0, "forged POLLs and CLOSEs are dropped")
+        #expect(r.receiverStats.sessionRecords > 0)
+        #expect(r.completed.allSatisfy { $0 })
+    }
+
     @Test("A replayed older session (validly signed, rolled back) is refused; the real one completes")
     func replay() async throws {
         let old = try ScenarioCatalog.recordedOldSession()
