@@ -175,4 +175,16 @@ struct AuthenticatedSessionTests {
         #expect(receiver.session != nil && !registers.isEmpty)
         #expect(registers.allSatisfy { $0.destination == .peer(senderPeer) }, "\(registers.map(\.destination))")
     }
+
+    @Test("P-31: each POLL chain value hashes to the one before it, down to the anchor")
+    func pollChain() {
+        let last = [UInt8](repeating: 0x42, count: 32)
+        let chain = PollChain.values(length: 1000, last: last)
+        #expect(chain[1000] == last)
+        for r in [1, 2, 500, 999, 1000] { #expect(PollChain.step(chain[r]) == chain[r - 1], "round \(r)") }
+        var v = chain[1000]
+        for _ in 0..<1000 { v = PollChain.step(v) }
+        #expect(v == chain[0])
+    }
 }
+

@@ -21,15 +21,38 @@ public enum SessionAuthentication: String, Sendable, CaseIterable {
 public enum PollChain {
     public static let context = Array("fleetcast poll chain".utf8)
 
-    public static func step(_ value: [UInt8]) -> [UInt8] { SHA256.hash(context + value) }
+    public static func step(_ value: [UInt8]) -> [UInt8] {
+        context.withUnsafeBytes { c in value.withUnsafeBytes { SHA256.hash(c, $0) } }
+    }
 
     /// Every value from round 0 (the anchor) to `length`, from a random last value.
-    public static func values(length: Int, last: [UInt8]) -> [[UInt8]] {
-        precondition(length >= 1 && last.count == SessionRecord.chainValueByteCount)
-        var values = [[UInt8]](repeating: [], count: length + 1)
-        values[length] = last
-        for r in stride(from: length, to: 0, by: -1) { values[r - 1] = step(values[r]) }
-        return values
+    public static func values(length: Int, last: [UInt8]) -> Values { Values(length: length, last: last) }
+
+    /// The values in one flat buffer of 32-byte slots: 65,537 of them are 2 MiB, and
+    /// making them takes one hash each and no allocation per value.
+    public struct Values: Sendable {
+        private let storage: [UInt8]
+        public let length: Int
+        static let width = SessionRecord.chainValueByteCount
+
+        init(length: Int, last: [UInt8]) {
+            precondition(length >= 1 && last.count == Self.width)
+            self.length = length
+            var s = [UInt8](repeating: 0, count: (length + 1) * Self.width)
+            s.replaceSubrange((length * Self.width)..<((length + 1) * Self.width), with: last)
+            PollChain.context.withUnsafeBytes { c in
+                s.withUnsafeMutableBytes { buffer in
+                    for r in stride(from: length, to: 0, by: -1) {
+                        let next = UnsafeRawBufferPointer(rebasing: buffer[(r * Self.width)..<((r + 1) * Self.width)])
+                        let value = SHA256.hash(c, next)
+                        UnsafeMutableRawBufferPointer(rebasing: buffer[((r - 1) * Self.width)..<(r * Self.width)]).copyBytes(from: value)
+                    }
+                }
+            }
+            storage = s
+        }
+
+        public subscript(round: Int) -> [UInt8] { Array(storage[(round * Self.width)..<((round + 1) * Self.width)]) }
     }
 }
 

@@ -176,7 +176,7 @@ public struct Sender {
     private var lastAnnounceAt: Instant?
     /// P-31: the POLL chain (value(r) for r in 0...pollChainLength) of an authenticated
     /// session, empty otherwise; SESSION records sent so far; where feedback goes.
-    private let pollChain: [[UInt8]]
+    private let pollChain: PollChain.Values?
     private var recordsSent: UInt32 = 0
     public private(set) var feedbackAddress: PeerAddress?
     /// Registered receivers per host address (P-30a: `receiversPerAddressMax`).
@@ -198,7 +198,7 @@ public struct Sender {
                    ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
         grtt = config.grttInitial
         grttAtRoundStart = config.grttInitial
-        pollChain = config.authentication.map { PollChain.values(length: SenderConfig.pollChainLength, last: $0.chainLast) } ?? []
+        pollChain = config.authentication.map { PollChain.values(length: SenderConfig.pollChainLength, last: $0.chainLast) }
         feedbackAddress = config.feedbackAddress
         sessionDeadline = config.deadline ?? SenderConfig.defaultDeadline(
             objectBytes: manifest.authentication.size + manifest.payload.size, symbolBytes: manifest.transport.symbolSize,
@@ -542,7 +542,7 @@ public struct Sender {
         control.append(Transmit(destination: .group, bytes: Datagram.poll(Poll(
             session: config.session, round: round, sentAtMicroseconds: sentAt,
             grttMicroseconds: UInt32(min(grtt.microseconds, UInt64(UInt32.max))), groupSize: UInt32(max(receivers.count, 1)),
-            chainValue: isAuthenticated ? pollChain[Int(round)] : SessionRecord.noChainValue)).encoded()))
+            chainValue: pollChain?[Int(round)] ?? SessionRecord.noChainValue)).encoded()))
     }
 
     /// When `handleTimeout` or `pollTransmit` next has work.
@@ -598,8 +598,8 @@ public struct Sender {
             if closesLeft == 0 { phase = .finished }
             // P-31: CLOSE discloses the chain's next value, which only the sender knows.
             let closeRound = min(Int(round) + 1, SenderConfig.pollChainLength)
-            let close = isAuthenticated ? Close(session: config.session, reason: closeReason, round: UInt32(closeRound), chainValue: pollChain[closeRound])
-                : Close(session: config.session, reason: closeReason)
+            let close = pollChain.map { Close(session: config.session, reason: closeReason, round: UInt32(closeRound), chainValue: $0[closeRound]) }
+                ?? Close(session: config.session, reason: closeReason)
             return spend(Transmit(destination: .group, bytes: Datagram.close(close).encoded()), \.controlDatagrams, \.controlBytes)
         case .firstPass:
             // Specs/protocol.md P-9: while source remains, repair takes at most its share.
@@ -671,7 +671,7 @@ public struct Sender {
         var record = SessionRecord(session: config.session, number: recordsSent, carousel: config.carousel, feedbackFamily: family,
                                    feedbackPort: port, feedbackAddress: address, interleaveWindow: UInt16(config.interleaveWindow),
                                    envelopeLength: UInt32(envelope.count), envelopeRoot: envelopeTree.root, chainRound: round,
-                                   chainValue: pollChain[Int(round)], chainLastRound: UInt32(SenderConfig.pollChainLength), delegation: auth.delegation)
+                                   chainValue: pollChain![Int(round)], chainLastRound: UInt32(SenderConfig.pollChainLength), delegation: auth.delegation)
         do { record.signature = try auth.key.sign(record.signedBytes) } catch { preconditionFailure("the sender key cannot sign: \(error)") }
         stats.sessionRecords += 1
         return record
