@@ -186,5 +186,38 @@ struct AuthenticatedSessionTests {
         for _ in 0..<1000 { v = PollChain.step(v) }
         #expect(v == chain[0])
     }
+
+    @Test("P-31a: once a session's record is verified, forged later records cost no signature check, and a genuine later one needs none")
+    func laterRecordsUnchecked() async throws {
+        let bundle = try await BundleCache.shared.bundle(300_000)
+        var sender = Self.authenticatedSender(bundle)
+        var records: [SessionRecord] = []
+        var now = Instant.zero
+        while records.count < 3 && now.microseconds < 5_000_000 {
+            sender.handleTimeout(at: now)
+            while let t = sender.pollTransmit(at: now) { if case .session(let r)? = try? Datagram(parsing: t.bytes) { records.append(r) } }
+            now = now + .milliseconds(10)
+        }
+        #expect(records.count >= 3)
+        var receiver = Self.requiring(bundle)
+        func feed(_ r: SessionRecord) { receiver.handleDatagram(Datagram.session(r).encoded(), from: .benchmark(66), at: now) }
+        feed(records[0])
+        let checks = receiver.stats.signatureChecks
+        #expect(receiver.stats.sessionRecords == 1 && checks == 2, "the delegation and the record")
+        for i in 0..<100 {
+            var forged = records[0]
+            forged.number = 1000 + UInt32(i)
+            switch i % 3 {
+            case 0: forged.chainRound += 1; forged.chainValue = [UInt8](repeating: UInt8(i), count: 32)  // a made-up newer chain value
+            case 1: forged.feedbackPort &+= 1                                                             // feedback elsewhere
+            default: forged.envelopeRoot = [UInt8](repeating: 1, count: 32)                                // another envelope
+            }
+            feed(forged)
+        }
+        #expect(receiver.stats.signatureChecks == checks, "forged later records cost no check")
+        #expect(receiver.stats.drops[.sessionRecordInvalid] == 100)
+        feed(records[2])
+        #expect(receiver.stats.sessionRecords == 2 && receiver.stats.signatureChecks == checks, "a genuine later record needs no check")
+    }
 }
 

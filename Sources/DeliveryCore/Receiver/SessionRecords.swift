@@ -96,7 +96,28 @@ struct SessionRecords {
     /// (by the delegated key) verified, it becomes what the receiver knows of its session,
     /// unless it knows a newer one.
     mutating func take(_ r: SessionRecord, trust: TrustPolicy, at now: Instant, stats: inout ReceiverStats) -> Outcome {
-        if let k = known[r.session], r.number <= k.record.number { return .stale }
+        if var k = known[r.session] {
+            guard r.number > k.record.number else { return .stale }
+            // P-31a: once a session's record is verified, a later one says nothing new but its
+            // number and chain: any other field changed is a forgery, and a newer chain value
+            // that hashes to the known one proves itself. No signature check, so forged
+            // records cannot spend the budget of a session already known.
+            guard r.hasSameBinding(as: k.record) else { return .failed }
+            if r.chainRound < k.chainRound { return .stale }
+            let gap = r.chainRound - k.chainRound
+            if gap <= Self.chainGapMax {
+                var v = r.chainValue
+                for _ in 0..<gap { v = PollChain.step(v) }
+                guard v == k.chainValue else { return .failed }
+                k.record = r
+                k.chainRound = r.chainRound
+                k.chainValue = r.chainValue
+                k.lastUsedAt = now
+                known[r.session] = k
+                return .taken
+            }
+            // Too far ahead to hash: the signature decides, as for a first record.
+        }
         let datagramHash = SHA256.hash(r.signedBytes + r.signature)
         if failed.contains(datagramHash) { return .failed }
         while let first = checkTimes.first, now >= first + .seconds(1) { checkTimes.removeFirst() }
@@ -159,6 +180,14 @@ struct SessionRecords {
 }
 
 extension SessionRecord {
+    /// The same session, feedback address, window, envelope, chain length and delegation:
+    /// what a sender never changes within a session.
+    func hasSameBinding(as k: SessionRecord) -> Bool {
+        session == k.session && carousel == k.carousel && feedbackFamily == k.feedbackFamily && feedbackPort == k.feedbackPort
+            && feedbackAddress == k.feedbackAddress && interleaveWindow == k.interleaveWindow && envelopeLength == k.envelopeLength
+            && envelopeRoot == k.envelopeRoot && chainLastRound == k.chainLastRound && delegation == k.delegation
+    }
+
     /// Where feedback of this session goes (the record's word, not an announce's).
     func feedbackDestination(source: PeerAddress) -> PeerAddress {
         Announce.feedbackDestination(feedbackFamily, feedbackAddress, feedbackPort, source: source)
