@@ -140,8 +140,8 @@ public struct Sender {
     /// The envelope's Merkle root and fragments with their paths (P-3d), made once.
     private let envelopeTree: (root: [UInt8], fragments: [(index: UInt16, count: UInt16, bytes: [UInt8], path: [[UInt8]])])
     private let layouts: [ObjectLayout]  // [auth chain, payload]
-    public private(set) var stats = SenderStats()
-    public private(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
+    public internal(set) var stats = SenderStats()
+    public internal(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
 
     enum Phase: Equatable { case firstPass, repairRounds, carousel, closing, finished }
     private var phase: Phase = .firstPass
@@ -152,7 +152,7 @@ public struct Sender {
     private var closeReason: Close.Reason = .allDone
     private var closesLeft = 0
     private var startedAt: Instant?
-    private var lastNewReceiverAt: Instant?
+    var lastNewReceiverAt: Instant?
     private var grtt: Interval
     /// P-13b: the GRTT when the current round began (its growth within the round is bounded),
     /// and the sent-at values of the latest POLLs (only their echoes are samples).
@@ -171,7 +171,7 @@ public struct Sender {
     private struct PassCursor { var object = 0, windowStart = 0, symbol = 0, offset = 0 }
     private var pass = PassCursor()
 
-    private var control: [Transmit] = []
+    var control: [Transmit] = []
     private var announceDue: Instant?
     private var lastAnnounceAt: Instant?
     /// P-31: the POLL chain (value(r) for r in 0...pollChainLength) of an authenticated
@@ -180,10 +180,10 @@ public struct Sender {
     private var recordsSent: UInt32 = 0
     public private(set) var feedbackAddress: PeerAddress?
     /// Registered receivers per host address (P-30a: `receiversPerAddressMax`).
-    private var addressCounts: [PeerAddress: Int] = [:]
+    var addressCounts: [PeerAddress: Int] = [:]
     /// COOKIE replies in the current second (`cookieRepliesPerSecondMax`).
-    private var cookieSecond: UInt64 = .max
-    private var cookiesThisSecond = 0
+    var cookieSecond: UInt64 = .max
+    var cookiesThisSecond = 0
     /// When the latest early announce was scheduled (P-3a: at most one per `earlyAnnounceIntervalMin`).
     private var lastEarlyAnnounceAt: Instant?
     private var nextAnnounceAtData: UInt64 = 0
@@ -265,83 +265,6 @@ public struct Sender {
         guard announceDue == nil || soon < announceDue! else { return }
         announceDue = soon
         lastEarlyAnnounceAt = soon
-    }
-
-    // MARK: Cookies (Specs/protocol.md §3.9, P-30)
-
-    /// HMAC(secret, session, receiver, address, port, epoch), its first 16 bytes.
-    private func cookie(for id: ReceiverID, _ peer: PeerAddress, epoch: UInt64) -> FeedbackCookie {
-        var m = Array("fleetcast cookie".utf8)
-        m.append(peer.family == .ipv6 ? 6 : 4)
-        for v in [UInt64(config.session.rawValue), id.rawValue, peer.high, peer.low, UInt64(peer.port), UInt64(peer.scopeID), epoch] {
-            for shift in stride(from: 56, through: 0, by: -8) { m.append(UInt8(truncatingIfNeeded: v >> UInt64(shift))) }
-        }
-        var c = Array(HMAC.sha256(key: config.cookieSecret, message: m).prefix(FeedbackCookie.byteCount))
-        if c.allSatisfy({ $0 == 0 }) { c[0] = 1 }  // never the "none" cookie
-        return FeedbackCookie(c)
-    }
-
-    private func epoch(at now: Instant) -> UInt64 { now.microseconds / max(config.cookieLifetime.microseconds, 1) }
-
-    /// A cookie this sender made for this receiver at this address, in this epoch or the last.
-    private func isValid(_ c: FeedbackCookie, for id: ReceiverID, from peer: PeerAddress, at now: Instant) -> Bool {
-        guard !c.isNone else { return false }
-        let e = epoch(at: now)
-        return c == cookie(for: id, peer, epoch: e) || (e > 0 && c == cookie(for: id, peer, epoch: e - 1))
-    }
-
-    /// COOKIE to `peer`, within `cookieRepliesPerSecondMax`; nothing is remembered of it.
-    private mutating func replyCookie(to id: ReceiverID, _ peer: PeerAddress, at now: Instant) {
-        let second = now.microseconds / 1_000_000
-        if second != cookieSecond { cookieSecond = second; cookiesThisSecond = 0 }
-        guard cookiesThisSecond < config.cookieRepliesPerSecondMax else { stats.drops.add(.cookieRateLimited); return }
-        cookiesThisSecond += 1
-        stats.cookiesSent += 1
-        control.append(Transmit(destination: .peer(peer), bytes: Datagram.cookie(Cookie(
-            session: config.session, receiver: id, cookie: cookie(for: id, peer, epoch: epoch(at: now)))).encoded()))
-    }
-
-    /// The record of a receiver that registered with a valid cookie (P-30a): new, the
-    /// same one again (from another port of the same host: restarted), or moved to
-    /// another host after its old one went silent. A live record on another host keeps
-    /// its binding (a collision, counted).
-    private mutating func bind(_ id: ReceiverID, cookie c: FeedbackCookie, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
-        if var r = receivers[id] {
-            if r.address != peer {
-                // The same host from another port is the receiver restarted (a new socket);
-                // another host takes the ID over only once the old binding went silent.
-                guard r.address.hostOnly == peer.hostOnly || now >= r.lastHeard + config.receiverSilenceMax else {
-                    stats.drops.add(.receiverIDCollision)
-                    return nil
-                }
-                stats.receiversRebound += 1
-                addressCounts[r.address.hostOnly, default: 1] -= 1
-                addressCounts[peer.hostOnly, default: 0] += 1
-                r.address = peer
-            }
-            r.cookie = c
-            r.lastHeard = now
-            return r
-        }
-        guard receivers.count < config.receiverTableSizeMax else { stats.drops.add(.receiverTableFull); return nil }
-        guard addressCounts[peer.hostOnly, default: 0] < config.receiversPerAddressMax else { stats.drops.add(.receiversPerAddress); return nil }
-        addressCounts[peer.hostOnly, default: 0] += 1
-        stats.receiversRegistered += 1
-        lastNewReceiverAt = now
-        return ReceiverRecord(id: id, address: peer, cookie: c, firstHeard: now, lastHeard: now)
-    }
-
-    /// The record NACK or STATUS feedback speaks for, if it comes from where that
-    /// receiver registered and carries its cookie (P-30b); otherwise dropped, and the
-    /// sender says how to register (a receiver that moved, or lost its cookie).
-    private mutating func boundRecord(_ id: ReceiverID, _ c: FeedbackCookie, from peer: PeerAddress, at now: Instant) -> ReceiverRecord? {
-        guard var r = receivers[id], r.address == peer, r.cookie == c else {
-            stats.drops.add(.unbound)
-            replyCookie(to: id, peer, at: now)
-            return nil
-        }
-        r.lastHeard = now
-        return r
     }
 
     private mutating func handleNack(_ n: Nack, from peer: PeerAddress, at now: Instant, arrivedAt: Instant) {
