@@ -92,6 +92,9 @@ public final class ChildProcess: @unchecked Sendable {  // mutable state behind 
         var childEnds: [Int32] = []
         defer { for fd in childEnds { close(fd) } }
         var parentEnds: [Int32: Int32] = [:]
+        // On any failure below, this process's pipe ends go too.
+        var started = false
+        defer { if !started { for fd in parentEnds.values { close(fd) } } }
 
         func redirect(_ stream: Stream, to target: Int32) throws(SpawnError) {
             switch stream {
@@ -116,23 +119,15 @@ public final class ChildProcess: @unchecked Sendable {  // mutable state behind 
                 posix_spawn_file_actions_adddup2(&actions, 1, 2)
             }
         }
-        do throws(SpawnError) {
-            try redirect(options.standardInput, to: 0)
-            try redirect(options.standardOutput, to: 1)
-            try redirect(options.standardError, to: 2)
-        } catch {
-            for fd in parentEnds.values { close(fd) }
-            throw error
-        }
+        try redirect(options.standardInput, to: 0)
+        try redirect(options.standardOutput, to: 1)
+        try redirect(options.standardError, to: 2)
         var firstClosed: Int32 = 3
         if let passed = options.passedAsFD3 {
             // A fresh copy above 3, so that the dup2 below always makes a new descriptor
             // (dup2 of 3 onto 3 would leave close-on-exec set).
             let copy = fcntl(passed, F_DUPFD_CLOEXEC, 10)
-            guard copy >= 0 else {
-                for fd in parentEnds.values { close(fd) }
-                throw SpawnError(options.arguments[0], "descriptor \(passed)", errno)
-            }
+            guard copy >= 0 else { throw SpawnError(options.arguments[0], "descriptor \(passed)", errno) }
             childEnds.append(copy)
             posix_spawn_file_actions_adddup2(&actions, copy, 3)
             firstClosed = 4
@@ -140,10 +135,7 @@ public final class ChildProcess: @unchecked Sendable {  // mutable state behind 
         // Everything else this process has open stays here, whatever its flags.
         var added = fc_spawn_add_closefrom(&actions, firstClosed)
         if added == 0, let directory = options.directory { added = fc_spawn_add_chdir(&actions, directory) }
-        guard added == 0 else {
-            for fd in parentEnds.values { close(fd) }
-            throw SpawnError(options.arguments[0], "file actions", added)
-        }
+        guard added == 0 else { throw SpawnError(options.arguments[0], "file actions", added) }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -172,10 +164,8 @@ public final class ChildProcess: @unchecked Sendable {  // mutable state behind 
         } else {
             result = posix_spawn(&spawned, options.arguments[0], &actions, &attributes, cArguments, environ)
         }
-        guard result == 0 else {
-            for fd in parentEnds.values { close(fd) }
-            throw SpawnError(options.arguments[0], "start", result)
-        }
+        guard result == 0 else { throw SpawnError(options.arguments[0], "start", result) }
+        started = true
         pid = spawned
         leadsGroup = options.newProcessGroup
         inputFD = parentEnds[0] ?? -1
@@ -239,7 +229,7 @@ public final class ChildProcess: @unchecked Sendable {  // mutable state behind 
 
     /// Waits at most `seconds`; then SIGKILL (to the group when it leads one) and waits
     /// for the end. Nil when it ended by itself in time.
-    public func wait(seconds: Double, orKill: Void) -> Termination? {
+    public func waitOrKill(seconds: Double) -> Termination? {
         if let t = wait(seconds: seconds) { return t }
         signal(SIGKILL)
         wait()

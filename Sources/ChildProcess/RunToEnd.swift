@@ -49,7 +49,7 @@ extension ChildProcess {
                 collected.withLock { if isOutput { $0.output = bytes } else { $0.errors = bytes } }
             }
         }
-        let termination = child.wait(seconds: seconds, orKill: ())
+        let termination = child.waitOrKill(seconds: seconds)
         let drained = group.wait(timeout: .now() + .milliseconds(Int(drainSecondsMax * 1000))) == .success
         if !drained {
             stop.value.store(true, ordering: .sequentiallyConsistent)

@@ -111,7 +111,7 @@ final class CommandEffects: AgentEffects {
     /// nil when the command exited 0 within `timeout`, or what went wrong.
     private func runToEnd(_ command: [String], environment: [String: String], timeout: Interval) -> String? {
         guard let p = launch(command, environment: environment) else { return "\(command[0]) could not be started" }
-        guard let ended = p.wait(seconds: timeout.seconds, orKill: ()) else {
+        guard let ended = p.waitOrKill(seconds: timeout.seconds) else {
             return "\(command[0]) timed out after \(Int(timeout.seconds)) s"
         }
         return ended.isSuccess ? nil : "\(command[0]) \(ended)"

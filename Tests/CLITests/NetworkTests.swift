@@ -87,7 +87,7 @@ final class BackgroundProcess {
     /// The exit status, or nil (and the process killed) after `seconds`.
     func wait(seconds: Double) -> Int32? {
         guard let child else { return nil }
-        return child.wait(seconds: seconds, orKill: ()).map(Self.status)
+        return child.waitOrKill(seconds: seconds).map(Self.status)
     }
 
     func kill9() {

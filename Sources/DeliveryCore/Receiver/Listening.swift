@@ -180,11 +180,8 @@ extension Receiver {
 
     func register(for id: SessionID) -> Register {
         Register(session: id, receiver: config.receiverID, installedSequence: config.installedSequence,
-                 deviceID: Self.truncated(config.deviceID), version: Self.truncated(config.installedVersion))
+                 deviceID: Register.fitting(config.deviceID), version: Register.fitting(config.installedVersion))
     }
-
-    /// At most `Register.textByteCountMax` bytes of UTF-8, cut between characters.
-    static func truncated(_ text: String) -> String { Register.fitting(text) }
 
     /// Specs/protocol.md P-3d: the announce's fragment into its collection (checked
     /// against its root, and against the root a signed record names); the envelope once

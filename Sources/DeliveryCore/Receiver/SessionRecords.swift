@@ -25,6 +25,13 @@ public enum PollChain {
         context.withUnsafeBytes { c in value.withUnsafeBytes { SHA256.hash(c, $0) } }
     }
 
+    /// Whether `value` hashes to `known` in exactly `steps` steps.
+    public static func leads(_ value: [UInt8], steps: UInt32, to known: [UInt8]) -> Bool {
+        var v = value
+        for _ in 0..<steps { v = step(v) }
+        return v == known
+    }
+
     /// Every value from round 0 (the anchor) to `length`, from a random last value.
     public static func values(length: Int, last: [UInt8]) -> Values { Values(length: length, last: last) }
 
@@ -106,9 +113,7 @@ struct SessionRecords {
             if r.chainRound < k.chainRound { return .stale }
             let gap = r.chainRound - k.chainRound
             if gap <= Self.chainGapMax {
-                var v = r.chainValue
-                for _ in 0..<gap { v = PollChain.step(v) }
-                guard v == k.chainValue else { return .failed }
+                guard PollChain.leads(r.chainValue, steps: gap, to: k.chainValue) else { return .failed }
                 k.record = r
                 k.chainRound = r.chainRound
                 k.chainValue = r.chainValue
@@ -163,9 +168,7 @@ struct SessionRecords {
         guard var k = known[session], round <= k.record.chainLastRound else { return false }
         if round == k.chainRound { return value == k.chainValue }
         guard round > k.chainRound, round - k.chainRound <= Self.chainGapMax else { return false }
-        var v = value
-        for _ in 0..<(round - k.chainRound) { v = PollChain.step(v) }
-        guard v == k.chainValue else { return false }
+        guard PollChain.leads(value, steps: round - k.chainRound, to: k.chainValue) else { return false }
         k.chainRound = round
         k.chainValue = value
         k.lastUsedAt = now
