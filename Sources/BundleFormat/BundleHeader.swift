@@ -6,7 +6,7 @@
 /// +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 /// |                     magic "FLCB" (0x464C4342)                 |
 /// +-------------------------------+-------------------------------+
-/// |      format version = 1       |         reserved = 0          |
+/// |      format version = 2       |         reserved = 0          |
 /// +-------------------------------+-------------------------------+
 /// |                   signed manifest length (u32)                |
 /// +---------------------------------------------------------------+
@@ -23,7 +23,7 @@
 public struct BundleHeader: Hashable, Sendable {
     public static let byteCount = 32
     public static let magic: [UInt8] = Array("FLCB".utf8)
-    public static let formatVersion: UInt16 = 1
+    public static let formatVersion = UInt16(Manifest.formatVersion)
 
     public var envelopeLength: Int
     public var payloadLength: UInt64
@@ -47,7 +47,7 @@ public struct BundleHeader: Hashable, Sendable {
         guard bytes.count >= Self.byteCount else { throw BundleError(.malformed, "bundle shorter than its \(Self.byteCount)-byte header") }
         guard Array(bytes[0..<4]) == Self.magic else { throw BundleError(.malformed, "not a Fleetcast bundle (bad magic)") }
         let version = UInt16(bytes[4]) << 8 | UInt16(bytes[5])
-        guard version == Self.formatVersion else { throw BundleError(.malformed, "bundle format version \(version), this build reads \(Self.formatVersion)") }
+        guard version == Self.formatVersion else { throw BundleError(.malformed, Manifest.versionMessage(Int(version))) }
         guard bytes[6] == 0, bytes[7] == 0, readBigEndian32(bytes, 12) == 0 else {
             throw BundleError(.malformed, "bundle header: reserved bytes are not zero")
         }

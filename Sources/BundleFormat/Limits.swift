@@ -26,6 +26,11 @@ public enum BundleLimits {
     /// Encryption chunk sizes allowed (plaintext bytes per AES-GCM chunk).
     public static let encryptionChunkByteCountMin = 1024
     public static let encryptionChunkByteCountMax = 1 << 20
+    /// The manifest's tags of segment 0's auth-chain symbols (Specs/bundle.md B-13a): with
+    /// the packer's default segment length one block's worth (4 KiB for the default
+    /// profile); 64 KiB for 1,024 blocks a segment of it. Half the envelope's bound, so
+    /// that signatures and recipients keep room; pack refuses a layout beyond it.
+    public static let firstTagsByteCountMax = 128 * 1024
     /// Tag length of a symbol authenticator (truncated SHA-256).
     public static let symbolTagByteCount = 16
 }

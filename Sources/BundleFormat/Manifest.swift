@@ -6,7 +6,9 @@ import CBOR
 /// are critical: a verifier that meets one it does not know refuses the
 /// manifest. Negative keys are extensions a verifier may ignore.
 public struct Manifest: Hashable, Sendable {
-    public static let formatVersion = 1
+    /// 2: auth-chain symbols carry tags (Specs/bundle.md §7.3 B-13a). Format 1 is
+    /// refused with a message saying to pack again (§3 B-1a).
+    public static let formatVersion = 2
 
     public var productID: String
     /// The device hardware IDs this update may be installed on.
@@ -134,6 +136,7 @@ extension Manifest {
             (Key.authentication.rawValue, .intMap([
                 (1, .int(authentication.blocksPerSegment)), (2, .int(authentication.segmentCount)),
                 (3, .bytes(authentication.head)), (4, .int(authentication.tagLength)), (5, .unsigned(authentication.size)),
+                (6, .bytes(authentication.firstTags)),
             ])),
             (Key.bundleID.rawValue, .bytes(bundleID)),
             (Key.signerKeyIDs.rawValue, .array(signerKeyIDs.map(CBOR.bytes))),
@@ -154,14 +157,22 @@ extension Manifest {
 
     public func encoded() -> [UInt8] { cbor().encoded() }
 
+    /// Why a manifest or bundle of another format is refused (Specs/bundle.md B-1a).
+    public static func versionMessage(_ version: Int) -> String {
+        version == 1
+            ? "bundle format 1 is no longer read: its auth-chain symbols cannot be checked on arrival (Specs/bundle.md B-1a); pack the update again with this fleetcast (format \(formatVersion))"
+            : "bundle format \(version), this build reads format \(formatVersion)"
+    }
+
     /// Decodes and validates a manifest from untrusted bytes. Checks types,
     /// ranges and internal consistency; not signatures or policy.
     public init(decoding bytes: [UInt8]) throws(BundleError) {
         let item: CBOR
         do { item = try CBOR(decoding: bytes) } catch { throw .malformed(error, in: "manifest") }
         var m = try FieldReader(item, "manifest")
-        let formatVersion = try m.int(Key.formatVersion.rawValue, in: 1...1)
-        precondition(formatVersion == Self.formatVersion)
+        let formatVersion = try m.int(Key.formatVersion.rawValue, in: 1...Int(Int32.max))
+        // Specs/bundle.md B-1a: format 1 chains authenticate their own symbols only per segment.
+        guard formatVersion == Self.formatVersion else { throw BundleError(.malformed, Self.versionMessage(formatVersion)) }
         productID = try m.text(Key.productID.rawValue)
         hardwareIDs = try m.array(Key.hardwareIDs.rawValue, max: BundleLimits.hardwareIDCountMax) { (item) throws(BundleError) in
             try FieldReader.text(item, "hardware ID")
@@ -205,7 +216,8 @@ extension Manifest {
         authentication = AuthChainInfo(blocksPerSegment: try a.int(1, in: 1...BundleLimits.blocksPerSegmentMax),
                                        segmentCount: try a.int(2, in: 1...BundleLimits.blockCountMax), head: try a.bytes(3, count: 32),
                                        tagLength: try a.int(4, in: BundleLimits.symbolTagByteCount...BundleLimits.symbolTagByteCount),
-                                       size: try a.uint64(5, max: BundleLimits.payloadByteCountMax))
+                                       size: try a.uint64(5, max: BundleLimits.payloadByteCountMax),
+                                       firstTags: try a.bytes(6, countIn: 0...BundleLimits.firstTagsByteCountMax))
         try a.finish()
 
         if m.has(Key.encryption.rawValue) {
@@ -256,8 +268,13 @@ extension Manifest {
         guard expectedSegments == authentication.segmentCount else {
             throw BundleError(.malformed, "manifest: \(authentication.segmentCount) segments for \(geometry.blockCount) blocks (expected \(expectedSegments))")
         }
-        guard AuthChainLayout(geometry: geometry, blocksPerSegment: authentication.blocksPerSegment).totalSize == authentication.size else {
+        let layout = AuthChainLayout(geometry: geometry, blocksPerSegment: authentication.blocksPerSegment)
+        guard layout.totalSize == authentication.size else {
             throw BundleError(.malformed, "manifest: authentication chain size \(authentication.size) does not match the profile")
+        }
+        let firstTagsCount = layout.authSymbolCount(inSegment: 0) * BundleLimits.symbolTagByteCount
+        guard authentication.firstTags.count == firstTagsCount else {
+            throw BundleError(.malformed, "manifest: \(authentication.firstTags.count) bytes of first-segment tags, the layout needs \(firstTagsCount)")
         }
     }
 }

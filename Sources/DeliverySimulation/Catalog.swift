@@ -124,8 +124,8 @@ public enum ScenarioCatalog {
         }
         var s = Scenario(name: "sweep", seed: seed, receivers: specs)
         s.payloadBytes = 30_000 + Int(rng.next() % 400_000)
-        // Forged payload symbols (checked per symbol). Forged auth-chain symbols are the
-        // "attack" scenario's: they can delay completion (Specs/protocol.md §7), never corrupt it.
+        // Forged symbols, checked one by one on arrival: payload ones, and in half of these
+        // runs a share of auth-chain ones (Specs/bundle.md B-13a).
         if rng.next() % 3 == 0 { s.forgedDataPerSecond = 500 + Double(rng.next() % 3000) }
         s.wireFactorMax = 1.6 + 1.2 * extraCopies
         // Bursts over small objects: a burst can take out most of a block at one receiver.
@@ -151,6 +151,8 @@ public enum ScenarioCatalog {
         // A third of the runs are authenticated sessions every receiver requires (P-31),
         // where the attacker, when there is one, also forges POLLs and CLOSEs.
         if rng.next() % 3 == 0 { s.authenticated = true }
+        // Half the attacks aim a share at the auth chain, checked per symbol (B-13a).
+        if s.forgedDataPerSecond > 0, rng.next() % 2 == 0 { s.forgedAuthFraction = 0.05 + 0.45 * rng.unit() }
         return s
     }
 

@@ -18,10 +18,11 @@ public struct SimulationBundle: Sendable {
 
     /// Packs `payloadBytes` of seeded bytes (stored, not compressed, so the payload has exactly that size).
     public static func make(payloadBytes: Int, seed: UInt64, sequence: UInt64 = 10,
-                            profile: TransportProfile = Scenario.compactProfile, blocksPerSegment: Int = 64) throws -> SimulationBundle {
+                            profile: TransportProfile = Scenario.compactProfile, blocksPerSegment: Int? = nil) throws -> SimulationBundle {
         var rng = SeededRandom(seed: seed)
         let key = try PrivateKey(raw: [UInt8](repeating: 7, count: 32), algorithm: .ed25519)
-        let dir = NSTemporaryDirectory() + "fleetcast-sim-\(getpid())-\(seed)-\(sequence)-\(payloadBytes)"
+        // Unique per call: tests pack the same size concurrently (with other segment lengths).
+        let dir = NSTemporaryDirectory() + "fleetcast-sim-\(getpid())-\(seed)-\(sequence)-\(payloadBytes)-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let image = (0..<payloadBytes).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
@@ -72,7 +73,8 @@ public struct Scenario: Sendable {
     public var seed: UInt64
     public var payloadBytes = 200_000
     public var profile = Scenario.compactProfile
-    public var blocksPerSegment = 64
+    /// Nil: the packer's default for the profile (Specs/bundle.md §7.4).
+    public var blocksPerSegment: Int?
     public var receivers: [ReceiverSpec]
     public var rateBytesPerSecond = 50_000_000.0
     public var proactiveRepairFraction = 0.05
@@ -93,7 +95,7 @@ public struct Scenario: Sendable {
     public var segmentBytesInMemoryMax: Int?
     /// Forged DATA datagrams per second, sprayed at every receiver with the real session ID.
     public var forgedDataPerSecond = 0.0
-    /// Share of forged datagrams aimed at the auth-chain object (which is authenticated per segment, not per symbol).
+    /// Share of forged datagrams aimed at the auth-chain object (checked per symbol too, Specs/bundle.md B-13a).
     public var forgedAuthFraction = 0.0
     /// Replays a recorded older session (an older bundle, validly signed) at the receivers.
     public var replayOldSession = false
@@ -264,7 +266,8 @@ public final class Simulation {
 
     public init(scenario: Scenario, bundle: SimulationBundle, oldSession: [[UInt8]] = []) {
         precondition(bundle.manifest.transport == scenario.profile, "the bundle was packed with another profile than the scenario's")
-        precondition(bundle.manifest.authentication.blocksPerSegment == scenario.blocksPerSegment, "the bundle was packed with other segments than the scenario's")
+        precondition(bundle.manifest.authentication.blocksPerSegment == scenario.blocksPerSegment ?? AuthChainLayout.defaultBlocksPerSegment(scenario.profile),
+                     "the bundle was packed with other segments than the scenario's")
         self.scenario = scenario
         self.bundle = bundle
         self.oldSession = oldSession
@@ -585,6 +588,12 @@ public final class Simulation {
                     result.violations.append("receiver \(i) completed but the sender closed without counting it done")
                 }
             }
+        }
+        // Every symbol of both objects is checked on arrival (Specs/protocol.md P-5, Specs/bundle.md
+        // B-13a): no forged or corrupted one reaches a decoder, so no segment fails its hash and
+        // no rebuilt block its tags. (Format 1 chains failed segments under forged chain symbols.)
+        if result.receiverStats.segmentFailures > 0 || result.receiverStats.rebuiltTagFailures > 0 {
+            result.violations.append("an unauthenticated symbol reached a decoder: \(result.receiverStats.segmentFailures) segment(s) failed their hash, \(result.receiverStats.rebuiltTagFailures) rebuilt block(s) their tags")
         }
         result.senderStats = sender.stats
         result.dataWireBytes = sender.stats.dataBytes

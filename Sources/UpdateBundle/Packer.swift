@@ -26,7 +26,9 @@ public struct PackRequest: Sendable {
     /// zlib level 1...9; 6 is zlib's default trade-off.
     public var compressionLevel: Int32 = 6
     public var transport: TransportProfile = .default
-    public var blocksPerSegment = 64
+    /// Payload blocks per auth-chain segment; nil: the most that fit one block of the
+    /// chain object with the next segment's tags (Specs/bundle.md §7.4).
+    public var blocksPerSegment: Int?
     /// Device public keys (P-256 or X25519) that may decrypt; with group keys, empty means plaintext.
     public var recipients: [PublicKey] = []
     public var groupKeys: [GroupKey] = []
@@ -131,13 +133,28 @@ public enum Packer {
         guard geometry.blockCount <= BundleLimits.blockCountMax else {
             throw BundleError(.invalidInput, "the payload makes \(geometry.blockCount) blocks of \(blockBytes) bytes, more than \(BundleLimits.blockCountMax) (blockCountMax): use a larger symbol size or more symbols per block")
         }
-        let layout = AuthChainLayout(geometry: geometry, blocksPerSegment: request.blocksPerSegment)
+        let blocksPerSegment = request.blocksPerSegment ?? AuthChainLayout.defaultBlocksPerSegment(request.transport)
+        let layout = AuthChainLayout(geometry: geometry, blocksPerSegment: blocksPerSegment)
+        // Specs/bundle.md B-13a: segment j carries the hash and the chain tags of segment j+1's
+        // span, so the spans are built from the last back; each one's tags are kept (about
+        // 4 KB a segment with the default profile) for the segment before and the manifest.
         var segmentHashes = [[UInt8]](repeating: [], count: layout.segmentCount)
-        var next = [UInt8](repeating: 0, count: 32)
+        var segmentTags = [[UInt8]](repeating: [], count: layout.segmentCount)
+        var codecs: [Int: ReedSolomonCodec] = [:]
+        var tagScratch: [UInt8] = []
         for j in stride(from: layout.segmentCount - 1, through: 0, by: -1) {
-            let segment = try segmentBytes(j, layout: layout, records: recordsFile, next: next)
+            let last = j == layout.segmentCount - 1
+            let segment = try segmentBytes(j, layout: layout, records: recordsFile,
+                                           nextHash: last ? [UInt8](repeating: 0, count: 32) : segmentHashes[j + 1],
+                                           nextTags: last ? [] : segmentTags[j + 1])
             segmentHashes[j] = SHA256.hash(segment)
-            next = segmentHashes[j]
+            segmentTags[j] = segment.withUnsafeBytes {
+                BlockAuthentication.chainTags(span: $0, firstBlock: layout.authBlocks(inSegment: j).lowerBound, profile: request.transport,
+                                              codecs: &codecs, scratch: &tagScratch)
+            }
+        }
+        guard segmentTags[0].count <= BundleLimits.firstTagsByteCountMax else {
+            throw BundleError(.invalidInput, "segment 0 of the auth chain fills \(layout.authBlocks(inSegment: 0).count) blocks, whose tags (\(segmentTags[0].count) bytes) exceed the manifest's \(BundleLimits.firstTagsByteCountMax) (firstTagsByteCountMax): use fewer blocks per segment")
         }
 
         var signerKeyIDs = request.signingKeys.map(\.publicKey.keyID)
@@ -155,8 +172,9 @@ public enum Packer {
             payload: .init(compression: request.compression, size: transfer.payloadSize, sha256: transfer.payloadHash,
                            compressedSize: compressedSize, uncompressedSize: total),
             transport: request.transport,
-            authentication: AuthChainInfo(blocksPerSegment: request.blocksPerSegment, segmentCount: layout.segmentCount,
-                                          head: segmentHashes[0], tagLength: BundleLimits.symbolTagByteCount, size: layout.totalSize),
+            authentication: AuthChainInfo(blocksPerSegment: blocksPerSegment, segmentCount: layout.segmentCount,
+                                          head: segmentHashes[0], tagLength: BundleLimits.symbolTagByteCount, size: layout.totalSize,
+                                          firstTags: segmentTags[0]),
             encryption: encryption, bundleID: bundleID, signerKeyIDs: signerKeyIDs, signatureThreshold: request.signatureThreshold)
         let manifestBytes = manifest.encoded()
         // Pair the assertions: what we sign must be what a verifier decodes.
@@ -181,8 +199,10 @@ public enum Packer {
                 copied += UInt64(n)
             }
             for j in 0..<layout.segmentCount {
-                let next = j + 1 < layout.segmentCount ? segmentHashes[j + 1] : [UInt8](repeating: 0, count: 32)
-                let segment = try segmentBytes(j, layout: layout, records: recordsFile, next: next)
+                let last = j == layout.segmentCount - 1
+                let segment = try segmentBytes(j, layout: layout, records: recordsFile,
+                                               nextHash: last ? [UInt8](repeating: 0, count: 32) : segmentHashes[j + 1],
+                                               nextTags: last ? [] : segmentTags[j + 1])
                 precondition(SHA256.hash(segment) == segmentHashes[j])
                 try output.write(segment)
             }
@@ -201,12 +221,12 @@ public enum Packer {
         return slash == path.startIndex ? "/" : String(path[..<slash])
     }
 
-    private static func segmentBytes(_ j: Int, layout: AuthChainLayout, records: File, next: [UInt8]) throws(BundleError) -> [UInt8] {
+    private static func segmentBytes(_ j: Int, layout: AuthChainLayout, records: File, nextHash: [UInt8], nextTags: [UInt8]) throws(BundleError) -> [UInt8] {
         let blocks = layout.blocks(inSegment: j)
         let fullRecord = UInt64(layout.recordSize(ofBlock: 0))
         let count = blocks.reduce(0) { $0 + layout.recordSize(ofBlock: $1) }
         let recordBytes = try records.read(at: UInt64(blocks.lowerBound) * fullRecord, count: count)
-        return AuthSegment.serialize(index: j, blocks: blocks, records: recordBytes, nextHash: next)
+        return AuthSegment.serialize(index: j, layout: layout, records: recordBytes, nextHash: nextHash, nextTags: nextTags)
     }
 
     private static func validate(_ r: PackRequest) throws(BundleError) {
@@ -243,7 +263,7 @@ public enum Packer {
             throw BundleError(.invalidInput, "threshold \(r.signatureThreshold) must be 1...\(signers) (the authorised signers)")
         }
         guard (1...9).contains(r.compressionLevel) else { throw BundleError(.invalidInput, "compression level must be 1...9") }
-        guard (1...BundleLimits.blocksPerSegmentMax).contains(r.blocksPerSegment) else {
+        if let perSegment = r.blocksPerSegment, !(1...BundleLimits.blocksPerSegmentMax).contains(perSegment) {
             throw BundleError(.invalidInput, "blocks per segment must be 1...\(BundleLimits.blocksPerSegmentMax)")
         }
         guard (BundleLimits.encryptionChunkByteCountMin...BundleLimits.encryptionChunkByteCountMax).contains(r.encryptionChunkSize) else {

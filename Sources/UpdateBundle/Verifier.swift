@@ -192,6 +192,8 @@ final class ChainChecker {
     private let profile: TransportProfile
     private var segment: AuthSegment?
     private var expectedHash: [UInt8]
+    /// The chain tags segment j's span must have (B-13a): the manifest's, then each segment's next ones.
+    private var expectedTags: [UInt8]
     private var codecs: [Int: ReedSolomonCodec] = [:]
     private var padded: [UInt8]
     private var repairs: [UInt8]
@@ -203,6 +205,7 @@ final class ChainChecker {
         layout = AuthChainLayout(geometry: BlockGeometry(payloadSize: m.payload.size, profile: m.transport),
                                  blocksPerSegment: m.authentication.blocksPerSegment)
         expectedHash = m.authentication.head
+        expectedTags = m.authentication.firstTags
         padded = [UInt8](repeating: 0, count: profile.blockByteCount)
         repairs = [UInt8](repeating: 0, count: max(1, profile.repairSymbolsPerBlock) * profile.symbolSize)
     }
@@ -219,7 +222,17 @@ final class ChainChecker {
             if j == layout.segmentCount - 1 {
                 guard parsed.nextHash.allSatisfy({ $0 == 0 }) else { throw BundleError(.malformed, "last segment links onward") }
             }
+            // B-15: the chain tags a receiver checks the segment's symbols against on arrival
+            // (B-13a) must be those of the symbols the sender will send, repairs included.
+            let tags = raw.withUnsafeBytes {
+                BlockAuthentication.chainTags(span: $0, firstBlock: layout.authBlocks(inSegment: j).lowerBound, profile: profile,
+                                              codecs: &codecs, scratch: &repairs)
+            }
+            guard tags == expectedTags else {
+                throw BundleError(.hashMismatch, "authentication segment \(j): its symbols do not match the chain tags \(j == 0 ? "the manifest" : "segment \(j - 1)") holds")
+            }
             expectedHash = parsed.nextHash
+            expectedTags = Array(parsed.nextTags)
             segment = parsed
         }
         let seg = segment!

@@ -74,8 +74,8 @@ struct Pack: ParsableCommand {
     @Option(help: "Transport: repair ceiling per block (R); k + R <= 256.")
     var repair: Int = TransportProfile.default.repairSymbolsPerBlock
 
-    @Option(help: "Authentication records per chain segment.")
-    var blocksPerSegment: Int = 64
+    @Option(help: "Authentication records per chain segment (default: as many as fill one block of the chain with the next segment's tags; 66 for the default profile).")
+    var blocksPerSegment: Int?
 
     @Flag(help: "No progress line.")
     var quiet = false

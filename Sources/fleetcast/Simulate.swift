@@ -64,7 +64,7 @@ struct Simulate: ParsableCommand {
             }
             if let payloadBytes { s.payloadBytes = payloadBytes }
             s.profile = try profile(overriding: s.profile)
-            let key = "\(s.payloadBytes) \(s.profile) \(s.blocksPerSegment)"
+            let key = "\(s.payloadBytes) \(s.profile) \(s.blocksPerSegment ?? 0)"
             let bundle = try bundles[key] ?? SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, profile: s.profile,
                                                                    blocksPerSegment: s.blocksPerSegment)
             bundles[key] = bundle

@@ -9,8 +9,8 @@ import WireFormat
 actor BundleCache {
     static let shared = BundleCache()
     private var bundles: [String: SimulationBundle] = [:]
-    func bundle(_ size: Int, profile: TransportProfile = Scenario.compactProfile, blocksPerSegment: Int = 64) throws -> SimulationBundle {
-        let key = "\(size) \(profile) \(blocksPerSegment)"
+    func bundle(_ size: Int, profile: TransportProfile = Scenario.compactProfile, blocksPerSegment: Int? = nil) throws -> SimulationBundle {
+        let key = "\(size) \(profile) \(blocksPerSegment ?? 0)"
         if let b = bundles[key] { return b }
         let b = try SimulationBundle.make(payloadBytes: size, seed: 1, profile: profile, blocksPerSegment: blocksPerSegment)
         bundles[key] = b
@@ -167,16 +167,18 @@ struct ScenarioTests {
 
     @Test("P-5c: with room for one segment, verified segments leave memory and are read back and rechecked; every receiver completes with the right bytes")
     func segmentEviction() async throws {
-        // 34 blocks in segments of 2: 17 segments of 3.2 KB; the budget holds one.
+        // 34 blocks in segments of 2: 17 segments (one 90 KB chain block each, 4.7 KB of it used); the budget holds one.
         let link = LinkModel(loss: .bernoulli(0.1), corruptProbability: 0.002)
         var specs = Array(repeating: ReceiverSpec(downlink: link), count: 6)
         specs.append(ReceiverSpec(downlink: link, powerLossAt: [.milliseconds(30)]))
         var s = Scenario(name: "segment-eviction", seed: 33, receivers: specs)
         s.payloadBytes = 3_000_000
         s.blocksPerSegment = 2
-        s.segmentBytesInMemoryMax = 4_000
+        s.segmentBytesInMemoryMax = 100_000
         s.forgedDataPerSecond = 2000
-        s.wireFactorMax = 1.6 + 1.2
+        // Segments of 2 blocks fill a 90 KB chain block each (Specs/bundle.md §7.3: a span is
+        // whole blocks): the chain is half the payload here, sent with full proactive repair.
+        s.wireFactorMax = 1.6 + 1.2 + 1.0
         let bundle = try SimulationBundle.make(payloadBytes: s.payloadBytes, seed: 1, blocksPerSegment: 2)
         let r = Simulation(scenario: s, bundle: bundle).run()
         #expect(r.violations.isEmpty && r.completed.allSatisfy { $0 }, "\(r)")
@@ -194,6 +196,35 @@ struct ScenarioTests {
         let r = try await run("attack", seed: 17)
         #expect(r.receiverStats.drops[.badTag] > 0, "forged payload symbols are dropped on arrival")
         #expect(r.completed.allSatisfy { $0 })
+    }
+
+    /// Specs/bundle.md B-13a, issue 15's attack 7: a flood of forged auth-chain symbols
+    /// against late joiners. Each forged symbol fails its chain tag on arrival; no segment
+    /// fails its hash (the simulator's invariant), and the flood costs the joiners little
+    /// time and the sender little wire compared with the same run without it. Format 1
+    /// chains failed and re-requested segments here (the invariant fails on that code).
+    @Test("B-13a: forged auth-chain symbols are dropped on arrival; no segment fails; time and wire near the clean run's")
+    func forgedChainSymbols() async throws {
+        let link = LinkModel(loss: .bernoulli(0.05))
+        var specs = Array(repeating: ReceiverSpec(downlink: link), count: 3)
+        for _ in 0..<3 { specs.append(ReceiverSpec(downlink: link, joinAt: .milliseconds(40))) }
+        var clean = Scenario(name: "forged-chain", seed: 41, receivers: specs)
+        clean.payloadBytes = 3_000_000
+        clean.blocksPerSegment = 2
+        clean.rateBytesPerSecond = 20_000_000
+        clean.wireFactorMax = 2.8
+        let bundle = try await BundleCache.shared.bundle(clean.payloadBytes, blocksPerSegment: 2)
+        var attacked = clean
+        attacked.forgedDataPerSecond = 3000
+        attacked.forgedAuthFraction = 1.0
+        let before = Simulation(scenario: clean, bundle: bundle).run()
+        let after = Simulation(scenario: attacked, bundle: bundle).run()
+        #expect(before.violations.isEmpty && before.completed.allSatisfy { $0 }, "\(before)")
+        #expect(after.violations.isEmpty && after.completed.allSatisfy { $0 }, "\(after)")
+        #expect(after.receiverStats.drops[.badTag] > 1000, "forged chain symbols fail their tags: \(after.receiverStats)")
+        #expect(after.receiverStats.segmentFailures == 0)
+        #expect(after.duration.seconds <= 1.5 * before.duration.seconds, "\(after.duration) against \(before.duration) clean")
+        #expect(Double(after.dataWireBytes) <= 1.2 * Double(before.dataWireBytes), "\(after.dataWireBytes) against \(before.dataWireBytes) clean")
     }
 
     @Test("Specs/protocol.md P-31b: forged DATA, POLL and CLOSE against a signed session every receiver requires: all dropped, every receiver completes within the bounds")

@@ -48,7 +48,8 @@ final class AgentFixture {
                                   createdAt: Self.createdAt, expiresAt: expiresAt,
                                   components: [.init(name: name, path: scratch.file("rootfs.img"), installTarget: "rootfs")], signingKeys: [vendor])
         request.transport = Self.profile
-        request.blocksPerSegment = 4
+        // Several segments (4 for 2 MB), each a 32 KiB chain block (Specs/bundle.md §7.3).
+        request.blocksPerSegment = 16
         if plain { request.compression = .none } else { request.recipients = [device.publicKey] }
         let path = scratch.file("bundle-\(sequence)-\(expiresAt)-\(plain)")
         let manifest = try Packer.pack(request, to: path)

@@ -24,5 +24,10 @@ struct FuzzRegressionTests {
                                                    device: DevicePolicy(now: 1_000, hardwareID: "hw", installedSequence: 0))
         #expect(verified.manifestBytes == seeds["manifest.cbor"])
         #expect(try BundleHeader(parsing: seeds["header.bin"]!).envelopeLength == seeds["envelope.cbor"]!.count)
+        // The segment seed parses under the layout its first bytes choose, and carries segment 1's chain tags.
+        let segment = seeds["segment.bin"]!
+        let layout = try #require(ParserHarness.segmentLayout(segment))
+        let parsed = try AuthSegment(parsing: Array(segment.dropFirst(4)), index: 0, layout: layout)
+        #expect(parsed.nextTags.count == layout.authSymbolCount(inSegment: 1) * BundleLimits.symbolTagByteCount)
     }
 }

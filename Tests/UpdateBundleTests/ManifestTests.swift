@@ -107,6 +107,7 @@ struct ManifestTests {
             a.authentication.blocksPerSegment = 1024
             a.authentication.segmentCount = layout.segmentCount
             a.authentication.size = layout.totalSize
+            a.authentication.firstTags = [UInt8](repeating: 0, count: layout.authSymbolCount(inSegment: 0) * BundleLimits.symbolTagByteCount)
             return a
         }
         // Consistent in every other way: at the limit it is accepted, one block over it is not.
@@ -143,6 +144,42 @@ struct ManifestTests {
         #expect(failure { _ = try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 200, repairSymbolsPerBlock: 57) } == .malformed)
         #expect(failure { _ = try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 0, repairSymbolsPerBlock: 1) } == .malformed)
         #expect(failure { _ = try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 200, repairSymbolsPerBlock: 56) } == nil)
+        // B-13b: a block's tags fill at most half of it (64-byte symbols, k = 1: R = 1 fits, R = 2 does not).
+        #expect(failure { _ = try TransportProfile(symbolSize: 64, sourceSymbolsPerBlock: 1, repairSymbolsPerBlock: 1) } == nil)
+        #expect(failure { _ = try TransportProfile(symbolSize: 64, sourceSymbolsPerBlock: 1, repairSymbolsPerBlock: 2) } == .malformed)
+    }
+
+    /// Specs/bundle.md §7.3, B-13a: every span but the last is whole chain blocks, with less
+    /// than a block of padding; each chain block lies in one span; segment j+1's chain tags
+    /// are counted in segment j's content.
+    @Test("Chain layout, format 2: spans on block boundaries, each chain block in one segment, tight padding")
+    func spans() throws {
+        for (t, k, r) in [(100, 10, 5), (64, 1, 1), (64, 2, 1), (1400, 64, 32), (1400, 200, 56)] {
+            let profile = try TransportProfile(symbolSize: t, sourceSymbolsPerBlock: k, repairSymbolsPerBlock: r)
+            for payload in [UInt64(1), 999, 1000, 1001, 12_345, 400_000, 3_000_000] {
+                for perSegment in [1, 3, AuthChainLayout.defaultBlocksPerSegment(profile)] {
+                    let layout = AuthChainLayout(geometry: BlockGeometry(payloadSize: payload, profile: profile), blocksPerSegment: perSegment)
+                    let blockBytes = profile.blockByteCount, last = layout.segmentCount - 1
+                    var nextBlock = 0
+                    for j in 0...last {
+                        let blocks = layout.authBlocks(inSegment: j)
+                        #expect(blocks.lowerBound == nextBlock && !blocks.isEmpty)
+                        #expect(layout.segmentOffset(j) == UInt64(blocks.lowerBound * blockBytes))
+                        for m in [blocks.lowerBound, blocks.upperBound - 1] { #expect(layout.segment(ofAuthBlock: m) == j) }
+                        let content = layout.contentSize(j), span = layout.segmentSize(j)
+                        #expect(content <= span && (j == last ? content == span : span - content < blockBytes), "\(profile) \(payload) \(perSegment) segment \(j)")
+                        let records = layout.blocks(inSegment: j).reduce(0) { $0 + layout.recordSize(ofBlock: $1) }
+                        let tags = j == last ? 0 : layout.authSymbolCount(inSegment: j + 1) * BundleLimits.symbolTagByteCount
+                        #expect(content == 16 + records + 32 + tags)
+                        nextBlock = blocks.upperBound
+                    }
+                    #expect(nextBlock == layout.authGeometry.blockCount && layout.segmentOffset(last + 1) == layout.totalSize)
+                }
+            }
+        }
+        // The packer's default: one chain block a segment for the named profiles.
+        #expect(AuthChainLayout.defaultBlocksPerSegment(.default) == 66)
+        #expect(AuthChainLayout.defaultBlocksPerSegment(try TransportProfile(symbolSize: 1400, sourceSymbolsPerBlock: 64, repairSymbolsPerBlock: 32)) == 56)
     }
 
     @Test("Chain layout: offsets and sizes agree for short last blocks and segments")

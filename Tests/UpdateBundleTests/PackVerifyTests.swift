@@ -275,6 +275,47 @@ struct RejectionTests {
         }
     }
 
+    /// Specs/bundle.md B-1a: format 1 chains cannot have their symbols checked on arrival.
+    @Test("B-1a: a format 1 header or manifest is refused with a message to pack again")
+    func formatOne() throws {
+        let f = Fixture(imageSize: 10_000)
+        let path = try f.pack()
+        var bytes = readBytes(path)
+        #expect(bytes[4] == 0 && bytes[5] == 2, "bundles are format 2")
+        bytes[5] = 1
+        let old = f.dir.file("format1.fcb")
+        writeBytes(old, bytes)
+        let e = #expect(throws: BundleError.self) { try f.verify(old) }
+        #expect(e?.code == .malformed && e?.description.contains("pack the update again") == true, "\(String(describing: e))")
+        // A manifest saying format 1 ({1: 1, ...}: the first key and value follow the map head), validly signed.
+        var manifest = try COSE.parseEnvelope(try UnverifiedBundle(path: path).envelope).0
+        #expect(manifest[1] == 0x01 && manifest[2] == 0x02)
+        manifest[2] = 0x01
+        let envelope = try COSE.envelope(manifest: manifest, keys: [f.signer])
+        let m = #expect(throws: BundleError.self) { _ = try ManifestVerifier.verify(envelope: envelope, trust: f.trust, device: f.devicePolicy) }
+        #expect(m?.description.contains("bundle format 1 is no longer read") == true, "\(String(describing: m))")
+    }
+
+    /// Specs/bundle.md B-15, B-13a: verify checks every auth-chain symbol's chain tag, so a
+    /// bundle whose tags a receiver would refuse good symbols by is refused before it is sent.
+    @Test("B-15: first-tags or chain tags that do not match the chain's symbols are refused by verify")
+    func chainTags() throws {
+        let f = Fixture(imageSize: 40_000)
+        let path = try f.pack()
+        var m = try Manifest(decoding: COSE.parseEnvelope(try UnverifiedBundle(path: path).envelope).0)
+        #expect(m.authentication.segmentCount > 2 && !m.authentication.firstTags.isEmpty)
+        try f.verify(path)
+        for index in [0, m.authentication.firstTags.count - 1] {
+            var bad = m
+            bad.authentication.firstTags[index] ^= 0x40
+            let resigned = try resign(path, manifest: bad, key: f.signer, in: f, name: "tags\(index).fcb")
+            let e = #expect(throws: BundleError.self) { try f.verify(resigned) }
+            #expect(e?.code == .hashMismatch && e?.description.contains("chain tags the manifest holds") == true, "\(String(describing: e))")
+        }
+        m.authentication.firstTags[0] ^= 0  // unchanged: the resigned bundle verifies (the test can pass)
+        try f.verify(try resign(path, manifest: m, key: f.signer, in: f, name: "same.fcb"))
+    }
+
     @Test("Truncated or extended at many lengths is refused")
     func truncations() throws {
         let f = Fixture(imageSize: 20_000)

@@ -101,10 +101,10 @@ extension Session {
         return feedback.isPassed(object: object, block: b, window: interleaveWindow)
     }
 
-    /// Distinct symbol indices of block b waiting for their segment, not already held.
-    func pendingCount(block b: Int, excluding partial: PartialBlock?) -> Int {
+    /// Distinct symbol indices of block b of `object` waiting for their segment, not already held.
+    func pendingCount(_ object: ObjectID, block b: Int, excluding partial: PartialBlock?) -> Int {
         var seen = Set<UInt8>()
-        for p in pendingSymbols where Int(p.block) == b && !(partial?.seen[Int(p.symbolIndex)] ?? false) { seen.insert(p.symbolIndex) }
+        for p in pendingSymbols where p.object == object && Int(p.block) == b && !(partial?.seen[Int(p.symbolIndex)] ?? false) { seen.insert(p.symbolIndex) }
         return seen.count
     }
 
@@ -245,7 +245,7 @@ extension Receiver {
             return nil
         }
         // Held symbols, and those waiting for their segment, will count once it verifies.
-        let waiting = object == .payload ? s.pendingCount(block: b, excluding: state.partial[b]) : 0
+        let waiting = s.pendingCount(object, block: b, excluding: state.partial[b])
         let needed = state.layout.sourceSymbols(b) - (state.partial[b]?.count ?? 0) - waiting
         guard needed > 0 else { return nil }
         if s.feedback.promisedRepair(key, at: now, lifetime: s.promiseLifetime) >= needed {

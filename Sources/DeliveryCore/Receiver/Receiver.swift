@@ -31,9 +31,10 @@ public struct ReceiverConfig: Sendable {
     /// Bytes of verified auth-chain segments kept in memory (Specs/protocol.md P-5c).
     /// Beyond it, with an `AuthChainReader`, the least recently used segment whose
     /// bytes are staged leaves memory and is read back (and hashed again) when a
-    /// symbol of its blocks arrives. 16 segments of the default profile (4.2 MB), where
-    /// a 1 GiB payload's whole chain is 15.8 MB and a 4 GiB one's 63 MB.
-    public var segmentBytesInMemoryMax = 16 * 264_240
+    /// symbol of its blocks arrives. 15 segments of the default profile (one 280 KB
+    /// block each, Specs/bundle.md §7.4; 4.2 MB), where a 1 GiB payload's whole chain
+    /// is 16.3 MB and a 4 GiB one's 65 MB.
+    public var segmentBytesInMemoryMax = 15 * 280_000
     public var unauthenticatedSymbolCountMax = 1024
     public var backoffGRTTs = 4.0
     public var nackDatagramsPerRoundMax = 8

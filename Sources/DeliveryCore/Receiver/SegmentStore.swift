@@ -11,19 +11,22 @@ public protocol AuthChainReader: AnyObject {
 
 /// The authentication chain of one session (Specs/protocol.md P-16, P-5b, P-5c;
 /// Specs/bundle.md §7.3): the auth-chain object's blocks as they decode, the
-/// segments they verify in order from the manifest's head, and the tags those
-/// segments hold for checking payload symbols on arrival.
+/// segments they verify in order from the manifest's head, the tags those
+/// segments hold for checking payload symbols on arrival, and the chain tags
+/// that check the next segment's own symbols on arrival (B-13a).
 struct SegmentStore {
     let layout: AuthChainLayout
     /// The auth-chain object (object 1), assembled like the payload.
     var auth: ObjectState
-    private let blockBytes: UInt64
     /// Decoded auth-chain blocks not yet wholly behind the verified part of the chain.
     private var authBytes: [Int: [UInt8]] = [:]
     private(set) var segments: [Int: AuthSegment] = [:]
     /// The next segment to verify, and the hash it must have.
     private(set) var nextSegment = 0
     private var expectedSegmentHash: [UInt8]
+    /// The chain tags of `nextSegment`'s auth-chain symbols (B-13a): the manifest's for
+    /// segment 0, then those the last verified segment carries. Nil once all verified.
+    private var nextSegmentTags: ChainTags?
     /// A segment verified since the driver last looked: held payload symbols can be checked.
     var segmentsAdvanced = false
     /// Auth blocks whose every segment verified, not yet handed to storage, with their bytes.
@@ -44,8 +47,8 @@ struct SegmentStore {
         let payloadGeometry = BlockGeometry(payloadSize: m.payload.size, profile: m.transport)
         layout = AuthChainLayout(geometry: payloadGeometry, blocksPerSegment: m.authentication.blocksPerSegment)
         auth = ObjectState(layout: ObjectLayout(object: .authChain, size: m.authentication.size, profile: m.transport))
-        blockBytes = UInt64(m.transport.blockByteCount)
         expectedSegmentHash = m.authentication.head
+        nextSegmentTags = ChainTags(segment: 0, tags: m.authentication.firstTags[...], layout: layout)
     }
 
     var segmentsHeld: Int { segments.count }
@@ -69,24 +72,28 @@ struct SegmentStore {
     /// At resume: the blocks verified from the journal are in storage already.
     mutating func forgetVerifiedBlocks() { verifiedAuthBlocks.removeAll() }
 
-    /// Auth-chain blocks covering byte range `r` of the chain.
-    private func authBlocks(covering r: Range<UInt64>) -> ClosedRange<Int> {
-        Int(r.lowerBound / blockBytes)...Int((r.upperBound - 1) / blockBytes)
-    }
-
     private func byteRange(ofSegment j: Int) -> Range<UInt64> {
         layout.segmentOffset(j)..<(layout.segmentOffset(j) + UInt64(layout.segmentSize(j)))
     }
 
     // MARK: Checking symbols
 
-    /// Whether a payload symbol's tag matches its authenticated record (Specs/protocol.md P-5);
-    /// nil while the segment holding that record is not authenticated yet.
+    /// Whether a symbol's tag matches its authenticated record (Specs/protocol.md P-5;
+    /// Specs/bundle.md B-13a for auth-chain symbols); nil while the segment holding that
+    /// record, or the segment before an auth-chain symbol's, is not authenticated yet.
     ///
     /// A released segment's blocks are all done: their symbols pass here and are
     /// dropped as symbols of a done block (the data path drops them before asking).
     func tagMatches(_ d: DataSymbol) -> Bool? {
         let b = Int(d.block), i = Int(d.symbolIndex)
+        if d.object == .authChain {
+            let j = layout.segment(ofAuthBlock: b)
+            // A verified segment's blocks are all done: the symbol is dropped as one of a done block.
+            if j < nextSegment { return true }
+            guard j == nextSegment, let tags = nextSegmentTags else { return nil }
+            let tag = d.symbol.withUnsafeBytes { BlockAuthentication.tag(.authChain, block: b, symbol: i, bytes: $0) }
+            return tag[...] == tags.tag(authBlock: b, symbol: i)
+        }
         let j = b / layout.blocksPerSegment
         // A segment that left memory (P-5c) must be read back first: unknown until then.
         guard let segment = segments[j] else { return j < nextSegment && !evictedSegments.contains(j) ? true : nil }
@@ -106,17 +113,21 @@ struct SegmentStore {
         object == .payload && b / layout.blocksPerSegment >= nextSegment
     }
 
+    /// The segment whose span holds auth-chain block m.
+    func segment(ofAuthBlock m: Int) -> Int { layout.segment(ofAuthBlock: m) }
+
     // MARK: Verifying segments
 
     /// Specs/protocol.md P-16, Specs/bundle.md B-13: authenticate segments in order.
     mutating func advanceSegments(payloadDone: [Bool], stats: inout ReceiverStats) {
         while nextSegment < layout.segmentCount {
             let j = nextSegment
-            let range = byteRange(ofSegment: j)
-            let blocks = authBlocks(covering: range)
+            let blocks = layout.authBlocks(inSegment: j)
             guard blocks.allSatisfy({ auth.done[$0] && authBytes[$0] != nil }) else { return }
-            let bytes = segmentBytes(range, blocks: blocks)
-            guard bytes.count == range.count, SHA256.hash(bytes) == expectedSegmentHash,
+            let bytes = blocks.reduce(into: [UInt8]()) { $0 += authBytes[$1]! }
+            // Every symbol matched its chain tag on arrival (B-13a), so this holds unless the
+            // bundle is wrong; checked all the same, as B-13 says.
+            guard bytes.count == layout.segmentSize(j), SHA256.hash(bytes) == expectedSegmentHash,
                   let segment = try? AuthSegment(parsing: bytes, index: j, layout: layout) else {
                 stats.segmentFailures += 1
                 for b in blocks { auth.clear(b); authBytes[b] = nil }
@@ -128,6 +139,7 @@ struct SegmentStore {
             segmentHashes[j] = expectedSegmentHash
             expectedSegmentHash = segment.nextHash
             nextSegment += 1
+            nextSegmentTags = nextSegment < layout.segmentCount ? ChainTags(segment: nextSegment, tags: Array(segment.nextTags)[...], layout: layout) : nil
             if !payloadDone.isEmpty { releaseSegmentIfDone(containing: layout.blocks(inSegment: j).lowerBound, payloadDone: payloadDone) }
             segmentsAdvanced = true
             emitWhollyVerifiedBlocks(blocks)
@@ -135,28 +147,12 @@ struct SegmentStore {
         }
     }
 
-    /// The bytes of a segment from the auth blocks that cover it.
-    private func segmentBytes(_ range: Range<UInt64>, blocks: ClosedRange<Int>) -> [UInt8] {
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(range.count)
-        for b in blocks {
-            let start = UInt64(b) * blockBytes
-            let data = authBytes[b]!
-            let lo = Int(max(range.lowerBound, start) - start), hi = Int(min(range.upperBound, start + UInt64(data.count)) - start)
-            bytes += data[lo..<hi]
+    /// A verified segment's auth-chain blocks go to storage (each lies in one segment's
+    /// span, B-13a) and leave the decoded-block store. Nothing unverified is ever staged.
+    private mutating func emitWhollyVerifiedBlocks(_ blocks: Range<Int>) {
+        for b in blocks where !authBlocksEmitted.contains(b) {
+            if let data = authBytes.removeValue(forKey: b) { verifiedAuthBlocks.append((b, data)); authBlocksEmitted.insert(b) }
         }
-        return bytes
-    }
-
-    /// Blocks now wholly behind the verified chain go to storage; chain bytes no later
-    /// segment needs are freed. Nothing unverified is ever staged.
-    private mutating func emitWhollyVerifiedBlocks(_ blocks: ClosedRange<Int>) {
-        let verifiedEnd = layout.segmentOffset(nextSegment)
-        for b in blocks where !authBlocksEmitted.contains(b) && min(UInt64(b + 1) * blockBytes, layout.totalSize) <= verifiedEnd {
-            if let data = authBytes[b] { verifiedAuthBlocks.append((b, data)); authBlocksEmitted.insert(b) }
-        }
-        let keepFrom = nextSegment < layout.segmentCount ? layout.segmentOffset(nextSegment) / blockBytes : UInt64.max
-        for b in authBytes.keys where UInt64(b) < keepFrom { authBytes[b] = nil }
     }
 
     // MARK: Memory (P-5b, P-5c)
@@ -178,7 +174,7 @@ struct SegmentStore {
     /// recently used one whose bytes are all staged leaves memory (its hash stays).
     mutating func evictIfNeeded(budget: Int, stats: inout ReceiverStats) {
         while segmentBytesHeld > budget {
-            let staged = segments.keys.filter { j in authBlocks(covering: byteRange(ofSegment: j)).allSatisfy { authBlocksStored.contains($0) } }
+            let staged = segments.keys.filter { j in layout.authBlocks(inSegment: j).allSatisfy { authBlocksStored.contains($0) } }
             // Least recently used first; among segments no symbol has used yet (the chain
             // arrives before the payload), the last ones, which the payload needs last.
             guard let j = staged.min(by: { (segmentUse[$0, default: 0], -$0) < (segmentUse[$1, default: 0], -$1) }) else { return }

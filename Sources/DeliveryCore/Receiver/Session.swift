@@ -208,10 +208,24 @@ extension Receiver {
             }
             guard authentic else { stats.drops.add(.badTag); return }
             s.timers[.closeConfirm] = nil  // genuine data: the sender is still there
+        } else {
+            // Specs/bundle.md B-13a: auth-chain symbols too are checked on arrival, against the
+            // chain tags the manifest or the segment before holds; a symbol of a later segment
+            // waits (bounded) until that segment verifies.
+            if s.chain.auth.done[b] { stats.symbolsOfDoneBlocks += 1; return }
+            guard let authentic = s.chain.tagMatches(d) else {
+                if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
+                else { stats.drops.add(.unauthenticatedBufferFull) }
+                return
+            }
+            guard authentic else { stats.drops.add(.badTag); return }
+            s.timers[.closeConfirm] = nil
         }
         acceptSymbol(&s, object: d.object, block: b, index: i, symbol: d.symbol)
         // A segment may have just verified: the held symbols of its blocks can now be checked.
-        if s.chain.segmentsAdvanced {
+        // Held auth-chain symbols may verify the next segment in turn (B-13a), whose own held
+        // symbols then wait no longer: they count as had in NACKs (P-16a), so none may be left.
+        while s.chain.segmentsAdvanced {
             s.chain.segmentsAdvanced = false
             checkHeldSymbols(&s)
         }
@@ -225,7 +239,7 @@ extension Receiver {
             guard s.abort == nil else { return }
             guard let authentic = s.chain.tagMatches(p) else { s.pendingSymbols.append(p); continue }
             guard authentic else { stats.drops.add(.badTag); continue }
-            acceptSymbol(&s, object: .payload, block: Int(p.block), index: Int(p.symbolIndex), symbol: p.symbol)
+            acceptSymbol(&s, object: p.object, block: Int(p.block), index: Int(p.symbolIndex), symbol: p.symbol)
         }
     }
 
