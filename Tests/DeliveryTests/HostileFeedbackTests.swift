@@ -99,6 +99,56 @@ struct HostileFeedbackTests {
         #expect(sender.stats.drops[.nackEntryOverAllowance] == before, "the genuine receiver's need is within its own allowance")
     }
 
+    /// Specs/protocol.md P-17c, issue 15's attack 5: in an unauthenticated session, forged
+    /// POLLs (and forged DATA of blocks far ahead) during the first pass make a receiver
+    /// ask for no block the sender has not sent. Before, each forged POLL opened every
+    /// incomplete block (577 POLLs drew 2,791 NACKs).
+    @Test("P-17c: forged POLLs and forged DATA mid-pass draw no NACK for blocks beyond the genuine data seen (keyless session)")
+    func noNackBeyondData() async throws {
+        let bundle = try await BundleCache.shared.bundle(3_000_000)
+        var sender = makeSender(bundle, rate: 2_000_000)
+        var receiver = Receiver(config: receiverConfig(bundle))
+        var now = AuthenticatedSessionTests.join(&sender, &receiver)
+        let session = try #require(receiver.session)
+        var sentThrough = -1, asked: [Int] = [], nacks = 0, forgeries = 0
+        let lastBlock = UInt32(sender.totalBlocks - 1)
+        for i in 0..<300 {  // 300 ms of a 1.5 s first pass
+            sender.handleTimeout(at: now)
+            while let t = sender.pollTransmit(at: now) {
+                if case .data(let d)? = try? Datagram(parsing: t.bytes), d.object == .payload { sentThrough = max(sentThrough, Int(d.block)) }
+                receiver.take(t.bytes, at: now)
+            }
+            // Once the auth chain is in and the payload flows (the limits P-17c states: before the
+            // chain, held symbols move the frontier; while only symbols of done blocks come, which
+            // are not checked, the quiet runs), every forged DATA fails its tag on arrival and no
+            // forged POLL opens a block beyond the data seen.
+            if i % 4 == 0 && receiver.stats.segmentsVerified == UInt64(bundle.manifest.authentication.segmentCount)
+                && receiver.stats.acceptedPayloadSymbols > 0 {
+                forgeries += 1
+                let poll = Datagram.poll(Poll(session: session, round: UInt32(100 + i), sentAtMicroseconds: 1, grttMicroseconds: 100, groupSize: 1)).encoded()
+                let data = Datagram.data(DataSymbol(session: session, object: .payload, block: lastBlock, symbolIndex: 0,
+                                                    symbol: ArraySlice(repeating: 7, count: Scenario.compactProfile.symbolSize))).encoded()
+                receiver.handleDatagram(data, from: .benchmark(66), at: now)
+                receiver.handleDatagram(poll, from: .benchmark(66), at: now)
+            }
+            receiver.handleTimeout(at: now)
+            while let t = receiver.pollTransmit() {
+                if case .nack(let n)? = try? Datagram(parsing: t.bytes) {
+                    nacks += 1
+                    asked += n.entries.filter { $0.object == .payload }.map { Int($0.block) }
+                }
+                sender.handleDatagram(t.bytes, from: .benchmark(2), at: now)
+            }
+            while receiver.pollAction() != nil {}
+            now = now + .milliseconds(1)
+        }
+        #expect(sentThrough > 0 && sentThrough < Int(lastBlock), "the first pass is under way: sent through block \(sentThrough)")
+        #expect(forgeries >= 40 && receiver.stats.drops[.badTag] == UInt64(forgeries), "the forged DATA failed its tag")
+        let window = 8
+        #expect(asked.allSatisfy { $0 / window <= sentThrough / window }, "NACKed beyond the data sent (through \(sentThrough)): \(asked.filter { $0 > sentThrough }.prefix(10))")
+        #expect(sender.stats.drops[.nackEntryNotSent] == 0)
+    }
+
     @Test("P-3a: 200 new receivers registering in a second add at most one announce per earlyAnnounceIntervalMin")
     func earlyAnnouncesBounded() async throws {
         let bundle = try await BundleCache.shared.bundle(1_000_000)

@@ -19,8 +19,12 @@ struct FeedbackState {
     var round: UInt32 = 0
     /// A POLL of this session was heard: every incomplete block may be asked for.
     var afterPoll = false
-    /// The furthest (object, interleave window) the sender's DATA reached.
+    /// The furthest (object, interleave window) the sender's genuine DATA reached (P-17c).
     var frontier = (object: UInt8(0), window: -1)
+    /// When the last genuine DATA symbol arrived, and the mean gap between them (an
+    /// exponentially weighted average, 1/8 per symbol) (P-17c).
+    var lastGenuineDataAt: Instant?
+    var genuineDataGap = Interval(microseconds: 0)
     var frontierAdvanced = false
     /// Payload blocks per first-pass NACK epoch (P-19a), as the sender computes them.
     let nackEpochBlocks: Int
@@ -51,9 +55,17 @@ struct FeedbackState {
     }
 
     /// Has the sender moved past this block in the current pass?
-    func isPassed(object: ObjectID, block: Int, window: Int) -> Bool {
-        if afterPoll { return true }
-        return (object.rawValue, block / window) < (frontier.object, frontier.window)
+    ///
+    /// Specs/protocol.md P-17c: after a POLL every incomplete block may be asked for, but a
+    /// POLL of an unauthenticated session may be forged (while the real sender is still in
+    /// its first pass): there, a block beyond the genuine data seen (past the frontier's
+    /// window) may be asked for only once no genuine DATA has come for `quiet`, as at the
+    /// end of a pass. A verified POLL (`trusted`) opens every block at once.
+    func isPassed(object: ObjectID, block: Int, window: Int, trusted: Bool, quiet: Interval, at now: Instant) -> Bool {
+        let position = (object.rawValue, block / window)
+        guard afterPoll else { return position < (frontier.object, frontier.window) }
+        if trusted || position <= (frontier.object, frontier.window) { return true }
+        return lastGenuineDataAt.map { now >= $0 + quiet } ?? true
     }
 
     /// P-19b: NACK datagrams still allowed now (at most `max` in any second), and when
@@ -96,9 +108,10 @@ extension Session {
 
     /// Whether block b may be NACKed: the sender has passed it, and (P-29c) it is inside
     /// the staging window.
-    func isNackable(_ object: ObjectID, _ b: Int) -> Bool {
+    func isNackable(_ object: ObjectID, _ b: Int, at now: Instant) -> Bool {
         if object == .payload, let end = payloadWindowEnd, b >= end { return false }
-        return feedback.isPassed(object: object, block: b, window: interleaveWindow)
+        let quiet = max(grtt * 2, feedback.genuineDataGap * ReceiverConfig.beyondDataQuietGaps, ReceiverConfig.beyondDataQuietMin)
+        return feedback.isPassed(object: object, block: b, window: interleaveWindow, trusted: authenticated, quiet: quiet, at: now)
     }
 
     /// Distinct symbol indices of block b of `object` waiting for their segment, not already held.
@@ -108,10 +121,10 @@ extension Session {
         return seen.count
     }
 
-    var hasNackableBlocks: Bool {
+    func hasNackableBlocks(at now: Instant) -> Bool {
         for object in [ObjectID.authChain, .payload] {
             let state = object == .payload ? payload : chain.auth
-            for b in 0..<state.layout.blockCount where !state.done[b] && isNackable(object, b)
+            for b in 0..<state.layout.blockCount where !state.done[b] && isNackable(object, b, at: now)
                 && !feedback.nackedThisRound.contains(BlockKey(object: object, block: b)) && !chain.awaitsSegment(object, b) {
                 return true
             }
@@ -123,25 +136,31 @@ extension Session {
 extension Receiver {
     /// What a DATA symbol tells the feedback: how far the sender has gone, and the
     /// repair it promises for the block (P-17, P-18a, P-16b, P-19a).
-    mutating func observe(_ d: DataSymbol, _ s: inout Session, at now: Instant) {
+    /// `tagChecked`: the symbol passed its tag. Otherwise it is one of a done block (genuine
+    /// data of it came), or one held until the auth chain is in (nothing can be checked
+    /// before; once the chain is complete no symbol is held, so forged DATA moves nothing):
+    /// it moves the frontier and no more (P-17c).
+    mutating func observe(_ d: DataSymbol, _ s: inout Session, tagChecked: Bool = true, at now: Instant) {
         let b = Int(d.block)
         s.feedback.observeFrontier(object: d.object, block: b, window: s.interleaveWindow)
-        // Specs/protocol.md P-18a: the sender's promise of more repair for this block this round.
-        let key = BlockKey(object: d.object, block: b)
-        // P-29c: a block beyond the window drops its symbols; repair promised for it then
-        // would count as covering it once the window reaches it.
-        let beyondWindow = d.object == .payload && s.payloadWindowEnd.map { b >= $0 } ?? false
-        if !beyondWindow && (d.pendingRepair > 0 || s.feedback.promised[key] != nil) {
-            s.feedback.promised[key] = RepairPromise(count: Int(d.pendingRepair), heardAt: now)
+        if tagChecked {
+            if let last = s.feedback.lastGenuineDataAt {
+                let gap = now - last
+                s.feedback.genuineDataGap = Interval(microseconds: s.feedback.genuineDataGap.microseconds - s.feedback.genuineDataGap.microseconds / 8 + gap.microseconds / 8)
+            }
+            s.feedback.lastGenuineDataAt = now
+            // Specs/protocol.md P-18a: the sender's promise of more repair for this block this round.
+            let key = BlockKey(object: d.object, block: b)
+            // P-29c: a block beyond the window drops its symbols; repair promised for it then
+            // would count as covering it once the window reaches it.
+            let beyondWindow = d.object == .payload && s.payloadWindowEnd.map { b >= $0 } ?? false
+            if !beyondWindow && (d.pendingRepair > 0 || s.feedback.promised[key] != nil) {
+                s.feedback.promised[key] = RepairPromise(count: Int(d.pendingRepair), heardAt: now)
+            }
         }
         guard s.feedback.frontierAdvanced else { return }
         s.feedback.frontierAdvanced = false
-        // Specs/protocol.md P-16b: until the auth chain is in, every window of the first
-        // pass is a new chance to ask for it (a lost repair must not wait for the POLL).
-        if !s.feedback.afterPoll && !s.chain.isComplete {
-            s.feedback.nackedThisRound = s.feedback.nackedThisRound.filter { $0.object != .authChain }
-            s.feedback.nackDatagramsThisRound = 0
-        }
+        reopenAuthChainNacks(&s)
         // Specs/protocol.md P-19a: a new epoch of the first pass: a fresh NACK allowance, and
         // blocks asked for earlier whose promised repair has all gone by may be asked for again.
         if !s.feedback.afterPoll && d.object == .payload && b / s.feedback.nackEpochBlocks > s.feedback.nackEpoch {
@@ -153,6 +172,15 @@ extension Receiver {
             }
         }
         scheduleNack(&s, at: now)
+    }
+
+    /// Specs/protocol.md P-16b: until the auth chain is in, every window of the first pass
+    /// is a new chance to ask for it (a lost repair must not wait for the POLL).
+    private mutating func reopenAuthChainNacks(_ s: inout Session) {
+        if !s.feedback.afterPoll && !s.chain.isComplete {
+            s.feedback.nackedThisRound = s.feedback.nackedThisRound.filter { $0.object != .authChain }
+            s.feedback.nackDatagramsThisRound = 0
+        }
     }
 
     /// Specs/protocol.md P-10, P-17a: a POLL starts a round; its timing is clamped.
@@ -177,7 +205,7 @@ extension Receiver {
 
     mutating func scheduleNack(_ s: inout Session, at now: Instant) {
         guard !s.carousel, s.timers[.nack] == nil, s.feedback.nackDatagramsThisRound < config.nackDatagramsPerRoundMax,
-              s.hasNackableBlocks else { return }
+              s.hasNackableBlocks(at: now) else { return }
         let maxDelay = s.grtt * (config.backoffGRTTs * backoffShare(groupSize: s.groupSize))
         var due = now + truncatedExponential(max: maxDelay, groupSize: s.groupSize, unit: rng.unit())
         // Specs/protocol.md P-19: no two NACK firings closer than `nackIntervalMin` (one GRTT).
@@ -213,7 +241,7 @@ extension Receiver {
         }
         outer: for object in [ObjectID.authChain, .payload] {
             let state = object == .payload ? s.payload : s.chain.auth
-            for b in 0..<state.layout.blockCount where !state.done[b] && s.isNackable(object, b) {
+            for b in 0..<state.layout.blockCount where !state.done[b] && s.isNackable(object, b, at: now) {
                 guard let entry = nackEntry(&s, object, b, state, at: now) else { continue }
                 entries.append(entry)
                 s.feedback.nackedThisRound.insert(BlockKey(object: object, block: b))

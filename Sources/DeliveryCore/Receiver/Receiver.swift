@@ -28,6 +28,13 @@ public struct ReceiverConfig: Sendable {
     public var blocksInMemoryMax: Int?
     /// Whatever the budget, this many blocks may be hot (the interleave window fits).
     public static let blocksInMemoryMin = 8
+    /// Specs/protocol.md P-17c: in an unauthenticated session, blocks beyond the genuine
+    /// data seen are asked for after a POLL only once no genuine DATA has come for twice
+    /// the GRTT, for `beyondDataQuietGaps` mean gaps between genuine symbols (a sender in
+    /// its pass sends on; eight losses in a row at 30% loss happen once in 15,000 gaps),
+    /// and for at least `beyondDataQuietMin`.
+    public static let beyondDataQuietGaps = 8.0
+    public static let beyondDataQuietMin = Interval.milliseconds(2)
     /// Bytes of verified auth-chain segments kept in memory (Specs/protocol.md P-5c).
     /// Beyond it, with an `AuthChainReader`, the least recently used segment whose
     /// bytes are staged leaves memory and is read back (and hashed again) when a

@@ -185,7 +185,11 @@ extension Receiver {
         let b = Int(d.block), i = Int(d.symbolIndex)
         guard b < layout.blockCount else { stats.drops.add(.blockRange); return }
         guard i < layout.symbolCount(b) else { stats.drops.add(.symbolRange); return }
-        observe(d, &s, at: now)
+        // Specs/protocol.md P-17c: what DATA tells the feedback (how far the sender went, the
+        // repair it promises) counts only from a symbol known genuine: one that passed its
+        // tag, or one of a block already done (genuine symbols of it came; such a symbol moves
+        // the frontier only, since it may be forged). So forged DATA cannot open NACKs for
+        // blocks the sender has not sent, nor promise repair, nor hold off the quiet of P-17c.
 
         // Specs/protocol.md P-5c: segments beyond the budget leave memory here, while the
         // chain arrives (it comes first, P-7) as well as during the payload; only those whose
@@ -194,32 +198,41 @@ extension Receiver {
         if d.object == .payload {
             // A done block's symbols are dropped before their tag is computed (its
             // segment may be released, P-5b).
-            if s.payload.done[b] { stats.symbolsOfDoneBlocks += 1; return }
-            // Specs/protocol.md P-29c: no room staged for it yet; it is asked for once inside.
-            if let end = s.payloadWindowEnd, b >= end { stats.drops.add(.beyondWindow); return }
+            if s.payload.done[b] { observe(d, &s, tagChecked: false, at: now); stats.symbolsOfDoneBlocks += 1; return }
+            // Specs/protocol.md P-29c: no room staged for it yet; it is asked for once inside
+            // (the sender's progress still counts when its tag can be checked now).
+            if let end = s.payloadWindowEnd, b >= end {
+                if s.chain.tagMatches(d) == true { observe(d, &s, at: now) }
+                stats.drops.add(.beyondWindow)
+                return
+            }
             // Specs/protocol.md P-5c: a segment that left memory comes back when a symbol of
             // its blocks needs it.
             guard reloadSegmentIfEvicted(&s, block: b) else { return }
             guard let authentic = s.chain.tagMatches(d) else {
                 // Specs/protocol.md P-5: never decode an unauthenticated symbol; hold a bounded few.
+                observe(d, &s, tagChecked: false, at: now)
                 if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
                 else { stats.drops.add(.unauthenticatedBufferFull) }
                 return
             }
             guard authentic else { stats.drops.add(.badTag); return }
             s.timers[.closeConfirm] = nil  // genuine data: the sender is still there
+            observe(d, &s, at: now)
         } else {
             // Specs/bundle.md B-13a: auth-chain symbols too are checked on arrival, against the
             // chain tags the manifest or the segment before holds; a symbol of a later segment
             // waits (bounded) until that segment verifies.
-            if s.chain.auth.done[b] { stats.symbolsOfDoneBlocks += 1; return }
+            if s.chain.auth.done[b] { observe(d, &s, tagChecked: false, at: now); stats.symbolsOfDoneBlocks += 1; return }
             guard let authentic = s.chain.tagMatches(d) else {
+                observe(d, &s, tagChecked: false, at: now)
                 if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
                 else { stats.drops.add(.unauthenticatedBufferFull) }
                 return
             }
             guard authentic else { stats.drops.add(.badTag); return }
             s.timers[.closeConfirm] = nil
+            observe(d, &s, at: now)
         }
         acceptSymbol(&s, object: d.object, block: b, index: i, symbol: d.symbol)
         // A segment may have just verified: the held symbols of its blocks can now be checked.
@@ -227,18 +240,19 @@ extension Receiver {
         // symbols then wait no longer: they count as had in NACKs (P-16a), so none may be left.
         while s.chain.segmentsAdvanced {
             s.chain.segmentsAdvanced = false
-            checkHeldSymbols(&s)
+            checkHeldSymbols(&s, at: now)
         }
     }
 
     /// Symbols held for a segment that has since verified are checked and accepted.
-    private mutating func checkHeldSymbols(_ s: inout Session) {
+    private mutating func checkHeldSymbols(_ s: inout Session, at now: Instant) {
         let held = s.pendingSymbols
         s.pendingSymbols.removeAll()
         for p in held {
             guard s.abort == nil else { return }
             guard let authentic = s.chain.tagMatches(p) else { s.pendingSymbols.append(p); continue }
             guard authentic else { stats.drops.add(.badTag); continue }
+            observe(p, &s, at: now)
             acceptSymbol(&s, object: p.object, block: Int(p.block), index: Int(p.symbolIndex), symbol: p.symbol)
         }
     }
