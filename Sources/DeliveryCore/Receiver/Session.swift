@@ -202,7 +202,9 @@ extension Receiver {
             // Specs/protocol.md P-29c: no room staged for it yet; it is asked for once inside
             // (the sender's progress still counts when its tag can be checked now).
             if let end = s.payloadWindowEnd, b >= end {
-                if s.chain.tagMatches(d) == true { observe(d, &s, at: now) }
+                // Hashed only when it would move the frontier: most such symbols do not.
+                if (d.object.rawValue, b / s.interleaveWindow) > (s.feedback.frontier.object, s.feedback.frontier.window),
+                   s.chain.tagMatches(d) == true { observe(d, &s, at: now) }
                 stats.drops.add(.beyondWindow)
                 return
             }
