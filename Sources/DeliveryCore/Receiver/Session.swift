@@ -195,10 +195,14 @@ extension Receiver {
         // chain arrives (it comes first, P-7) as well as during the payload; only those whose
         // bytes the driver has stored (it reported their `.store` actions done).
         if authReader != nil { s.chain.evictIfNeeded(budget: config.segmentBytesInMemoryMax, stats: &stats) }
+        // A done block's symbols are dropped before their tag is computed (a payload block's
+        // segment may be released, P-5b); they move the frontier only (P-17c).
+        if d.object == .payload ? s.payload.done[b] : s.chain.auth.done[b] {
+            observe(d, &s, tagChecked: false, at: now)
+            stats.symbolsOfDoneBlocks += 1
+            return
+        }
         if d.object == .payload {
-            // A done block's symbols are dropped before their tag is computed (its
-            // segment may be released, P-5b).
-            if s.payload.done[b] { observe(d, &s, tagChecked: false, at: now); stats.symbolsOfDoneBlocks += 1; return }
             // Specs/protocol.md P-29c: no room staged for it yet; it is asked for once inside
             // (the sender's progress still counts when its tag can be checked now).
             if let end = s.payloadWindowEnd, b >= end {
@@ -211,31 +215,20 @@ extension Receiver {
             // Specs/protocol.md P-5c: a segment that left memory comes back when a symbol of
             // its blocks needs it.
             guard reloadSegmentIfEvicted(&s, block: b) else { return }
-            guard let authentic = s.chain.tagMatches(d) else {
-                // Specs/protocol.md P-5: never decode an unauthenticated symbol; hold a bounded few.
-                observe(d, &s, tagChecked: false, at: now)
-                if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
-                else { stats.drops.add(.unauthenticatedBufferFull) }
-                return
-            }
-            guard authentic else { stats.drops.add(.badTag); return }
-            s.timers[.closeConfirm] = nil  // genuine data: the sender is still there
-            observe(d, &s, at: now)
-        } else {
-            // Specs/bundle.md B-13a: auth-chain symbols too are checked on arrival, against the
-            // chain tags the manifest or the segment before holds; a symbol of a later segment
-            // waits (bounded) until that segment verifies.
-            if s.chain.auth.done[b] { observe(d, &s, tagChecked: false, at: now); stats.symbolsOfDoneBlocks += 1; return }
-            guard let authentic = s.chain.tagMatches(d) else {
-                observe(d, &s, tagChecked: false, at: now)
-                if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
-                else { stats.drops.add(.unauthenticatedBufferFull) }
-                return
-            }
-            guard authentic else { stats.drops.add(.badTag); return }
-            s.timers[.closeConfirm] = nil
-            observe(d, &s, at: now)
         }
+        // Specs/protocol.md P-5, Specs/bundle.md B-13a: every symbol, payload or auth chain, is
+        // checked on arrival against its tag (for the chain: the tags the manifest or the segment
+        // before holds); never decode an unauthenticated symbol; one whose tag is in a segment
+        // not verified yet waits (a bounded few) until it is.
+        guard let authentic = s.chain.tagMatches(d) else {
+            observe(d, &s, tagChecked: false, at: now)
+            if s.pendingSymbols.count < config.unauthenticatedSymbolCountMax { s.pendingSymbols.append(d) }
+            else { stats.drops.add(.unauthenticatedBufferFull) }
+            return
+        }
+        guard authentic else { stats.drops.add(.badTag); return }
+        s.timers[.closeConfirm] = nil  // genuine data: the sender is still there
+        observe(d, &s, at: now)
         acceptSymbol(&s, object: d.object, block: b, index: i, symbol: d.symbol)
         // A segment may have just verified: the held symbols of its blocks can now be checked.
         // Held auth-chain symbols may verify the next segment in turn (B-13a), whose own held
