@@ -240,7 +240,7 @@ extension ReceiverStats: CustomStringConvertible {
 
 /// Why a sender dropped a feedback datagram it parsed (Specs/protocol.md P-13).
 public enum SenderDrop: Int, TallyKey {
-    case otherSession, fromSender, receiverTableFull, nackRateLimited, nackEntryRange, nackEntryNotSent, nackEntryOverAllowance
+    case otherSession, fromSender, receiverTableFull, nackRateLimited, nackEntryRange, nackEntryNotSent
     /// P-30: feedback without the cookie and address its receiver registered with; a
     /// REGISTER for an ID live at another address; over the per-address cap; COOKIE
     /// replies beyond their rate.
@@ -253,7 +253,6 @@ public enum SenderDrop: Int, TallyKey {
         case .receiversPerAddress: "receiversPerAddress"
         case .cookieRateLimited: "cookieRateLimited"
         case .nackEntryNotSent: "nackEntryNotSent"
-        case .nackEntryOverAllowance: "nackEntryOverAllowance"
         case .otherSession: "otherSession"
         case .fromSender: "fromSender"
         case .receiverTableFull: "receiverTableFull"

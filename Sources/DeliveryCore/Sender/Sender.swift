@@ -46,8 +46,6 @@ public struct ReceiverRecord: Sendable {
     public var nacksReported: UInt32 = 0
     public var nacksReceived = 0
     public var nacksThisRound = 0
-    /// Repair symbols this receiver's NACK entries queued over the session (P-11c).
-    public var repairAsked = 0
     public var firstHeard: Instant
     public var lastHeard: Instant
     /// When it reported every block in (STATUS received), if it did before its verdict.
@@ -142,8 +140,6 @@ public struct Sender {
     /// The envelope's Merkle root and fragments with their paths (P-3d), made once.
     private let envelopeTree: (root: [UInt8], fragments: [(index: UInt16, count: UInt16, bytes: [UInt8], path: [[UInt8]])])
     private let layouts: [ObjectLayout]  // [auth chain, payload]
-    /// P-11c: repair symbols one receiver may ask for over the session.
-    private let repairAllowance: Int
     public internal(set) var stats = SenderStats()
     public internal(set) var receivers: [ReceiverID: ReceiverRecord] = [:]
 
@@ -200,9 +196,6 @@ public struct Sender {
         self.manifest = manifest
         layouts = [ObjectLayout(object: .authChain, size: manifest.authentication.size, profile: manifest.transport),
                    ObjectLayout(object: .payload, size: manifest.payload.size, profile: manifest.transport)]
-        let symbolSize = UInt64(manifest.transport.symbolSize)
-        let sourceSymbols = (manifest.authentication.size + symbolSize - 1) / symbolSize + (manifest.payload.size + symbolSize - 1) / symbolSize
-        repairAllowance = Int(min(config.repairAllowanceFactor * Double(sourceSymbols), Double(Int32.max)))
         grtt = config.grttInitial
         grttAtRoundStart = config.grttInitial
         pollChain = config.authentication.map { PollChain.values(length: SenderConfig.pollChainLength, last: $0.chainLast) }
@@ -299,13 +292,8 @@ public struct Sender {
             // P-11b: nothing is repaired that the first pass has not sent yet.
             guard hasStartedSending(layout, block: b) else { stats.drops.add(.nackEntryNotSent); continue }
             let needed = min(Int(e.needed), layout.sourceSymbols(b))
-            // P-11c: the repair one receiver causes over the session is bounded (what its
-            // entries queued beyond what others' had; it may overshoot by one entry).
-            guard rec.repairAsked < repairAllowance else { stats.drops.add(.nackEntryOverAllowance); continue }
             let (queued, margin) = repair.enqueue(BlockKey(object: e.object, block: b), needed: needed,
                                                   marginFraction: phase == .repairRounds ? config.roundRepairMarginFraction : nil)
-            rec.repairAsked += queued
-            receivers[n.receiver] = rec
             guard queued > 0 else { stats.nackEntriesAlreadyServed += 1; continue }
             if round == 0 { stats.repairQueuedFirstPass += UInt64(queued) } else { stats.repairQueuedInRounds += UInt64(queued) }
             stats.repairMargin += UInt64(margin)

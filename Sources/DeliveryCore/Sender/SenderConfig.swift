@@ -61,12 +61,6 @@ public struct SenderConfig: Sendable {
     public var earlyAnnounceIntervalMin = Interval.milliseconds(250)
     public var receiverTableSizeMax = 4096
     public var nackPerReceiverPerRoundMax = 16
-    /// Specs/protocol.md P-11c: the repair one receiver may ask for over the session, as
-    /// a multiple of the session's source symbols (both objects). A genuine receiver at
-    /// loss p asks for about p / (1 - p) of them, a late joiner 1 + that: 3 covers one
-    /// joining at the end of the first pass at 60% loss. A registered insider NACKing
-    /// every block every round costs at most this many payloads of repair per receiver ID.
-    public var repairAllowanceFactor = 3.0
     /// Specs/protocol.md P-19a: in the first pass, NACK budgets and served needs
     /// start afresh every `nackEpochBlocks(for:)` payload blocks, so that a long
     /// pass is repaired as it goes instead of at its end. Set, this count replaces it
